@@ -1,0 +1,69 @@
+"""The ``moeguard`` command line: a thin layer over the Python API.
+
+Each command lives in its own module with a ``register(subparsers)`` function that
+adds its parser and sets ``run`` (``args -> exit code``). Errors a user can fix
+(:class:`moeguard.errors.MoeGuardError`) are printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from moeguard import __version__
+from moeguard.errors import MoeGuardError
+
+COMMAND_MODULES = [
+    "moeguard.cli.inspect_command",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeguard",
+        description="Audit and harden Mixture-of-Experts models against unauthorized compression.",
+    )
+    parser.add_argument("--version", action="version", version=f"moeguard {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("moeguard")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    # transformers and datasets are chatty at INFO; their warnings still show.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error() if not verbose else hf_logging.set_verbosity_warning()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    configure_logging(args.quiet, args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except MoeGuardError as error:
+        print(f"moeguard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moeguard {args.command}: interrupted; finished work is kept, rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

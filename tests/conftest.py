@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny randomly initialised MoE models of real transformers families."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=UserWarning)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+from moeguard.models.random_init import FAMILIES, random_moe  # noqa: E402
+
+# DeepSeek-V3 is built with top-4 over 2 groups, both picked per token, so that
+# keep == top_k (2 per group) is a feasible plan as well as larger ones.
+FAMILY_SETTINGS = {
+    "deepseek_v3": dict(top_k=4, groups=2, groups_per_token=2),
+}
+
+_CACHE: dict[str, object] = {}
+
+
+def tiny_moe(family: str, **overrides):
+    """A fresh copy of a cached tiny model of ``family`` (tests may mutate it)."""
+    key = f"{family}:{sorted(overrides.items())}"
+    if key not in _CACHE:
+        _CACHE[key] = random_moe(family, **{**FAMILY_SETTINGS.get(family, {}), **overrides})
+    return copy.deepcopy(_CACHE[key])
+
+
+def padded_batch(vocab: int = 128, *, batch: int = 3, length: int = 10, seed: int = 0):
+    """Random token ids with left padding of different lengths (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    for row in range(batch):
+        pad = row * 2 % length
+        input_ids[row, :pad] = 0
+        attention_mask[row, :pad] = 0
+    return input_ids, attention_mask
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
