@@ -34,6 +34,13 @@ class RouterRestriction:
     """Forward hooks that restrict one MoE layer's router to a set of kept experts."""
 
     def __init__(self, layer: MoELayer, kept: Sequence[int]) -> None:
+        hook = getattr(layer.router, "_hf_hook", None)
+        if getattr(hook, "offload", False):
+            raise UnsupportedModelError(
+                f"the router {layer.router_path} is offloaded by accelerate (its weights are loaded only inside its "
+                "forward), so its experts cannot be masked; load the model with the routers on a device "
+                "(e.g. a device_map that does not offload, or more GPU/CPU memory)."
+            )
         self.layer = layer
         self.kept = torch.as_tensor(list(kept), dtype=torch.long)
         self.router_tensors = layer.tensors("router")
