@@ -1,0 +1,22 @@
+"""Expert attribution: which experts a task needs, measured several ways.
+
+``collect_attribution`` runs a model over task batches and sums routing statistics
+(:class:`Attribution`, saved as JSON + safetensors); ``scores`` turns them into a
+``[moe_layers, experts]`` score per criterion; ``summary`` measures specialisation
+(effective experts, overlap between tasks, stability); ``figures`` draws heatmaps.
+"""
+
+from moeguard.attribution.collect import DEFAULT_CRITERIA, collect_attribution
+from moeguard.attribution.record import TOKEN_MODES, Attribution, check_fingerprint
+from moeguard.attribution.scores import CRITERIA, available_criteria, scores
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_CRITERIA",
+    "TOKEN_MODES",
+    "Attribution",
+    "available_criteria",
+    "check_fingerprint",
+    "collect_attribution",
+    "scores",
+]

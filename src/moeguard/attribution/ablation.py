@@ -1,0 +1,70 @@
+"""Knowledge loss by ablation: the task loss with one expert masked.
+
+Masking expert ``i`` of layer ``l`` (``MoEModel.mask_experts({l: all but i})``)
+makes its tokens go to their next-best experts, exactly what pruning it would do,
+so the rise of the loss is the causal cost of removing that expert alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeguard.errors import InputError, PlanError
+from moeguard.models import MoEModel, normalize_keep_sets
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class AblationUnit:
+    """Expert ``expert`` of MoE layer ``layer`` masked; ``keep`` is the keep set that does it."""
+
+    layer: int
+    expert: int
+    keep: dict[int, list[int]]
+
+
+def ablation_units(moe: MoEModel) -> list[AblationUnit]:
+    """One unit per (layer, expert), checked up front so no pass is wasted on an impossible mask."""
+    units = []
+    for layer in moe.layers:
+        for expert in range(layer.num_experts):
+            keep = {layer.index: [i for i in range(layer.num_experts) if i != expert]}
+            try:
+                normalize_keep_sets(moe.layers, keep, physical=False)
+            except PlanError as error:
+                raise InputError(
+                    f"ablation masks one expert at a time, which layer {layer.index} cannot route around: {error} "
+                    "Use the routing criteria (frequency, gate_mass, reap, ean) for this model."
+                ) from None
+            units.append(AblationUnit(layer.index, expert, keep))
+    return units
+
+
+def loss_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's ``labels``, or (plain text) every non-pad token, -100 elsewhere."""
+    labels = batch.get("labels")
+    if labels is not None:
+        return labels
+    attention = batch.get("attention_mask")
+    labels = batch["input_ids"].clone()
+    if attention is not None:
+        labels[attention == 0] = IGNORE_INDEX
+    return labels
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example next-token loss sums and loss-token counts, ``([B] float64, [B] int64)``.
+
+    ``loss_b = sum_{s : labels[b, s+1] != -100} -log softmax(logits[b, s])[labels[b, s+1]]``,
+    the causal-LM loss (position ``s`` predicts token ``s + 1``) summed instead of averaged.
+    """
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:].to(logits.device)
+    token_losses = F.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return token_losses.sum(1, dtype=torch.float64), (shifted_labels != IGNORE_INDEX).sum(1)
