@@ -1,0 +1,160 @@
+"""Tokenizing task data into padded batches of CPU tensors.
+
+A generate example becomes ``prompt + answer + eos``, a choice example ``prompt +
+right choice + eos`` (for training; evaluation scores every choice), an lm example its
+text. Prompts are encoded with the tokenizer's special tokens (a ``bos`` where the
+tokenizer adds one), continuations without, the usual way to score a continuation.
+
+Batches are padded on the right: every real token then keeps the position it has
+without padding and, under the causal mask, never sees a pad, so no position ids are
+needed and results do not depend on the padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeguard.data.examples import Example, TaskData, require_examples
+from moeguard.errors import InputError
+
+IGNORE_INDEX = -100  # label of tokens without loss (the value transformers uses)
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example: ``prompt`` (no loss) followed by ``target`` (loss)."""
+
+    prompt: list[int]
+    target: list[int]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id used for padding: the pad token, else eos, else 0 (padding is masked anyway)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompts as token ids, with the tokenizer's own special tokens (e.g. bos)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
+
+
+def encode_continuations(tokenizer: Any, texts: Sequence[str], *, eos: bool) -> list[list[int]]:
+    """Continuations as token ids without special tokens, each closed by eos if ``eos``."""
+    if not texts:
+        return []
+    closing = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    return [list(ids) + closing for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example]) -> list[EncodedExample]:
+    """Token ids of each example (see the module docstring for the layout)."""
+    if not examples:
+        return []
+    if examples[0].kind == "lm":
+        return [EncodedExample([], ids) for ids in encode_prompts(tokenizer, [e.text for e in examples])]
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples])
+    targets = encode_continuations(tokenizer, [e.target for e in examples], eos=True)
+    return [EncodedExample(p, t) for p, t in zip(prompts, targets)]
+
+
+def truncate(encoded: EncodedExample, max_length: int | None) -> EncodedExample:
+    """Fit an example into ``max_length`` tokens.
+
+    A text without prompt (lm) keeps its beginning; a prompt + target keeps its end,
+    so the target survives and the prompt loses its first tokens.
+    """
+    if max_length is None or len(encoded.prompt) + len(encoded.target) <= max_length:
+        return encoded
+    if not encoded.prompt:
+        return EncodedExample([], encoded.target[:max_length])
+    keep_prompt = max(0, max_length - len(encoded.target))
+    return EncodedExample(encoded.prompt[len(encoded.prompt) - keep_prompt :], encoded.target[-max_length:])
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, S], attention_mask [B, S])`` for sequences padded to the longest one."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
+        ids[row, span] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def collate(encoded: Sequence[EncodedExample], indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch of ``encoded`` examples (see :func:`batches` for the keys)."""
+    input_ids, attention_mask = pad_sequences([e.prompt + e.target for e in encoded], pad_id)
+    prompt_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    answer_mask = torch.zeros_like(prompt_mask)
+    for row, example in enumerate(encoded):
+        prompt_mask[row, : len(example.prompt)] = True
+        answer_mask[row, len(example.prompt) : len(example.prompt) + len(example.target)] = True
+    labels = input_ids.masked_fill(~answer_mask, IGNORE_INDEX)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_mask": prompt_mask,
+        "answer_mask": answer_mask,
+        "example_index": torch.as_tensor(list(indices), dtype=torch.long),
+    }
+
+
+def batches(
+    tokenizer: Any,
+    data: TaskData,
+    *,
+    batch_size: int,
+    max_length: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epochs: int | None = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of ``data``: dicts of CPU tensors.
+
+    Keys: ``input_ids``, ``attention_mask`` ``[B, S]``; ``labels`` ``[B, S]`` (the
+    token ids where there is loss, -100 elsewhere: on prompt and padding for generate
+    and choice data, on padding only for lm data); ``prompt_mask`` and ``answer_mask``
+    ``[B, S]`` bool (the target tokens, closing eos included; ``answer_mask`` equals
+    ``labels != -100``); ``example_index`` ``[B]``, positions in ``data.examples``.
+
+    With ``shuffle`` the order is a permutation drawn from ``seed`` (a new one each
+    epoch); ``epochs=None`` repeats the data forever.
+    """
+    require_examples(data)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if max_length is not None and max_length < 1:
+        raise InputError(f"max_length must be a positive integer or None, got {max_length!r}.")
+    encoded = [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)]
+    pad_id = pad_id_of(tokenizer)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        if shuffle:
+            order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        else:
+            order = list(range(len(encoded)))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield collate([encoded[i] for i in chunk], chunk, pad_id)
+        epoch += 1
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``batch`` a causal LM's forward takes (``model(**model_inputs(batch))``)."""
+    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch}
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``batch`` with every tensor moved to ``device`` (other values unchanged)."""
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}

@@ -1,0 +1,103 @@
+"""Task examples and datasets: the three kinds of data moeguard evaluates and trains on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from moeguard.errors import DataError
+
+KINDS = ("generate", "choice", "lm")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of one of three kinds.
+
+    - generate: ``prompt`` and the exact ``answer`` a model must produce after it;
+    - choice: ``prompt``, candidate ``choices`` and the index ``label`` of the right one;
+    - lm: a ``text`` for language modelling (perplexity).
+    """
+
+    prompt: str = ""
+    answer: str | None = None
+    choices: tuple[str, ...] | None = None
+    label: int | None = None
+    text: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.text is not None:
+            return "lm"
+        if self.choices is not None:
+            return "choice"
+        return "generate"
+
+    @property
+    def target(self) -> str:
+        """The continuation a model is trained to produce after ``prompt``."""
+        if self.text is not None:
+            return self.text
+        if self.choices is not None:
+            return self.choices[self.label]
+        return self.answer
+
+    def to_json(self) -> dict:
+        """The object of this example in the JSONL contract (DESIGN.md)."""
+        if self.kind == "lm":
+            return {"text": self.text}
+        if self.kind == "choice":
+            return {"prompt": self.prompt, "choices": list(self.choices), "label": self.label}
+        return {"prompt": self.prompt, "answer": self.answer}
+
+
+@dataclass
+class TaskData:
+    """The examples of one task, all of one ``kind``; ``source`` says where they came from."""
+
+    name: str
+    kind: str
+    examples: list[Example] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DataError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
+        for position, example in enumerate(self.examples):
+            if example.kind != self.kind:
+                raise DataError(
+                    f"task {self.name!r} ({self.source or 'in memory'}): example {position} is a {example.kind} "
+                    f"example but the task holds {self.kind} examples; keep one kind per file."
+                )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    def subset(self, indices: Sequence[int], *, name: str | None = None) -> "TaskData":
+        """The examples at ``indices`` (in that order) as a new task."""
+        return TaskData(name or self.name, self.kind, [self.examples[i] for i in indices], self.source)
+
+    def head(self, limit: int | None) -> "TaskData":
+        """The first ``limit`` examples (all of them for ``None``)."""
+        return self if limit is None else self.subset(range(min(limit, len(self))))
+
+
+def mixture(datas: Sequence[TaskData], *, name: str = "mixture") -> TaskData:
+    """All examples of several tasks of one kind, concatenated (shuffle with ``batches``)."""
+    if not datas:
+        raise DataError("a mixture needs at least one task.")
+    kinds = {data.kind for data in datas}
+    if len(kinds) > 1:
+        raise DataError(f"cannot mix tasks of different kinds ({', '.join(sorted(kinds))}); mix tasks of one kind.")
+    examples = [example for data in datas for example in data.examples]
+    return TaskData(name, datas[0].kind, examples, "+".join(data.source or data.name for data in datas))
+
+
+def require_examples(data: TaskData) -> TaskData:
+    """``data`` itself, or a DataError if it holds no examples."""
+    if len(data) == 0:
+        raise DataError(f"task {data.name!r} ({data.source or 'in memory'}) has no examples; give at least one.")
+    return data

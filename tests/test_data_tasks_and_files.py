@@ -1,0 +1,138 @@
+"""The built-in task suite and user data files: splits, determinism, the JSONL contract, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeguard.data import BUILTIN_TASKS, Example, TaskData, load_hf_dataset, load_jsonl, load_task, mixture, save_jsonl
+from moeguard.data.tasks import split_of
+from moeguard.errors import DataError, InputError
+
+
+def test_there_are_at_least_six_tasks_each_with_its_own_prompt_tag():
+    assert len(BUILTIN_TASKS) >= 6
+    tags = {load_task(name, limit=1).examples[0].prompt.split(" ")[0] for name in BUILTIN_TASKS}
+    assert len(tags) == len(BUILTIN_TASKS)
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_train_pool_and_test_prompts_are_disjoint_and_unique(name):
+    splits = {split: [e.prompt for e in load_task(name, split)] for split in ("train", "pool", "test")}
+    assert [len(p) for p in splits.values()] == [20_000, 2_000, 200]
+    for prompts in splits.values():
+        assert len(set(prompts)) == len(prompts)
+    assert not set(splits["test"]) & set(splits["train"])
+    assert not set(splits["test"]) & set(splits["pool"])
+    assert not set(splits["pool"]) & set(splits["train"])
+    # disjoint for every seed: a prompt's split depends on the prompt alone
+    other_seed_train = {e.prompt for e in load_task(name, "train", seed=1, limit=5_000)}
+    assert not set(splits["test"]) & other_seed_train
+    assert all(split_of(name, p) == "test" for p in splits["test"])
+
+
+def test_answers_are_right():
+    checks = {
+        "addition": lambda x: str(sum(int(v) for v in x.split("+"))),
+        "reverse": lambda x: x[::-1],
+        "sort": lambda x: "".join(sorted(x)),
+        "caesar": lambda x: "".join(chr((ord(c) - 97 + 3) % 26 + 97) for c in x),
+        "upper": str.upper,
+        "count": lambda x: str(x.split(" in ")[1].count(x[0])),
+    }
+    assert set(checks) == set(BUILTIN_TASKS)
+    for name, check in checks.items():
+        for example in load_task(name, limit=50).examples:
+            task_input = example.prompt.split(" ", 1)[1].removesuffix("=")
+            assert example.answer == check(task_input), (name, example)
+
+
+def test_same_seed_same_examples_other_seed_other_examples_and_limit_is_a_prefix():
+    first = load_task("addition", "pool", seed=3)
+    assert load_task("addition", "pool", seed=3).examples == first.examples
+    assert load_task("addition", "pool", seed=4).examples != first.examples
+    assert load_task("addition", "pool", seed=3, limit=17).examples == first.examples[:17]
+    assert load_task("addition", "pool", limit=5000, seed=3).examples[:2000] == first.examples
+
+
+def test_unknown_task_and_split_and_bad_limit_are_refused_with_the_valid_values():
+    with pytest.raises(InputError, match="unknown built-in task 'addtion'; valid tasks: addition, reverse, sort"):
+        load_task("addtion")
+    with pytest.raises(InputError, match="unknown split 'validation'; valid splits: train, pool, test"):
+        load_task("addition", "validation")
+    with pytest.raises(InputError, match="limit must be a positive integer, got 0"):
+        load_task("addition", limit=0)
+
+
+def test_export_and_load_round_trip_in_all_three_formats(tmp_path):
+    datas = [
+        load_task("reverse", "test", limit=20),
+        TaskData("mc", "choice", [Example(prompt="2+2=", choices=("3", "4", "5"), label=1)], "memory"),
+        TaskData("text", "lm", [Example(text="a line of text"), Example(text="another")], "memory"),
+    ]
+    for data in datas:
+        path = save_jsonl(data, tmp_path / f"{data.name}.jsonl")
+        loaded = load_jsonl(path)
+        assert (loaded.name, loaded.kind, loaded.examples, loaded.source) == (data.name, data.kind, data.examples, str(path))
+    assert json.loads((tmp_path / "mc.jsonl").read_text()) == {"prompt": "2+2=", "choices": ["3", "4", "5"], "label": 1}
+
+
+BAD_LINES = [
+    ('{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": "b"\n', r"bad\.jsonl line 2: not valid JSON"),
+    ('{"prompt": "a"}\n', r"bad\.jsonl line 1: missing field 'answer'"),
+    ('{"answer": "b"}\n', r"bad\.jsonl line 1: missing field 'prompt'"),
+    ('{"prompt": "a", "answer": 3}\n', r"line 1: field 'answer' must be a string, got int 3"),
+    ('{"prompt": ["a"], "answer": "b"}\n', r"line 1: field 'prompt' must be a string, got array"),
+    ('{"prompt": "a", "choices": ["x", "y"], "label": 2}\n', r"line 1: field 'label' is 2, but it must index 'choices' \(0\.\.1\)"),
+    ('{"prompt": "a", "choices": ["x", "y"], "label": "0"}\n', r"line 1: field 'label' must be an integer, got string"),
+    ('{"prompt": "a", "choices": ["x", 1], "label": 0}\n', r"line 1: field 'choices' item 1 must be a string, got int"),
+    ('{"prompt": "a", "choices": [], "label": 0}\n', r"line 1: field 'choices' is empty"),
+    ('{"prompt": "a", "choices": ["x"]}\n', r"line 1: missing field 'label'"),
+    ('{"text": null}\n', r"line 1: field 'text' must be a string, got null"),
+    ('["a", "b"]\n', r"line 1: expected a JSON object, got array"),
+    ('{"text": "t"}\n\n{"prompt": "a", "answer": "b"}\n', r"line 3: this is a generate example, but .*line 1 is a lm example"),
+    ("\n\n", r"holds no examples"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_LINES)
+def test_malformed_jsonl_is_reported_with_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_jsonl(path)
+
+
+def test_missing_and_non_utf8_files_are_reported(tmp_path):
+    with pytest.raises(DataError, match="data file .*nowhere.jsonl does not exist"):
+        load_jsonl(tmp_path / "nowhere.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="latin.jsonl is not UTF-8 text"):
+        load_jsonl(tmp_path / "latin.jsonl")
+
+
+def test_an_empty_task_cannot_be_exported_and_kinds_cannot_be_mixed(tmp_path):
+    with pytest.raises(DataError, match="has no examples"):
+        save_jsonl(TaskData("empty", "generate", [], ""), tmp_path / "e.jsonl")
+    with pytest.raises(DataError, match="example 0 is a lm example but the task holds generate examples"):
+        TaskData("x", "generate", [Example(text="t")])
+    with pytest.raises(DataError, match="cannot mix tasks of different kinds"):
+        mixture([load_task("upper", limit=2), TaskData("t", "lm", [Example(text="t")])])
+    mixed = mixture([load_task("upper", limit=2), load_task("count", limit=3)])
+    assert len(mixed) == 5 and mixed.kind == "generate"
+
+
+def test_datasets_sources_load_with_a_column_mapping(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "q1", "solution": "s1", "id": 1}\n{"question": "q2", "solution": "s2", "id": 2}\n')
+    (tmp_path / "mc.csv").write_text("text\nhello world\nbye\n")
+    qa = load_hf_dataset(tmp_path / "qa.jsonl", columns={"prompt": "question", "answer": "solution"})
+    assert qa.kind == "generate" and [e.answer for e in qa] == ["s1", "s2"]
+    lm = load_hf_dataset(tmp_path / "mc.csv", limit=1)
+    assert lm.kind == "lm" and [e.text for e in lm] == ["hello world"]
+    with pytest.raises(DataError, match=r"has no column\(s\) \['answer'\]; its columns are \['question', 'solution', 'id'\]"):
+        load_hf_dataset(tmp_path / "qa.jsonl", columns={"prompt": "question", "answer": "answer"})
+    with pytest.raises(DataError, match=r"row 0 \(its columns are \['question', 'solution', 'id'\]; map them with columns=\): missing field 'prompt'"):
+        load_hf_dataset(tmp_path / "qa.jsonl")
+    with pytest.raises(DataError, match="cannot load dataset 'nobody/no-such-dataset'"):
+        load_hf_dataset("nobody/no-such-dataset")
