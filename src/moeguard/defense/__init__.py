@@ -1,0 +1,1 @@
+"""Defenses against unauthorized compression: entangled expert training and selective fine-tuning protocols."""
