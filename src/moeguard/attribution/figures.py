@@ -1,0 +1,96 @@
+"""Heatmaps of attribution scores (MoE layer x expert) and of task overlap, as PNG files."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moeguard.attribution.record import Attribution
+from moeguard.attribution.scores import available_criteria, scores
+from moeguard.io import atomic_write_bytes
+
+CRITERION_LABELS = {
+    "frequency": "routing frequency A_i",
+    "gate_mass": "gate mass per token",
+    "reap": "REAP (mean weight x output norm)",
+    "ean": "EAN (mean output norm)",
+    "ablation": "knowledge loss (loss rise when masked)",
+    "random": "random",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, diverging: bool = False) -> Path:
+    """Draw ``values [layers, experts]`` as a heatmap; non-finite cells (padding) stay blank.
+
+    ``diverging`` centres the colour scale on 0 (for scores that can be negative).
+    """
+    plt = _pyplot()
+    data = values.to(torch.float64).clone()
+    data[~torch.isfinite(data)] = float("nan")
+    layers, experts = data.shape
+    figure, axes = plt.subplots(figsize=(min(16, 2 + 0.25 * experts), min(12, 1.5 + 0.35 * layers)))
+    if diverging:
+        limit = float(data.nan_to_num(0).abs().max()) or 1.0
+        image = axes.imshow(data.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    else:
+        image = axes.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_xlabel("expert")
+    axes.set_ylabel("MoE layer")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    return _save(figure, Path(path))
+
+
+def file_stem(text: str) -> str:
+    """A file-name-safe version of a task name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+
+
+def save_heatmaps(attribution: Attribution, out_dir: str | Path, criteria: Sequence[str] | None = None) -> list[Path]:
+    """One heatmap per criterion (default: every criterion collected) as ``{task}_{criterion}.png``."""
+    names = available_criteria(attribution) if criteria is None else list(criteria)
+    task = attribution.task or "data"
+    paths = []
+    for criterion in names:
+        title = f"{task} ({attribution.tokens} tokens, {attribution.samples} samples): {CRITERION_LABELS[criterion]}"
+        path = Path(out_dir) / f"{file_stem(task)}_{criterion}.png"
+        paths.append(score_heatmap(scores(attribution, criterion), title, path, diverging=criterion == "ablation"))
+    return paths
+
+
+def overlap_heatmap(matrix: torch.Tensor, tasks: Sequence[str], title: str, path: str | Path) -> Path:
+    """Draw a ``[T, T]`` task overlap matrix (e.g. mean Jaccard over layers) with its values written in."""
+    plt = _pyplot()
+    n = len(tasks)
+    figure, axes = plt.subplots(figsize=(2 + 0.8 * n, 1.5 + 0.8 * n))
+    image = axes.imshow(matrix.numpy(), cmap="magma", vmin=0, vmax=1)
+    axes.set_xticks(range(n), tasks, rotation=45, ha="right")
+    axes.set_yticks(range(n), tasks)
+    for i in range(n):
+        for j in range(n):
+            value = float(matrix[i, j])
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    return _save(figure, Path(path))
