@@ -17,6 +17,7 @@ from moeguard.errors import MoeGuardError
 
 COMMAND_MODULES = [
     "moeguard.cli.inspect_command",
+    "moeguard.cli.verify_command",
 ]
 
 
