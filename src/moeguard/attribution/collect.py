@@ -46,6 +46,7 @@ from moeguard.attribution.statistics import (
 from moeguard.errors import DataError, InputError
 from moeguard.io import atomic_dir
 from moeguard.models import MoEModel, RoutingEvent
+from moeguard.models.fingerprint import checkpoint_fingerprint
 
 logger = logging.getLogger("moeguard.attribution")
 
@@ -231,9 +232,12 @@ def collect_attribution(
         if (checkpoint / CHECKPOINT_FILE).is_file():
             done = _resume(checkpoint, accumulator, moe, tokens, task)
 
+    stored_fingerprint = checkpoint_fingerprint(moe.source) if moe.source and Path(moe.source).is_dir() else ""
+
     def make(sums: dict[str, torch.Tensor], coactivation: torch.Tensor, batch_count: int) -> Attribution:
         return Attribution(
             model_fingerprint=moe.fingerprint(),
+            checkpoint_fingerprint=stored_fingerprint or None,
             model_source=moe.source,
             model_type=moe.model_type,
             task=task,

@@ -92,6 +92,10 @@ class Attribution:
     batches: int = 0
     moeguard_version: str = moeguard.__version__
     created: str = field(default_factory=_now)
+    # Fingerprint of the checkpoint directory the model was loaded from (see
+    # moeguard.models.fingerprint.checkpoint_fingerprint): lets a streaming prune,
+    # which never loads the weights, check that it prunes the attributed model.
+    checkpoint_fingerprint: str | None = None
 
     # ------------------------------------------------------------ description
     @property
@@ -178,7 +182,12 @@ class Attribution:
             "format": FORMAT,
             "moeguard_version": self.moeguard_version,
             "created": self.created,
-            "model": {"source": self.model_source, "type": self.model_type, "fingerprint": self.model_fingerprint},
+            "model": {
+                "source": self.model_source,
+                "type": self.model_type,
+                "fingerprint": self.model_fingerprint,
+                "checkpoint_fingerprint": self.checkpoint_fingerprint,
+            },
             "task": {"name": self.task, "source": self.task_source},
             "tokens": self.tokens,
             "samples": self.samples,
@@ -212,6 +221,7 @@ class Attribution:
             model, task, layers = data["model"], data["task"], data["layers"]
             meta = dict(
                 model_fingerprint=model["fingerprint"],
+                checkpoint_fingerprint=model.get("checkpoint_fingerprint"),
                 model_source=model["source"],
                 model_type=model["type"],
                 task=task["name"],

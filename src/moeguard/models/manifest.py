@@ -22,7 +22,10 @@ class PruneManifest:
     in the order they appear in the pruned model. ``layer_paths[l]`` is that layer's
     module path. ``selection`` says how the experts were chosen (criterion, keep
     count, attribution file, task...). ``lineage`` holds the parent's own manifest
-    when the parent was itself pruned.
+    when the parent was itself pruned. ``parent_fingerprint_kind`` says what
+    ``parent_fingerprint`` hashes: ``"model"`` (:meth:`MoEModel.fingerprint`, the
+    in-memory weights) or ``"checkpoint"`` (:func:`checkpoint_fingerprint`, the
+    stored tensors, recorded by a streaming prune that never loads the model).
     """
 
     parent_fingerprint: str
@@ -34,6 +37,7 @@ class PruneManifest:
     moeguard_version: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    parent_fingerprint_kind: str = "model"
     format: int = MANIFEST_FORMAT
 
     @property
