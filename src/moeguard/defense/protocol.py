@@ -27,19 +27,12 @@ from moeguard.defense.parameter_groups import check_group_names, parameter_group
 from moeguard.errors import InputError
 from moeguard.io import read_json, write_json
 from moeguard.models import MoEModel
-from moeguard.models.fingerprint import update_with_tensor
+from moeguard.models.fingerprint import combine_digests, tensor_digest, update_with_tensor
 from moeguard.models.layers import ExpertTensor, MoELayer
 
 PROTOCOL_KIND = "moeguard-fine-tuning-protocol"
 PROTOCOL_FORMAT = 1
 DEFAULT_PERMITTED = ("router", "attention")
-
-
-def tensor_hash(name: str, tensor: Any) -> str:
-    """SHA-256 of one tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    update_with_tensor(digest, name, tensor)
-    return digest.hexdigest()
 
 
 def slice_hash(layer: MoELayer, refs: list[ExpertTensor], expert: int) -> str:
@@ -59,10 +52,6 @@ def router_row_hashes(layer: MoELayer) -> list[str]:
     """One hash per expert of its rows of the router's (and block's) expert-indexed tensors."""
     refs = layer.tensors("router") + layer.tensors("block")
     return [slice_hash(layer, refs, i) for i in range(layer.num_experts)]
-
-
-def combined_hash(hashes: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
 
 @dataclass
@@ -166,9 +155,9 @@ def make_protocol(moe: MoEModel, permitted: Iterable[str] = DEFAULT_PERMITTED) -
             "a protocol must freeze at least one group."
         )
     state = moe.model.state_dict()
-    tensor_hashes = {name: tensor_hash(name, tensor) for name, tensor in state.items()}
+    tensor_hashes = {name: tensor_digest(name, tensor) for name, tensor in state.items()}
     group_hashes = {
-        group: combined_hash(tensor_hashes[name] for name in names) for group, names in groups.items() if group not in permitted
+        group: combine_digests({name: tensor_hashes[name] for name in names}) for group, names in groups.items() if group not in permitted
     }
     layers = [
         LayerRecord(layer.path, layer.num_experts, layer.top_k, expert_hashes(layer), router_row_hashes(layer))

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from moeguard.defense.protocol import Protocol, expert_hashes, router_row_hashes, tensor_hash
+from moeguard.defense.protocol import Protocol, expert_hashes, router_row_hashes
 from moeguard.errors import FingerprintMismatchError
 from moeguard.models import MoEModel
-from moeguard.models.fingerprint import short
+from moeguard.models.fingerprint import short, tensor_digest
 from moeguard.models.layers import MoELayer
 
 VIOLATION_KINDS = (
@@ -279,7 +279,7 @@ def _check_tensors(
                 )
             )
             continue
-        if tensor_hash(name, tensor) == released:
+        if tensor_digest(name, tensor) == released:
             continue
         if group in frozen:
             size = f" (relative change {relative_change(tensor, parent_state[name]):.3g})" if name in parent_state else ""
