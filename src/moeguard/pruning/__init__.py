@@ -1,5 +1,16 @@
 """Pruning: prune plans from scores, physical and streaming prunes, the knowledge-loss sweep."""
 
 from moeguard.pruning.plans import METHODS, LayerLimits, PrunePlan, make_plan
+from moeguard.pruning.prune import PruneSummary, prune_model
+from moeguard.pruning.streaming import StreamingPruneResult, streaming_prune
 
-__all__ = ["METHODS", "LayerLimits", "PrunePlan", "make_plan"]
+__all__ = [
+    "METHODS",
+    "LayerLimits",
+    "PrunePlan",
+    "PruneSummary",
+    "StreamingPruneResult",
+    "make_plan",
+    "prune_model",
+    "streaming_prune",
+]
