@@ -8,15 +8,23 @@
 
 from moeguard.attribution.collect import DEFAULT_CRITERIA, collect_attribution
 from moeguard.attribution.record import TOKEN_MODES, Attribution, check_fingerprint
+from moeguard.attribution.run import AttributionRun, attribute
 from moeguard.attribution.scores import CRITERIA, available_criteria, scores
+from moeguard.attribution.summary import Specialisation, overlap, specialisation, stability
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_CRITERIA",
     "TOKEN_MODES",
     "Attribution",
+    "AttributionRun",
+    "Specialisation",
+    "attribute",
     "available_criteria",
     "check_fingerprint",
     "collect_attribution",
+    "overlap",
     "scores",
+    "specialisation",
+    "stability",
 ]

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeguard.data import IGNORE_INDEX
 from moeguard.errors import InputError, PlanError
 from moeguard.models import MoEModel, normalize_keep_sets
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from moeguard.attribution.statistics import (
     sum_by_expert,
     tokens_by_part,
 )
+from moeguard.data import model_inputs, to_device
 from moeguard.errors import DataError, InputError
 from moeguard.io import atomic_dir
 from moeguard.models import MoEModel, RoutingEvent
@@ -52,15 +53,6 @@ logger = logging.getLogger("moeguard.attribution")
 
 DEFAULT_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 CHECKPOINT_FILE = "attribution.json"
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments a causal LM is called with."""
-    return {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def select_tokens(batch: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:

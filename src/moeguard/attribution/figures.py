@@ -55,6 +55,10 @@ def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, divergi
         image = axes.imshow(data.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     else:
         image = axes.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("expert")
     axes.set_ylabel("MoE layer")
     axes.set_title(title)
@@ -68,8 +72,8 @@ def file_stem(text: str) -> str:
 
 
 def save_heatmaps(attribution: Attribution, out_dir: str | Path, criteria: Sequence[str] | None = None) -> list[Path]:
-    """One heatmap per criterion (default: every criterion collected) as ``{task}_{criterion}.png``."""
-    names = available_criteria(attribution) if criteria is None else list(criteria)
+    """One heatmap per criterion (default: every collected one but random) as ``{task}_{criterion}.png``."""
+    names = [c for c in available_criteria(attribution) if c != "random"] if criteria is None else list(criteria)
     task = attribution.task or "data"
     paths = []
     for criterion in names:

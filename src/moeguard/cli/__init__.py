@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "moeguard.cli.inspect_command",
     "moeguard.cli.verify_command",
     "moeguard.cli.prune_command",
+    "moeguard.cli.attribute_command",
 ]
 
 

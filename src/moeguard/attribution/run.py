@@ -1,0 +1,144 @@
+"""``attribute``: one task's attribution from data to files (what ``moeguard attribute`` runs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeguard.attribution.collect import DEFAULT_CRITERIA, collect_attribution, distributed_world, iterate_shard
+from moeguard.attribution.figures import overlap_heatmap, save_heatmaps
+from moeguard.attribution.record import Attribution, check_fingerprint, tensors_path
+from moeguard.attribution.summary import Specialisation, overlap, specialisation
+from moeguard.data import TaskData, batches
+from moeguard.errors import InputError
+from moeguard.models import MoEModel
+
+logger = logging.getLogger("moeguard.attribution")
+
+
+@dataclass
+class AttributionRun:
+    """An attribution with its summary, where it was written, and its overlap with other tasks.
+
+    ``overlaps[task]`` is the per-layer Jaccard index of this task's top sets with
+    that task's (frequency criterion, a quarter of the experts).
+    """
+
+    attribution: Attribution
+    summary: Specialisation
+    path: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+    overlaps: dict[str, list[float]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        a = self.attribution
+        lines = [
+            f"{a.task}: {a.samples} samples, {a.token_counts[0]:,} {a.tokens} tokens per MoE layer, "
+            f"{a.num_layers} MoE layers x {a.width} experts",
+            f"  {self.summary.describe()}",
+        ]
+        for task, values in self.overlaps.items():
+            lines.append(f"  top-set overlap with {task}: {sum(values) / len(values):.2f} (mean Jaccard over layers)")
+        if self.path is not None:
+            lines.append(f"  wrote {self.path} (+ {tensors_path(self.path).name})")
+        if self.figures:
+            lines.append(f"  figures: {', '.join(str(p) for p in self.figures)}")
+        return "\n".join(lines)
+
+
+def check_data(data: TaskData, tokens: str) -> None:
+    """Refuse a token selection the data cannot have (before any forward pass)."""
+    if tokens != "all" and data.kind == "lm":
+        raise InputError(
+            f"--tokens {tokens} selects the {tokens} part of prompt/answer examples, but {data.name!r} "
+            f"({data.source or 'in memory'}) is plain text (lm); use --tokens all."
+        )
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where an interrupted collection for ``out`` keeps its sums."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def attribute(
+    moe: MoEModel,
+    data: TaskData,
+    *,
+    tokens: str = "all",
+    criteria: Sequence[str] = DEFAULT_CRITERIA,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    out: str | Path | None = None,
+    figures: str | Path | None = None,
+    compare: Sequence[str | Path] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AttributionRun:
+    """Attribute ``data`` on ``moe``; write ``out`` (JSON + safetensors) and heatmaps into ``figures``.
+
+    ``compare`` names attributions of other tasks on the same model; their top-set
+    overlap with this one is reported. Under ``torch.distributed`` every process
+    runs this with the same arguments: each collects over its shard of the batches
+    and rank 0 writes the files. An interrupted run resumes when run again with
+    the same arguments.
+    """
+    if moe.tokenizer is None:
+        raise InputError(f"the model {moe.source} has no tokenizer; attribution needs one to encode the task data.")
+    check_data(data, tokens)
+    others = [Attribution.load(path) for path in compare]
+    for path, other in zip(compare, others):
+        check_fingerprint(other, moe, what=f"the attribution {path}")
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another --out or pass --overwrite.")
+    rank, world = distributed_world()
+    total = -(-len(data) // batch_size)
+    shard = iterate_shard(batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length), rank, world)
+    attribution = collect_attribution(
+        moe,
+        shard,
+        tokens=tokens,
+        criteria=criteria,
+        task=data.name,
+        task_source=data.source,
+        total_batches=-(-(total - rank) // world),
+        checkpoint=checkpoint_path(out) if out is not None else None,
+        progress=progress and rank == 0,
+    )
+    run = AttributionRun(attribution, specialisation(attribution))
+    for other in others:
+        table = overlap([attribution, other], "frequency")
+        run.overlaps[other.task or "other"] = table[0, 1].tolist()
+    if rank != 0:
+        return run
+    if out is not None:
+        run.path = attribution.save(out, summary={**run.summary.to_dict(), "overlap": run.overlaps})
+    if figures is not None:
+        run.figures = save_heatmaps(attribution, figures)
+        if others:
+            tasks = [a.task or "data" for a in [attribution, *others]]
+            matrix = overlap([attribution, *others], "frequency").mean(-1)
+            run.figures.append(
+                overlap_heatmap(matrix, tasks, "top-set overlap (Jaccard, mean over layers)", Path(figures) / "overlap.png")
+            )
+    logger.info("%s", run.summary.describe())
+    return run
+
+
+def init_distributed_from_environment() -> bool:
+    """Join the process group a launcher such as ``torchrun`` describes (``WORLD_SIZE`` > 1).
+
+    Returns True when a group was started here (the caller destroys it).
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
