@@ -186,6 +186,21 @@ def test_ablation_ranks_the_experts_a_task_needs_first(family):
         assert set(scores(a, criterion)[0].topk(len(task_a)).indices.tolist()) == set(task_a)
 
 
+def test_ablation_sees_the_softmax_renormalisation_of_routers_over_all_experts():
+    """Masking an expert no token reaches changes nothing under top-k renormalisation (Mixtral),
+    but raises the others' weights where the softmax runs over every expert (OLMoE), as pruning would."""
+    unused = {}
+    for family in ("mixtral", "olmoe"):
+        moe = tiny_moe(family)
+        task_a, task_b = targets(moe)
+        steer(moe, task_a, task_b)
+        a = collect_attribution(moe, task_batches(3, 64, seed=0, answer_token=10), criteria=["ablation"], progress=False)
+        neutral = [e for e in range(8) if e not in task_a + task_b]
+        unused[family] = scores(a, "ablation")[:, neutral].abs().max().item()
+    assert unused["mixtral"] < 1e-7
+    assert unused["olmoe"] > 1e-6
+
+
 # ---------------------------------------------------------------- token selection
 def test_prompt_and_answer_tokens_split_the_routing():
     moe = tiny_moe("olmoe")

@@ -3,6 +3,10 @@
 Masking expert ``i`` of layer ``l`` (``MoEModel.mask_experts({l: all but i})``)
 makes its tokens go to their next-best experts, exactly what pruning it would do,
 so the rise of the loss is the causal cost of removing that expert alone.
+
+Every expert is masked on every batch, even one no token of the batch reached:
+where router weights are a softmax over all experts (Qwen2-MoE, OLMoE), removing
+an unused expert still raises the weights of the selected ones, as pruning it would.
 """
 
 from __future__ import annotations
