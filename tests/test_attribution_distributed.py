@@ -6,21 +6,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import padded_batch, tiny_moe
-from moeguard.attribution import CRITERIA, Attribution, collect_attribution
-from moeguard.attribution.collect import iterate_shard
+from conftest import tiny_moe
+from moeguard.attribution import CRITERIA, Attribution, attribute
+from moeguard.data import build_char_tokenizer, load_task
 
 WORLD = 2
 FAMILY = "qwen2_moe"
 
 
-def all_batches() -> list[dict]:
-    batches = []
-    for number in range(5):  # an odd count: the shards differ in size
-        input_ids, attention_mask = padded_batch(seed=number, batch=3)
-        example_index = torch.arange(3 * number, 3 * number + 3)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "example_index": example_index})
-    return batches
+def model_and_data():
+    moe = tiny_moe(FAMILY)
+    moe.tokenizer = build_char_tokenizer()
+    return moe, load_task("caesar", "train", limit=15)  # 5 batches of 3: the shards differ in size
 
 
 def worker(rank: int, init_file: str, out: str) -> None:
@@ -29,11 +26,9 @@ def worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        moe = tiny_moe(FAMILY)
-        shard = iterate_shard(all_batches(), rank, WORLD)
-        attribution = collect_attribution(moe, shard, criteria=CRITERIA, task="shards", progress=False)
-        if rank == 0:
-            attribution.save(out)
+        moe, data = model_and_data()
+        # Every process runs the same call; each takes its shard of the batches and rank 0 writes.
+        attribute(moe, data, tokens="answer", criteria=CRITERIA, batch_size=3, out=out, progress=False)
     finally:
         dist.destroy_process_group()
 
@@ -43,7 +38,8 @@ def test_two_gloo_processes_over_shards_equal_one_process_over_everything(tmp_pa
     out = tmp_path / "two.json"
     mp.spawn(worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
     two = Attribution.load(out)
-    one = collect_attribution(tiny_moe(FAMILY), all_batches(), criteria=CRITERIA, task="shards", progress=False)
+    moe, data = model_and_data()
+    one = attribute(moe, data, tokens="answer", criteria=CRITERIA, batch_size=3, progress=False).attribution
     assert two.samples == one.samples == 15 and two.batches == one.batches == 5
     assert two.model_fingerprint == one.model_fingerprint
     assert set(two.sums) == set(one.sums)
