@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,6 @@ from moeguard.attribution.summary import Specialisation, overlap, specialisation
 from moeguard.data import TaskData, batches
 from moeguard.errors import InputError
 from moeguard.models import MoEModel
-
-logger = logging.getLogger("moeguard.attribution")
 
 
 @dataclass
@@ -125,7 +122,6 @@ def attribute(
             run.figures.append(
                 overlap_heatmap(matrix, tasks, "top-set overlap (Jaccard, mean over layers)", Path(figures) / "overlap.png")
             )
-    logger.info("%s", run.summary.describe())
     return run
 
 
