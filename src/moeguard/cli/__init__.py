@@ -18,6 +18,7 @@ from moeguard.errors import MoeGuardError
 COMMAND_MODULES = [
     "moeguard.cli.inspect_command",
     "moeguard.cli.verify_command",
+    "moeguard.cli.detect_command",
     "moeguard.cli.prune_command",
     "moeguard.cli.attribute_command",
 ]

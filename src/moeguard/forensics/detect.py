@@ -58,7 +58,7 @@ from moeguard.forensics.matching import (
 from moeguard.forensics.probes import cyclic_shifts, orbit_probes
 from moeguard.forensics.signatures import expert_responses, expert_weight_rows, layer_hidden_size, router_rows
 from moeguard.forensics.similarity import leave_one_out_z, pair_evidence, response_similarities, row_similarities
-from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, Verdict
+from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, Verdict, format_p
 from moeguard.models import MoEModel, load_moe
 
 log = logging.getLogger("moeguard.forensics")
@@ -306,5 +306,5 @@ def detect(
         "layers were aligned by the best monotone alignment (redone for every null sample)"
     )
     result = verdict(status, reason, layers, test, m, alignment)
-    log.info("detect: %s (z = %.1f, p = %.3g) in %.1f s", status, test.z, test.p_value, result.seconds)
+    log.info("detect: %s (z = %.1f, p = %s) in %.1f s", status, test.z, format_p(test.p_value), result.seconds)
     return result

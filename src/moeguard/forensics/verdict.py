@@ -108,11 +108,13 @@ class Verdict:
         lines = [head]
         if self.z is not None:
             lines.append(
-                f"  score z = {self.z:.1f} (threshold {self.z_threshold:.2f}), p = {_format_p(self.p_value)} "
+                f"  score z = {self.z:.1f} (threshold {self.z_threshold:.2f}), p = {format_p(self.p_value)} "
                 f"(alpha {self.alpha:g}; exact randomisation p = {self.p_exact:.3g})"
             )
         if self.reason:
             lines.append(f"  {self.reason}")
+        if self.status == "not comparable":
+            return "\n".join(lines)
         for lv in self.layers:
             where = f"suspect layer {lv.suspect_layer:>2}"
             if lv.status != "compared":
@@ -128,7 +130,7 @@ class Verdict:
         return "\n".join(lines)
 
 
-def _format_p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     if p is None:
         return "n/a"
     return "< 1e-300" if p == 0 else f"{p:.3g}"
