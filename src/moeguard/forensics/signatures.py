@@ -26,7 +26,7 @@ def router_rows(layer: MoELayer) -> torch.Tensor:
     weights = [t.get() for t in layer.tensors("router") if t.dim == 0 and t.get().ndim == 2]
     if not weights:
         raise UnsupportedModelError(f"MoE layer {layer.index} ({layer.router_path}) has no 2-D router weight to compare.")
-    return weights[0].detach().float().cpu()
+    return weights[0].detach().to("cpu", torch.float32, copy=True)
 
 
 def _hidden_axis(layer: MoELayer, name: str, shape: torch.Size, hidden: int) -> int:
