@@ -174,11 +174,18 @@ def _feasible(limits: LayerLimits, kept: list[int], protected: Sequence[int]) ->
     return True
 
 
-def _candidates(limits: LayerLimits, order: Sequence[int], protected: Sequence[int]) -> list[list[int]]:
+def _candidates(scores: torch.Tensor, limits: LayerLimits, protected: Sequence[int], least_used: bool) -> list[list[int]]:
     """Every feasible kept set of the layer, smallest first, each containing the previous."""
+    order = priority_order(_row(scores, limits), protected, least_used=least_used)
     step = limits.group_routing.num_groups if limits.group_routing else 1
     sets = [take(order, count, limits.group_routing) for count in range(step, limits.num_experts + 1, step)]
-    return [kept for kept in sets if _feasible(limits, kept, protected)]
+    feasible = [kept for kept in sets if _feasible(limits, kept, protected)]
+    if not feasible:
+        raise PlanError(
+            f"layer {limits.index}: no set of its {limits.num_experts} experts can be routed while keeping the protected "
+            f"experts {sorted(protected)}; protect fewer experts in this layer."
+        )
+    return feasible
 
 
 def _row(scores: torch.Tensor, limits: LayerLimits) -> torch.Tensor:
@@ -246,11 +253,8 @@ def coverage_keep(
     protect = protect or {}
     result = []
     for layer in limits:
-        row = _row(scores, layer)
-        weights = normalised_mass(row)
-        protected = protect.get(layer.index, [])
-        candidates = _candidates(layer, priority_order(row, protected, least_used=least_used), protected)
-        _require_candidates(layer, candidates, protected)
+        weights = normalised_mass(_row(scores, layer))
+        candidates = _candidates(scores, layer, protect.get(layer.index, []), least_used)
         # Rounding: a mass of exactly p summed in another order may land a hair below p.
         chosen = next((s for s in candidates if float(weights[s].sum()) >= coverage - 1e-12), candidates[-1])
         result.append(chosen)
@@ -275,14 +279,8 @@ def global_keep(
     The total is exactly ``budget`` unless group-balanced steps cannot fill it.
     """
     protect = protect or {}
-    candidates, weights = [], []
-    for layer in limits:
-        row = _row(scores, layer)
-        protected = protect.get(layer.index, [])
-        layer_candidates = _candidates(layer, priority_order(row, protected, least_used=least_used), protected)
-        _require_candidates(layer, layer_candidates, protected)
-        candidates.append(layer_candidates)
-        weights.append(normalised_mass(row))
+    candidates = [_candidates(scores, layer, protect.get(layer.index, []), least_used) for layer in limits]
+    weights = [normalised_mass(_row(scores, layer)) for layer in limits]
     position = [0] * len(limits)
     used = sum(len(c[0]) for c in candidates)
     total = sum(layer.num_experts for layer in limits)
@@ -312,14 +310,6 @@ def global_keep(
         position[best] += 1
         used += grow
     return [c[p] for c, p in zip(candidates, position)]
-
-
-def _require_candidates(layer: LayerLimits, candidates: list[list[int]], protected: Sequence[int]) -> None:
-    if not candidates:
-        raise PlanError(
-            f"layer {layer.index}: no set of its {layer.num_experts} experts can be routed while keeping the protected "
-            f"experts {sorted(protected)}; protect fewer experts in this layer."
-        )
 
 
 # ---------------------------------------------------------------------------- plans

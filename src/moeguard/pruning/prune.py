@@ -125,26 +125,27 @@ def prune_model(
     loading it (peak memory: one shard). ``load_kwargs`` go to :func:`load_moe`.
     """
     record, attribution_path = _attribution(attribution)
-    size = dict(keep=keep, coverage=coverage, budget=budget, protect=protect, least_used=least_used)
-    context = dict(criterion=criterion, task=record.task)
+
+    def plan_for(layers: list, fingerprint: str) -> tuple[PrunePlan, dict[str, Any]]:
+        plan = make_plan(scores(record, criterion, seed=seed), layers, keep=keep, coverage=coverage, budget=budget,
+                         protect=protect, least_used=least_used, criterion=criterion, task=record.task,
+                         attribution_fingerprint=fingerprint)
+        return plan, {**plan.selection(), "attribution": attribution_path, "seed": seed if criterion == "random" else None}
+
     if streaming:
         if isinstance(model, MoEModel):
             raise InputError("a streaming prune reads a checkpoint directory; pass its path, not a loaded model.")
-        meta = load_meta_moe(model, trust_remote_code=bool(load_kwargs.get("trust_remote_code", False)))
+        trust_remote_code = bool(load_kwargs.get("trust_remote_code", False))
+        meta = load_meta_moe(model, trust_remote_code=trust_remote_code)
         expected = check_checkpoint_fingerprint(record, meta, str(model))
-        plan = make_plan(scores(record, criterion, seed=seed), meta.layers, **size, **context,
-                         attribution_fingerprint=expected)
-        selection = {**plan.selection(), "attribution": attribution_path, "seed": seed if criterion == "random" else None}
+        plan, selection = plan_for(meta.layers, expected)
         result = streaming_prune(model, plan.keep_sets(), out_dir, selection=selection, expected_fingerprint=expected,
-                                 overwrite=overwrite, trust_remote_code=bool(load_kwargs.get("trust_remote_code", False)),
-                                 progress=progress)
+                                 overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress)
         return PruneSummary(result.out_dir, plan, result.manifest, result.before, result.after, streaming=True)
 
     moe = model if isinstance(model, MoEModel) else load_moe(model, **load_kwargs)
     check_fingerprint(record, moe)
-    plan = make_plan(scores(record, criterion, seed=seed), moe.layers, **size, **context,
-                     attribution_fingerprint=record.model_fingerprint)
-    selection = {**plan.selection(), "attribution": attribution_path, "seed": seed if criterion == "random" else None}
+    plan, selection = plan_for(moe.layers, record.model_fingerprint)
     before = moe.parameter_counts()
     manifest = moe.prune(plan.keep_sets(), selection=selection)
     after = moe.parameter_counts()
