@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import padded_batch, tiny_moe
+from moeguard.data import build_char_tokenizer
 from moeguard.errors import FingerprintMismatchError, InputError, ModelError, PlanError, UnsupportedModelError
 from moeguard.models import MANIFEST_NAME, PruneManifest, load_moe
 from moeguard.models.fingerprint import checkpoint_fingerprint
@@ -97,17 +98,21 @@ def test_checkpoint_fingerprint_does_not_depend_on_the_shard_layout(tmp_path):
     assert checkpoint_fingerprint(tmp_path / "changed") != checkpoint_fingerprint(tmp_path / "one")
 
 
-def test_single_file_checkpoint_and_side_files(tmp_path):
+def test_single_file_checkpoint_gets_what_the_in_memory_save_writes(tmp_path):
     source = tmp_path / "parent"
     moe = tiny_moe("gpt_oss")
-    moe.model.save_pretrained(source)
-    (source / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    moe.tokenizer = build_char_tokenizer()
+    moe.save(source)
+    (source / "README.md").write_text("model card of the parent: 8 experts, 100% accurate")
     (source / "pytorch_model.bin").write_bytes(b"old weights")
     streaming_prune(source, plan_for(moe), tmp_path / "out", progress=False)
+    moe.prune(plan_for(moe))
+    moe.save(tmp_path / "in_memory")
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", MANIFEST_NAME} <= files
-    assert "pytorch_model.bin" not in files and INDEX_NAME not in files
+    assert files == {p.name for p in (tmp_path / "in_memory").iterdir()}
+    assert "README.md" not in files and "pytorch_model.bin" not in files and INDEX_NAME not in files
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == len(KEEP)
+    assert load_moe(tmp_path / "out").tokenizer("abc")["input_ids"] == moe.tokenizer("abc")["input_ids"]
 
 
 def test_an_interrupted_prune_resumes_from_the_finished_shards(tmp_path, monkeypatch):

@@ -13,8 +13,9 @@ rules, applied to every stored name exactly as ``from_pretrained`` does:
   biases, GPT-OSS's fused experts and biases) holds every expert along the same
   axis as in memory: it is sliced to the kept ones.
 
-Everything else is copied byte for byte. The result is what ``save_pretrained``
-writes after an in-memory :meth:`MoEModel.prune`, tensor for tensor. Anything the
+Every other tensor is copied byte for byte. The result is what :meth:`MoEModel.save`
+writes after an in-memory :meth:`MoEModel.prune`, tensor for tensor (plus the same
+config, generation config, tokenizer and manifest). Anything the
 rules cannot account for (a stored name inside an expert or router module that
 maps to nothing known, missing expert indices, a conversion other than stacking)
 is refused rather than guessed.
@@ -45,7 +46,7 @@ from moeguard.errors import FingerprintMismatchError, InputError, ModelError, Mo
 from moeguard.io import atomic_dir, read_json, write_json
 from moeguard.models.fingerprint import checkpoint_files, combine_digests, short, tensor_digest
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
-from moeguard.models.loading import check_model_source
+from moeguard.models.loading import check_model_source, load_tokenizer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.moe_model import MoEModel, ParameterCounts
 from moeguard.models.surgery import prune_in_place, shape_mismatches
@@ -55,10 +56,8 @@ logger = logging.getLogger("moeguard.pruning")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PROGRESS_NAME = "progress.json"
-# Files beside the weights that must not be copied into the pruned directory: they
-# describe the parent's weights (or are weights in another format).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
-NOT_COPIED = {"config.json", INDEX_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}
+# Weights in formats the streaming prune does not read (named in its error message).
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 # ---------------------------------------------------------------------------- reading a checkpoint
@@ -374,11 +373,18 @@ def _prune_shard(path: Path, writes: Sequence[TensorWrite], out_path: Path, meta
     return digests
 
 
-def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
-    """Tokenizer, generation config and other small files; never weights, the config or a manifest."""
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.name not in NOT_COPIED and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(path, out_dir / path.name)
+def _save_side_files(model_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:
+    """What ``MoEModel.save`` writes beside the weights: the generation config and the tokenizer.
+
+    Nothing else is copied: a model card or other notes describe the parent, not the pruned model.
+    """
+    from transformers import GenerationConfig
+
+    if (model_dir / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(model_dir).save_pretrained(out_dir)
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
 
 
 def streaming_prune(
@@ -395,8 +401,8 @@ def streaming_prune(
     """Prune the safetensors checkpoint in ``model_dir`` to ``keep`` without loading it.
 
     ``keep`` maps MoE layer -> kept experts, one count for all pruned layers (as
-    :meth:`MoEModel.prune`). Writes shards, index, updated config, the other
-    files of the directory (tokenizer, generation config) and the manifest, whose
+    :meth:`MoEModel.prune`). Writes shards, index, updated config, generation
+    config, tokenizer and the manifest, whose
     parent fingerprint is the checkpoint fingerprint computed while reading. With
     ``expected_fingerprint`` (an attribution's checkpoint fingerprint) a different
     parent is refused before the output appears.
@@ -490,7 +496,7 @@ def streaming_prune(
                 write_json(tmp / INDEX_NAME, {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
                                               "weight_map": dict(sorted(weight_map.items()))})
             moe.model.config.save_pretrained(tmp)
-            _copy_side_files(model_dir, tmp)
+            _save_side_files(model_dir, tmp, trust_remote_code)
             write_json(tmp / MANIFEST_NAME, manifest.to_dict())
     except MoeGuardError:
         shutil.rmtree(partial, ignore_errors=True)
