@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -52,3 +53,32 @@ def padded_batch(vocab: int = 128, *, batch: int = 3, length: int = 10, seed: in
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread: tiny models gain nothing from two, and on a
+    busy machine two threads waiting on each other make training many times slower."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    """Path of a tiny trained MoE (``moeguard.zoo.TINY_DEMO``: Qwen3-MoE, 2 layers, 8 experts, top-2,
+    four tasks) with its tokenizer and card. Trained once, then reused from the cache
+    (``$MOEGUARD_CACHE``, default ``~/.cache/moeguard``), keyed by its config."""
+    from moeguard.zoo import TINY_DEMO, demo_model_path
+
+    with torch_threads(1):
+        return demo_model_path(TINY_DEMO, seed=0, progress=False)

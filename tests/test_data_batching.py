@@ -12,6 +12,8 @@ from moeguard.data import IGNORE_INDEX, Example, TaskData, batches, build_char_t
 from moeguard.data.batching import EncodedExample, truncate
 from moeguard.errors import DataError, InputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOKENIZER = build_char_tokenizer()
 
 

@@ -41,8 +41,9 @@ def _letters(rng: random.Random, low: int, high: int, alphabet: str = string.asc
 
 
 def _addition(rng: random.Random) -> tuple[str, str]:
+    # Operands are zero-padded so every digit has a fixed place in the prompt.
     a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"{a}+{b}", str(a + b)
+    return f"{a:03d}+{b:03d}", str(a + b)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:

@@ -1,0 +1,221 @@
+"""The one training loop every fine-tune uses (demo model, re-alignment, defenses).
+
+``train`` runs AdamW on ``lm_loss`` (token cross-entropy on the labelled tokens) plus
+the model's router load-balancing loss and an optional ``extra_loss``, with linear
+warm-up, cosine decay and gradient clipping. With a ``checkpoint`` path it saves its
+state every ``checkpoint_every`` steps and an interrupted run resumes from there with
+the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeguard.data.batching import IGNORE_INDEX, model_inputs, to_device
+from moeguard.errors import InputError
+from moeguard.eval.evaluate import causal_lm, device_of
+from moeguard.io import atomic_write_bytes
+
+log = logging.getLogger("moeguard.training")
+
+ExtraLoss = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens.
+
+    ``mean_{(b, t): labels[b, t+1] != -100} -log softmax(logits[b, t])[labels[b, t+1]]``
+    (``logits[b, t]`` predicts token ``t + 1``).
+    """
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`token_cross_entropy` of ``model`` (an ``MoEModel`` or causal LM) on ``batch``."""
+    lm = causal_lm(model)
+    batch = to_device(batch, device_of(lm))
+    return token_cross_entropy(lm(**model_inputs(batch)).logits, batch["labels"])
+
+
+def learning_rate(step: int, *, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``min_ratio * lr``.
+
+    ``lr * (step + 1) / warmup`` for ``step < warmup``, else
+    ``lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2)`` with
+    ``p = (step - warmup) / max(1, steps - warmup)``.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``final_loss`` is the mean cross-entropy of the last steps."""
+
+    steps: int
+    tokens: int
+    target_tokens: int
+    wall_seconds: float
+    cpu_seconds: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _decay_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    # Matrices (and expert stacks) decay; norms, biases and other vectors do not.
+    decay = [p for p in parameters if p.ndim >= 2]
+    keep = [p for p in parameters if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def _save_checkpoint(path: Path, lm: nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list[float], counts: list[int]) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {"step": step, "model": lm.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
+         "counts": counts, "rng": torch.get_rng_state()},
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _progress_bar(steps: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, desc="training", unit="step", disable=None if enabled else True, dynamic_ncols=True)
+
+
+def train(
+    model: Any,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    parameters: Iterable[nn.Parameter] | None = None,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+    min_lr_ratio: float = 0.1,
+    max_grad_norm: float | None = 1.0,
+    router_aux_loss_coef: float = 0.0,
+    extra_loss: ExtraLoss | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
+) -> TrainResult:
+    """Train ``model`` for ``steps`` optimizer steps on ``batches`` (one batch per step).
+
+    ``parameters`` limits what is trained (default: every parameter that requires a
+    gradient); the others get no gradient during the run and are left untouched.
+    The loss is ``lm_loss + router_aux_loss_coef * aux_loss + extra_loss(model, batch,
+    outputs)``, where ``aux_loss`` is the load-balancing loss the model returns with
+    ``output_router_logits=True``. Fewer steps are run if ``batches`` runs out.
+    The model is left in eval mode.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}.")
+    if not lr > 0:
+        raise InputError(f"lr must be positive, got {lr!r}.")
+    lm = causal_lm(model)
+    device = device_of(lm)
+    trainable = [p for p in (parameters if parameters is not None else lm.parameters()) if p.requires_grad]
+    if not trainable:
+        raise InputError("nothing to train: none of the given parameters requires a gradient.")
+    chosen = {id(p) for p in trainable}
+    frozen = [p for p in lm.parameters() if p.requires_grad and id(p) not in chosen]
+    optimizer = torch.optim.AdamW(_decay_groups(trainable, weight_decay), lr=lr, betas=(0.9, 0.95))
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+
+    torch.manual_seed(seed)
+    start_step, losses, counts = 0, [], [0, 0]
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        lm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, losses, counts = state["step"], state["losses"], state["counts"]
+        torch.set_rng_state(state["rng"])
+        log.info("resuming training from step %d (%s)", start_step, checkpoint)
+    iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
+    for _ in range(start_step):  # the batches of the finished steps, so the data order is unchanged
+        next(iterator, None)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for p in frozen:
+        p.requires_grad_(False)
+    lm.train()
+    bar = _progress_bar(steps, start_step, progress)
+    step = start_step
+    try:
+        for step in range(start_step, steps):
+            batch = next(iterator, None)
+            if batch is None:
+                log.warning("the batches ran out after %d of %d steps", step, steps)
+                break
+            batch = to_device(batch, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps=steps, lr=lr, warmup=warmup, min_ratio=min_lr_ratio)
+            aux = {"output_router_logits": True} if router_aux_loss_coef else {}
+            outputs = lm(**model_inputs(batch), **aux)
+            ce = token_cross_entropy(outputs.logits, batch["labels"])
+            loss = ce
+            if router_aux_loss_coef:
+                if getattr(outputs, "aux_loss", None) is None:
+                    raise InputError(
+                        f"{type(lm).__name__} returns no router load-balancing loss (aux_loss); "
+                        "train it with router_aux_loss_coef=0."
+                    )
+                loss = loss + router_aux_loss_coef * outputs.aux_loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, batch, outputs)
+            if not torch.isfinite(loss):
+                raise InputError(f"the training loss became {loss.item()} at step {step}; lower the learning rate (lr={lr}).")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+            losses.append(ce.item())
+            counts[0] += int(batch["attention_mask"].sum())
+            counts[1] += int((batch["labels"] != IGNORE_INDEX).sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            if bar.disable and progress and (step + 1) % max(1, steps // 10) == 0:
+                log.info("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
+            if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                _save_checkpoint(checkpoint, lm, optimizer, step + 1, losses, counts)
+        else:
+            step = steps
+    finally:
+        bar.close()
+        lm.eval()
+        for p in frozen:
+            p.requires_grad_(True)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    tail = losses[-min(len(losses), 20) :]
+    result = TrainResult(
+        steps=step,
+        tokens=counts[0],
+        target_tokens=counts[1],
+        wall_seconds=time.perf_counter() - wall,
+        cpu_seconds=time.process_time() - cpu,
+        final_loss=sum(tail) / len(tail) if tail else math.nan,
+        losses=losses,
+        resumed_from=start_step,
+    )
+    log.info("trained %d steps in %.1fs (final loss %.4f)", result.steps, result.wall_seconds, result.final_loss)
+    return result

@@ -1,0 +1,18 @@
+"""The built-in demo MoE: a stock transformers MoE trained locally on the task suite, cached."""
+
+from moeguard.zoo.cache import CACHE_ENV, cache_root, demo_cache_dir, demo_model_path
+from moeguard.zoo.card import CARD_JSON
+from moeguard.zoo.config import TINY_DEMO, DemoConfig
+from moeguard.zoo.demo import build_demo_model, train_demo
+
+__all__ = [
+    "CACHE_ENV",
+    "CARD_JSON",
+    "TINY_DEMO",
+    "DemoConfig",
+    "build_demo_model",
+    "cache_root",
+    "demo_cache_dir",
+    "demo_model_path",
+    "train_demo",
+]

@@ -1,0 +1,84 @@
+"""What the demo model is: architecture, data and training settings, and its cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from moeguard.data.tasks import BUILTIN_TASKS, TASK_SUITE_VERSION, resolve_task_names
+from moeguard.errors import InputError
+from moeguard.models.random_init import FAMILIES
+
+# A new version changes how a demo model is trained from a config (part of the cache key).
+ZOO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """A demo MoE: a stock transformers ``family`` trained from scratch on a task mixture.
+
+    ``experts`` routed experts per MoE layer, ``top_k`` per token, ``layers`` decoder
+    layers (all MoE) of width ``hidden`` with ``heads`` attention heads and experts of
+    width ``expert_hidden``. Training: ``steps`` AdamW steps on shuffled batches of
+    ``batch_size`` examples drawn from ``train_examples`` training examples per task,
+    with the router load-balancing loss weighted by ``router_aux_loss_coef``.
+    """
+
+    family: str = "qwen3_moe"
+    experts: int = 8
+    top_k: int = 2
+    layers: int = 4
+    hidden: int = 128
+    expert_hidden: int = 128
+    heads: int = 4
+    tasks: tuple[str, ...] = BUILTIN_TASKS
+    train_examples: int = 20_000
+    steps: int = 2_000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    router_aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise InputError(f"demo family must be one of {', '.join(FAMILIES)}, got {self.family!r}.")
+        for name in ("experts", "top_k", "layers", "hidden", "expert_hidden", "heads", "train_examples", "steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"demo config: {name} must be a positive integer, got {value!r}.")
+        if self.top_k > self.experts:
+            raise InputError(f"demo config: top_k={self.top_k} is more than experts={self.experts}; choose top_k <= experts.")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise InputError(
+                f"demo config: hidden={self.hidden} must split into {self.heads} heads of even width; "
+                "choose hidden as a multiple of 2 * heads."
+            )
+        if not self.tasks:
+            raise InputError("demo config: tasks is empty; name at least one built-in task.")
+        resolve_task_names(",".join(self.tasks))
+        if self.warmup < 0 or self.lr <= 0 or self.weight_decay < 0 or self.router_aux_loss_coef < 0:
+            raise InputError("demo config: lr must be positive and warmup, weight_decay, router_aux_loss_coef non-negative.")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tasks"] = list(self.tasks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DemoConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"demo config: unknown settings {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**{**data, **({"tasks": tuple(data["tasks"])} if "tasks" in data else {})})
+
+    def key(self, seed: int) -> str:
+        """A short hash of everything that determines the trained weights."""
+        payload = {"config": self.to_dict(), "seed": seed, "tasks": TASK_SUITE_VERSION, "zoo": ZOO_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The small model the test suite trains once and shares (tests/conftest.py: trained_tiny).
+TINY_DEMO = DemoConfig(layers=2, hidden=64, expert_hidden=64, tasks=("upper", "caesar", "sort", "reverse"), steps=1000)

@@ -1,0 +1,160 @@
+"""Training the demo MoE: a stock transformers model trained from scratch on the task suite."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moeguard
+from moeguard.data import batches, build_char_tokenizer, load_task, mixture
+from moeguard.errors import InputError
+from moeguard.eval import evaluate_tasks
+from moeguard.io import atomic_dir, atomic_write_text, write_json
+from moeguard.models import MoEModel
+from moeguard.models.random_init import random_moe
+from moeguard.training import ExtraLoss, TrainResult, train
+from moeguard.zoo.card import CARD_JSON, render_card
+from moeguard.zoo.config import DemoConfig
+
+log = logging.getLogger("moeguard.zoo")
+
+
+def build_demo_model(config: DemoConfig, tokenizer: Any, *, seed: int) -> MoEModel:
+    """The untrained model of ``config``: stock config of ``config.family``, weights initialised from ``seed``."""
+    return random_moe(
+        config.family,
+        seed=seed,
+        sharpen=False,
+        layers=config.layers,
+        experts=config.experts,
+        top_k=config.top_k,
+        hidden=config.hidden,
+        intermediate=config.expert_hidden,
+        heads=config.heads,
+        vocab=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+    )
+
+
+def routing_specialisation(moe: MoEModel, tokenizer: Any, tasks: list[str]) -> dict[str, Any]:
+    """Per task and MoE layer: routing frequencies and effective experts on the test split,
+    and the mean top-k overlap between tasks (see :mod:`moeguard.attribution.summary`)."""
+    from moeguard.attribution import collect_attribution, scores
+    from moeguard.attribution.summary import effective_experts, overlap
+
+    attributions = [
+        collect_attribution(
+            moe, batches(tokenizer, load_task(task, "test"), batch_size=200), criteria=("frequency",), task=task, progress=False
+        )
+        for task in tasks
+    ]
+    frequencies = [scores(a, "frequency") for a in attributions]
+    pairs = overlap(attributions, "frequency", top_m=moe.top_k)
+    n = len(tasks)
+    mean_overlap = ((pairs.sum((0, 1)) - pairs.diagonal().sum(-1)) / max(1, n * (n - 1))).tolist() if n > 1 else [1.0] * moe.num_layers
+    return {
+        "tokens": "all",
+        "effective_experts": {task: effective_experts(f).tolist() for task, f in zip(tasks, frequencies)},
+        "mean_top_k_overlap": mean_overlap,
+        "frequency": {task: f.tolist() for task, f in zip(tasks, frequencies)},
+    }
+
+
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def train_demo(
+    out_dir: str | os.PathLike,
+    config: DemoConfig = DemoConfig(),
+    *,
+    seed: int = 0,
+    extra_loss: ExtraLoss | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Train the demo model of ``config`` from ``seed`` and write it to ``out_dir``.
+
+    ``out_dir`` becomes an HF model directory (config.json, safetensors, tokenizer)
+    with a model card (README.md) and ``demo_card.json``: data, seed, steps, wall and
+    CPU time, per-task test accuracy and routing specialisation. It appears only when
+    complete; an interrupted run resumes from its checkpoint beside ``out_dir``.
+    ``extra_loss`` is added to the training loss (see :func:`moeguard.training.train`).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite).")
+    tokenizer = build_char_tokenizer()
+    moe = build_demo_model(config, tokenizer, seed=seed)
+    moe.tokenizer = tokenizer
+    data = mixture([load_task(task, "train", limit=config.train_examples, seed=seed) for task in config.tasks])
+    log.info(
+        "training the demo model (%s, %d layers x %d experts, top-%d) on %s for %d steps",
+        config.family, config.layers, config.experts, config.top_k, ", ".join(config.tasks), config.steps,
+    )
+    load_start = _load_average()
+    result = train(
+        moe,
+        batches(tokenizer, data, batch_size=config.batch_size, shuffle=True, seed=seed, epochs=None),
+        steps=config.steps,
+        lr=config.lr,
+        warmup=config.warmup,
+        weight_decay=config.weight_decay,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        extra_loss=extra_loss,
+        seed=seed,
+        progress=progress,
+        checkpoint=out_dir.with_name(f".{out_dir.name}.training.pt"),
+    )
+    card = demo_card(moe, tokenizer, config, seed=seed, result=result, load_start=load_start)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        moe.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / CARD_JSON, card)
+        atomic_write_text(tmp / "README.md", render_card(card))
+    accuracy = ", ".join(f"{task} {r['value']:.3f}" for task, r in card["accuracy"].items())
+    log.info("demo model written to %s (test exact match: %s)", out_dir, accuracy)
+    return out_dir
+
+
+def demo_card(moe: MoEModel, tokenizer: Any, config: DemoConfig, *, seed: int, result: TrainResult, load_start: float) -> dict[str, Any]:
+    """Everything the model card reports: evaluate the trained model and measure its routing."""
+    import transformers
+
+    tasks = list(config.tasks)
+    accuracy = evaluate_tasks(moe, tokenizer, [load_task(task, "test") for task in tasks], batch_size=200)
+    counts = moe.parameter_counts()
+    return {
+        "moeguard_demo": True,
+        "model_type": moe.model_type,
+        "config": config.to_dict(),
+        "seed": seed,
+        "key": config.key(seed),
+        "task_suite_version": moeguard.data.tasks.TASK_SUITE_VERSION,
+        "fingerprint": moe.fingerprint(),
+        "parameters": {"total": counts.total, "active_per_token": counts.active_per_token},
+        "training": {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "target_tokens": result.target_tokens,
+            "wall_seconds": result.wall_seconds,
+            "cpu_seconds": result.cpu_seconds,
+            "final_loss": result.final_loss,
+            "resumed_from_step": result.resumed_from,
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "load_average_start": load_start,
+            "load_average_end": _load_average(),
+        },
+        "accuracy": {task: r.to_dict() for task, r in accuracy.items()},
+        "routing": routing_specialisation(moe, tokenizer, tasks),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "moeguard": moeguard.__version__},
+    }

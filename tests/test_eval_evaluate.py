@@ -1,0 +1,150 @@
+"""Evaluation on hand-made cases: an oracle bigram model with known outputs, and the tiny trained MoE."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from moeguard.data import Example, TaskData, build_char_tokenizer, load_task
+from moeguard.errors import DataError, InputError
+from moeguard.eval import evaluate, evaluate_tasks
+from moeguard.models import load_moe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENIZER = build_char_tokenizer()
+
+
+class BigramConfig(PretrainedConfig):
+    model_type = "moeguard_test_bigram"
+
+
+class BigramLM(PreTrainedModel, GenerationMixin):
+    """An oracle whose next-token log-probabilities depend on the current token only (a table)."""
+
+    config_class = BigramConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.log_probs = nn.Parameter(torch.zeros(config.vocab_size, config.vocab_size))
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        return CausalLMOutputWithPast(logits=self.log_probs[input_ids], past_key_values=past_key_values)
+
+
+def tok(character: str) -> int:
+    return TOKENIZER.convert_tokens_to_ids(character)
+
+
+def bigram_oracle() -> BigramLM:
+    """After '=' it writes 'xy' then eos; after '?' it writes 'a' then a newline; otherwise 'b' is likeliest."""
+    vocab = len(TOKENIZER)
+    config = BigramConfig(vocab_size=vocab, num_hidden_layers=1, hidden_size=4, num_attention_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = BigramLM(config)
+    table = torch.zeros(vocab, vocab)
+    table[:, tok("b")] = 3.0
+    table[:, tok("c")] = 2.0
+    for previous, following in [("=", "x"), ("x", "y"), ("y", "</s>"), ("?", "a")]:
+        table[tok(previous), TOKENIZER.eos_token_id if following == "</s>" else tok(following)] = 10.0
+    with torch.no_grad():
+        model.log_probs.copy_(torch.log_softmax(table, dim=-1))
+    return model.eval()
+
+
+def test_exact_match_is_greedy_decoding_to_eos_compared_with_the_answer():
+    model = bigram_oracle()
+    data = TaskData("oracle", "generate", [
+        Example(prompt="q=", answer="xy"),
+        Example(prompt="a much longer prompt=", answer=" xy "),  # answers compare stripped
+        Example(prompt="q=", answer="x"),
+        Example(prompt="q", answer="b"),  # the model never stops: 'bbbb' is not 'b'
+    ])
+    result = evaluate(model, TOKENIZER, data, batch_size=3)
+    assert (result.metric, result.n) == ("exact_match", 4)
+    assert result.predictions == ["xy", "xy", "xy", "bbbb"]
+    assert result.correct == [True, True, False, False]
+    assert result.value == 0.5
+    assert result.ci_low < 0.5 < result.ci_high
+
+
+def test_choice_accuracy_picks_the_choice_with_the_highest_log_likelihood():
+    model = bigram_oracle()
+    data = TaskData("mc", "choice", [
+        Example(prompt="q=", choices=("b", "xy", "c"), label=1),   # 'xy' after '=' is nearly certain
+        Example(prompt="q", choices=("c", "b"), label=0),          # 'b' beats 'c': wrong label
+        Example(prompt="q", choices=("bb", "b"), label=1),          # a longer choice has a lower sum
+    ])
+    result = evaluate(model, TOKENIZER, data)
+    assert result.metric == "choice_accuracy"
+    assert result.predictions == ["xy", "b", "b"]
+    assert result.correct == [True, False, True]
+
+
+def test_perplexity_equals_the_hand_computed_value():
+    model = bigram_oracle()
+    texts = ["bc", "=xy"]
+    data = TaskData("text", "lm", [Example(text=t) for t in texts])
+    table = model.log_probs.detach()
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = [TOKENIZER.bos_token_id] + [tok(c) for c in text]
+        for previous, following in zip(ids, ids[1:]):
+            nll -= float(table[previous, following])
+            count += 1
+    result = evaluate(model, TOKENIZER, data, batch_size=1)
+    assert result.metric == "perplexity" and result.n == 2
+    assert result.value == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert result.ci_low <= result.value <= result.ci_high
+
+
+def test_batched_evaluation_equals_one_at_a_time_and_padding_changes_nothing(trained_tiny):
+    moe = load_moe(trained_tiny)
+    tasks = moe_tasks(trained_tiny)
+    for name in tasks:
+        data = load_task(name, limit=40)
+        batched = evaluate(moe, None, data, batch_size=40)
+        single = evaluate(moe, None, data, batch_size=1)
+        assert batched.predictions == single.predictions and batched.correct == single.correct
+    mixed_lengths = TaskData("lm", "lm", [Example(text="rev abc=cba"), Example(text="up abcdefgh=ABCDEFGH"), Example(text="x")])
+    batched = evaluate(moe, None, mixed_lengths, batch_size=3)
+    single = evaluate(moe, None, mixed_lengths, batch_size=1)
+    assert batched.value == pytest.approx(single.value, rel=1e-5)
+
+
+def moe_tasks(path) -> list[str]:
+    import json
+
+    return json.loads((path / "demo_card.json").read_text())["config"]["tasks"]
+
+
+def test_a_raw_transformers_model_and_its_moe_view_score_the_same_and_modes_are_restored(trained_tiny):
+    moe = load_moe(trained_tiny)
+    raw = AutoModelForCausalLM.from_pretrained(trained_tiny)
+    raw.train()
+    data = load_task(moe_tasks(trained_tiny)[0], limit=30)
+    via_moe = evaluate(moe, moe.tokenizer, data)
+    via_raw = evaluate(raw, moe.tokenizer, data)
+    assert via_moe.predictions == via_raw.predictions
+    assert raw.training, "evaluate must restore the train mode it found"
+    results = evaluate_tasks(moe, None, [data, load_task("count", limit=10)])
+    assert list(results) == [data.name, "count"] and results[data.name].value == via_moe.value
+
+
+def test_bad_evaluation_inputs_are_refused():
+    model = bigram_oracle()
+    data = load_task("count", limit=2)
+    with pytest.raises(InputError, match="evaluation needs a tokenizer"):
+        evaluate(model, None, data)
+    with pytest.raises(InputError, match="batch_size must be a positive integer, got 0"):
+        evaluate(model, TOKENIZER, data, batch_size=0)
+    with pytest.raises(DataError, match="has no examples"):
+        evaluate(model, TOKENIZER, TaskData("none", "generate", []))
+    with pytest.raises(InputError, match="choice '' encodes to no tokens"):
+        evaluate(model, TOKENIZER, TaskData("mc", "choice", [Example(prompt="q", choices=("a", ""), label=0)]))
+    with pytest.raises(InputError, match="distinct names"):
+        evaluate_tasks(model, TOKENIZER, [data, data])
