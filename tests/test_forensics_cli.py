@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_moe
 
 from moeguard.cli import main
 from moeguard.forensics.derivatives import random_orders, reindex_experts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_detect_command_writes_the_verdict_and_figure_and_prints_the_kept_sets(tmp_path, capsys):

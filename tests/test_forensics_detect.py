@@ -8,10 +8,14 @@ import pytest
 import torch
 from conftest import padded_batch, tiny_moe
 
+from moeguard.data import batches, load_task
 from moeguard.errors import InputError, PlanError
 from moeguard.forensics import detect
 from moeguard.forensics.derivatives import random_orders, reindex_experts
-from moeguard.models import MoEModel
+from moeguard.models import MoEModel, load_moe
+from moeguard.training import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def carve(family: str, keep: list[int], *, seed: int = 1, **overrides) -> tuple[MoEModel, list[list[int]]]:
@@ -22,19 +26,16 @@ def carve(family: str, keep: list[int], *, seed: int = 1, **overrides) -> tuple[
     return suspect, orders
 
 
-def fine_tune(moe: MoEModel, *, lr: float, steps: int, parameters=None, seed: int = 0) -> None:
-    """Full-batch AdamW steps of next-token loss on random token sequences (a real optimiser run)."""
+def random_token_batches(vocab: int = 128, *, seed: int = 0):
+    """Endless batches of random token sequences, every token labelled."""
     generator = torch.Generator().manual_seed(seed)
-    params = list(parameters if parameters is not None else moe.model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    moe.model.train()
-    for _ in range(steps):
-        ids = torch.randint(3, 128, (4, 12), generator=generator)
-        loss = moe.model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    moe.model.eval()
+    while True:
+        ids = torch.randint(3, vocab, (4, 12), generator=generator)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def fine_tune(moe: MoEModel, *, lr: float, steps: int, parameters=None) -> None:
+    train(moe, random_token_batches(), steps=steps, lr=lr, parameters=parameters, progress=False)
 
 
 def assert_derived_with_order(verdict, orders):
@@ -86,6 +87,18 @@ def test_full_fine_tuning_after_pruning_does_not_hide_the_parent(lr):
     assert drift > (0.2 if lr == 3e-3 else 1e-4)  # the fine-tune really moved the experts
 
 
+def test_a_trained_model_pruned_to_top_k_and_re_aligned_on_a_task_is_derived(trained_tiny):
+    parent = load_moe(trained_tiny)
+    suspect = load_moe(trained_tiny)
+    orders = random_orders(suspect, [2, 2], seed=3)
+    reindex_experts(suspect, orders)
+    data = load_task("reverse", "train", limit=240)
+    train(suspect, batches(suspect.tokenizer, data, batch_size=8, shuffle=True, epochs=None), steps=30, lr=3e-3, progress=False)
+    verdict = detect(parent, suspect, progress=False)
+    assert_derived_with_order(verdict, orders)
+    assert min(m.weight_similarity for lv in verdict.layers for m in lv.matches) < 0.99
+
+
 def test_fine_tuning_only_the_non_expert_parts_leaves_the_experts_identifiable():
     parent = tiny_moe("gpt_oss")
     suspect, orders = carve("gpt_oss", [3, 3], seed=6)
@@ -124,10 +137,10 @@ def test_permuting_neurons_inside_each_expert_does_not_hide_it():
     assert_derived_with_order(verdict, orders)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_independently_initialised_models_of_the_same_architecture_are_not_derived(family):
     parent = tiny_moe(family)
-    for seed in (11, 12):
+    for seed in (11, 12, 13):
         verdict = detect(parent, tiny_moe(family, seed=seed), progress=False)
         assert verdict.status == "not derived", verdict.summary()
         assert verdict.z < verdict.z_threshold

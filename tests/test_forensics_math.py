@@ -13,6 +13,8 @@ from moeguard.forensics.probes import conjugate_responses, conjugate_rows, cycli
 from moeguard.forensics.signatures import expert_responses, expert_weight_rows, router_rows
 from moeguard.forensics.similarity import leave_one_out_z, response_similarities, row_similarities
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_cyclic_shifts_form_a_group_of_the_requested_order():
     perms = cyclic_shifts(70, 8)  # q = 8: coordinates 64..69 stay fixed
