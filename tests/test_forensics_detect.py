@@ -194,3 +194,14 @@ def test_detect_refuses_bad_settings_with_clear_messages():
         detect(moe, moe, group_size=2)
     with pytest.raises(InputError, match="MoEModel or a model directory"):
         detect(moe, 42)
+
+
+def test_suspect_experts_beyond_the_parents_count_stay_unmatched():
+    pruned, orders = carve("qwen3_moe", [3, 3], seed=10)
+    verdict = detect(pruned, tiny_moe("qwen3_moe"), progress=False)  # the larger model as the suspect
+    assert verdict.derived
+    for lv, order in zip(verdict.layers, orders):
+        assert sum(m.candidate is None for m in lv.matches) == 5
+        assert {s: m.parent_expert for s, m in enumerate(lv.matches) if m.parent_expert is not None} == {
+            expert: position for position, expert in enumerate(order)
+        }

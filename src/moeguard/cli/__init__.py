@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "moeguard.cli.detect_command",
     "moeguard.cli.prune_command",
     "moeguard.cli.attribute_command",
+    "moeguard.cli.realign_command",
 ]
 
 

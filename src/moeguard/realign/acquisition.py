@@ -1,0 +1,221 @@
+"""Acquisition functions: which unlabelled examples to label next.
+
+Every function here is pure torch over the model's outputs on one batch and reduces
+on the device of its inputs: the ``[B, T, V]`` logits of a batch are read once
+(only at answer positions) and what leaves is ``[B]`` or ``[B, D]``, never pool x
+length x vocabulary. Scores are "higher = label first".
+
+The answer of an unlabelled example is the model's own prediction (its greedy
+continuation), so ``answer_mask`` marks predicted tokens. As everywhere in
+moeguard, ``logits[b, t]`` predicts token ``t + 1``.
+
+Score-based functions rank examples one by one (least confidence, margin,
+entropy, sequence NLL, and the routing share lost to pruning); the set-based ones
+pick a diverse batch jointly (core-set's k-center greedy, BADGE's k-means++ seeding
+on gradient embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def answer_token_positions(answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(example, position)`` of the logits that predict answer tokens.
+
+    Answer token ``t`` of row ``b`` is predicted by ``logits[b, t - 1]``, so the
+    positions are the true entries of ``answer_mask[:, 1:]``.
+    """
+    example, position = answer_mask[:, 1:].nonzero(as_tuple=True)
+    return example, position
+
+
+def per_example_mean(values: torch.Tensor, example: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """``[B]`` mean of ``values [N]`` over the entries of each example (0 where it has none)."""
+    sums = torch.zeros(num_examples, dtype=values.dtype, device=values.device).index_add_(0, example, values)
+    counts = torch.zeros(num_examples, dtype=values.dtype, device=values.device).index_add_(0, example, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
+
+
+def per_example_sum(values: torch.Tensor, example: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """``[B]`` sum of ``values [N]`` over the entries of each example."""
+    return torch.zeros(num_examples, dtype=values.dtype, device=values.device).index_add_(0, example, values)
+
+
+def answer_log_probs(logits: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p [N, V], example [N])``: the float32 log-softmax at the N answer-predicting positions."""
+    example, position = answer_token_positions(answer_mask)
+    return torch.log_softmax(logits[example, position].float(), dim=-1), example
+
+
+def least_confidence(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """``LC(x) = mean_t (1 - max_v p_t(v))`` over the answer tokens t of each example; ``[B]``."""
+    log_probs, example = answer_log_probs(logits, answer_mask)
+    return per_example_mean(1 - log_probs.max(dim=-1).values.exp(), example, logits.shape[0])
+
+
+def margin(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """``M(x) = mean_t (1 - (p_t^(1) - p_t^(2)))``, p^(1) >= p^(2) the two largest probabilities; ``[B]``.
+
+    A small gap between the two best tokens is a high score.
+    """
+    log_probs, example = answer_log_probs(logits, answer_mask)
+    top2 = log_probs.topk(2, dim=-1).values.exp()
+    return per_example_mean(1 - (top2[:, 0] - top2[:, 1]), example, logits.shape[0])
+
+
+def entropy(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """``H(x) = mean_t -sum_v p_t(v) log p_t(v)`` over the answer tokens t (nats); ``[B]``."""
+    log_probs, example = answer_log_probs(logits, answer_mask)
+    token_entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return per_example_mean(token_entropy, example, logits.shape[0])
+
+
+def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """``NLL(x) = -sum_t log p_t(y_t)``, y_t the answer tokens in ``input_ids`` (nats); ``[B]``.
+
+    On the model's own greedy answer this is ``-log P(answer | prompt)``; unlike the
+    per-token means above it grows with the answer's length.
+    """
+    log_probs, example = answer_log_probs(logits, answer_mask)
+    targets = input_ids[:, 1:][answer_mask[:, 1:]]
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return per_example_sum(-picked, example, logits.shape[0])
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``f(x) = sum_t m_t h_t / sum_t m_t``: ``[B, H]`` mean of ``hidden [B, T, H]`` over the masked tokens."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def k_center_greedy(candidates: torch.Tensor, centers: torch.Tensor, k: int) -> list[int]:
+    """Core-set selection (Sener & Savarese, 2018): ``k`` rows of ``candidates [P, D]``.
+
+    Each step picks ``argmax_i min_c ||x_i - c||_2`` over the current centres and makes
+    the pick a centre. The first centres are ``centers [C, D]`` (the labelled set);
+    with none, the first pick is the candidate farthest from the candidates' mean.
+    Ties go to the lower index. Returns positions in ``candidates``.
+    """
+    if k > candidates.shape[0]:
+        raise ValueError(f"cannot pick {k} of {candidates.shape[0]} candidates")
+    points = candidates.double()
+    if centers.shape[0]:
+        nearest = torch.cdist(points, centers.to(points)).min(dim=1).values
+    else:
+        nearest = (points - points.mean(dim=0)).norm(dim=1)
+    chosen: list[int] = []
+    for _ in range(k):
+        pick = int(nearest.argmax())
+        chosen.append(pick)
+        nearest = torch.minimum(nearest, (points - points[pick]).norm(dim=1))
+        nearest[pick] = -1.0  # never picked twice, even among duplicates
+    return chosen
+
+
+def gaussian_sketch(size: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A ``[size, dim]`` matrix S with i.i.d. N(0, 1/dim) entries (E[S S^T] = I), or None when ``size <= dim``.
+
+    ``<S^T a, S^T b>`` estimates ``<a, b>`` (Johnson-Lindenstrauss); None means "no
+    sketch needed, use the vector as it is".
+    """
+    if size <= dim:
+        return None
+    return torch.randn(size, dim, generator=generator) / math.sqrt(dim)
+
+
+def badge_embeddings(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    answer_mask: torch.Tensor,
+    vocab_sketch: torch.Tensor | None = None,
+    hidden_sketch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BADGE gradient embeddings (Ash et al., 2020) of a batch, in factored form; ``[B, D]``.
+
+    With pseudo-labels ``y_t = argmax_v p_t(v)`` the gradient of ``sum_t CE(p_t, y_t)``
+    w.r.t. the output matrix ``W [V, H]`` (``logits = W h``) is
+    ``g(x) = sum_t (p_t - e_{y_t}) h_t^T``. It is never formed at size V x H: each
+    factor is sketched first, ``a_t = S_V^T (p_t - e_{y_t})`` and ``b_t = S_H^T h_t``,
+    and the embedding is ``vec(sum_t a_t b_t^T) = vec(S_V^T g(x) S_H)``, whose inner
+    products estimate those of g. A ``None`` sketch is the identity (exact).
+    ``hidden [B, T, H]`` is the final hidden state the output layer reads.
+    """
+    log_probs, example = answer_log_probs(logits, answer_mask)
+    _, position = answer_token_positions(answer_mask)
+    probs = log_probs.exp()
+    pseudo_label = probs.argmax(dim=-1)
+    if vocab_sketch is None:
+        residual = probs.clone()
+        residual[torch.arange(residual.shape[0], device=residual.device), pseudo_label] -= 1
+    else:
+        sketch = vocab_sketch.to(probs)
+        residual = probs @ sketch - sketch[pseudo_label]
+    states = hidden[example, position].float()
+    if hidden_sketch is not None:
+        states = states @ hidden_sketch.to(states)
+    outer = (residual.unsqueeze(-1) * states.unsqueeze(-2)).flatten(1)
+    summed = torch.zeros(logits.shape[0], outer.shape[1], dtype=outer.dtype, device=outer.device)
+    return summed.index_add_(0, example, outer)
+
+
+def kmeans_pp_seeding(embeddings: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
+    """k-means++ seeding as BADGE uses it: ``k`` rows of ``embeddings [P, D]``.
+
+    The first pick is the row of largest norm; each next row i is drawn with
+    probability ``D(i)^2 / sum_j D(j)^2``, D the distance to the nearest pick. When
+    every remaining row coincides with a pick, the lowest-index unpicked row is taken.
+    """
+    if k > embeddings.shape[0]:
+        raise ValueError(f"cannot pick {k} of {embeddings.shape[0]} rows")
+    points = embeddings.double()
+    first = int(points.norm(dim=1).argmax())
+    chosen = [first]
+    nearest = (points - points[first]).norm(dim=1)
+    picked = torch.zeros(points.shape[0], dtype=torch.bool)
+    picked[first] = True
+    while len(chosen) < k:
+        weights = nearest.pow(2).cpu().masked_fill(picked, 0.0)
+        if weights.sum() > 0:
+            pick = int(torch.multinomial(weights, 1, generator=generator))
+        else:
+            pick = int((~picked).nonzero()[0])
+        chosen.append(pick)
+        picked[pick] = True
+        nearest = torch.minimum(nearest, (points - points[pick]).norm(dim=1))
+    return chosen
+
+
+def removed_routing_mass(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    example: torch.Tensor,
+    removed: torch.Tensor,
+    num_examples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(removed [B], total [B])`` routing mass of one MoE layer, summed per example.
+
+    For the tokens n of example b: ``removed_b = sum_n sum_j w_nj [e_nj removed]`` and
+    ``total_b = sum_n sum_j w_nj``, with ``(e_nj, w_nj)`` the experts and weights the
+    (unpruned) router handed to the experts (``top_k_index``/``top_k_weights``
+    ``[N, k]``); ``example [N]`` maps tokens to examples, ``removed [E]`` is a bool mask.
+    """
+    weights = top_k_weights.float()
+    lost = (weights * removed.to(top_k_index.device)[top_k_index]).sum(dim=-1)
+    return per_example_sum(lost, example, num_examples), per_example_sum(weights.sum(dim=-1), example, num_examples)
+
+
+def routing_loss_share(removed: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``s(x) = sum_l removed_l(x) / sum_l total_l(x)``: the share of x's routing mass the prune removed.
+
+    ``removed`` and ``total`` are already summed over MoE layers; 0 where ``total`` is 0.
+    """
+    return torch.where(total > 0, removed / total.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+
+
+def top_scored(scores: torch.Tensor, k: int) -> list[int]:
+    """Positions of the ``k`` highest ``scores [P]``; ties go to the lower position."""
+    order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+    return order[:k].tolist()

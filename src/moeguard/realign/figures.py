@@ -1,0 +1,59 @@
+"""Recovery curves: accuracy retained vs labels used, one line per acquisition function."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from moeguard.attribution.figures import _pyplot, _save
+from moeguard.realign.result import RealignResult
+
+RANDOM_STYLE = dict(color="0.35", linestyle="--", marker="x")
+
+
+def _mean_band(runs: Sequence[RealignResult], measure) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Labels, and the mean, min and max of ``measure(round)`` over runs, round by round."""
+    length = min(len(run.rounds) for run in runs)
+    labels = [runs[0].rounds[i].labels for i in range(length)]
+    columns = [[measure(run.rounds[i]) for run in runs] for i in range(length)]
+    columns = [[v for v in column if not math.isnan(v)] or [math.nan] for column in columns]
+    return labels, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
+
+
+def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | Path, *, title: str | None = None) -> Path:
+    """Two panels vs labels used: the target task's retention, and the other tasks' mean retention.
+
+    ``results`` maps a label (an acquisition function) to runs that differ only by
+    seed; each line is their mean with a min-max band. The dotted line marks the
+    target retention (90% by default); label 0 is the pruned model before training.
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    first = next(iter(results.values()))[0]
+    target = first.config.get("target_retention", 0.9)
+    panels = [
+        (axes[0], lambda r: r.retention, f"target task: {first.task}"),
+        (axes[1], lambda r: r.other_retention, "other tasks (mean retention)"),
+    ]
+    for axis, measure, panel_title in panels:
+        for label, runs in results.items():
+            labels, mean, low, high = _mean_band(runs, measure)
+            style = RANDOM_STYLE if label == "random" else dict(linestyle="-", marker="o")
+            seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+            (line,) = axis.plot(labels, mean, label=f"{label}{seeds}", linewidth=1.6, **style)
+            if low != high:
+                axis.fill_between(labels, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        axis.axhline(1.0, color="0.7", linewidth=0.8)
+        axis.axhline(target, color="0.5", linewidth=0.8, linestyle=":")
+        axis.set_title(panel_title)
+        axis.set_xlabel("labelled examples")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy retained (vs unpruned model)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    figure.suptitle(
+        title or f"Re-alignment of {first.task}: unpruned accuracy {first.unpruned_accuracy:.2f}, "
+        f"pruned {first.pruned_accuracy:.2f}",
+        fontsize=10,
+    )
+    return _save(figure, Path(path))

@@ -1,0 +1,454 @@
+"""The active-learning re-alignment loop: the attack's third step.
+
+A random seed set is drawn from the pool. Each round then (from the second on)
+scores the unlabelled pool with the acquisition function and labels the best
+batch, fine-tunes the trainable scope on every labelled example with
+:func:`moeguard.training.train`, and measures the target task's and the other
+tasks' test accuracy. The label schedule ends exactly at the budget.
+
+Two entry points share all of it: a pruned model directory (its manifest names
+the parent and the kept experts) or, in mask mode, the unpruned model with a keep
+set (the parent is the same model without the mask; the model's weights are
+restored when the run ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import moeguard
+from moeguard.attribution.collect import distributed_world
+from moeguard.attribution.run import init_distributed_from_environment
+from moeguard.data.batching import batches, encode_continuations
+from moeguard.errors import FingerprintMismatchError, InputError, ModelError
+from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
+from moeguard.io import read_json, write_json
+from moeguard.models import MoEModel, load_moe, normalize_keep_sets
+from moeguard.models.fingerprint import checkpoint_fingerprint, short
+from moeguard.realign.inputs import RealignData
+from moeguard.realign.metrics import recovery, retention
+from moeguard.realign.pool import pool_values, removed_expert_masks, routing_shares, select
+from moeguard.realign.processes import (
+    barrier,
+    broadcast_from_first,
+    check_replicas_agree,
+    data_parallel,
+    gather_rows,
+    is_main,
+    shard,
+    sum_over_processes,
+)
+from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord
+from moeguard.realign.scopes import LoraAdapters, add_lora, frozen_digest, scope_parameters
+from moeguard.realign.state import STATE_DIR, derive_seed, generator, load_latest_round, restore_trainable, save_round
+from moeguard.training import train
+
+log = logging.getLogger("moeguard.realign")
+
+HISTORY_NAME = "history.json"
+FIGURE_NAME = "recovery.png"
+MODEL_DIR = "model"
+
+
+# ---------------------------------------------------------------- measurements
+def accuracy(moe: MoEModel, data: Any, *, batch_size: int) -> float:
+    """Test accuracy of ``moe`` on ``data``, each process evaluating its share of the examples."""
+    everything = list(range(len(data)))
+    local = shard(everything)
+    correct = torch.zeros(0, dtype=torch.float64)
+    if local:
+        result = evaluate(moe, moe.tokenizer, data.subset(local), batch_size=batch_size)
+        correct = torch.tensor(result.correct, dtype=torch.float64)
+    return float(gather_rows(everything, local, correct).mean())
+
+
+def _accuracies(moe: MoEModel, data: RealignData, batch_size: int) -> tuple[float, dict[str, float]]:
+    target = accuracy(moe, data.test, batch_size=batch_size)
+    return target, {other.name: accuracy(moe, other, batch_size=batch_size) for other in data.others}
+
+
+def _mean_other_retention(other: dict[str, float], unpruned_other: dict[str, float]) -> float:
+    values = [retention(other[name], unpruned_other[name]) for name in other]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+# ---------------------------------------------------------------- the parent
+def _load_parent(moe: MoEModel, parent: MoEModel | str | Path | None) -> tuple[MoEModel, bool]:
+    """The unpruned parent of a pruned model, checked against its manifest; ``(parent, loaded_here)``."""
+    manifest = moe.manifest
+    if isinstance(parent, MoEModel):
+        found, loaded = parent, False
+    else:
+        source = parent if parent is not None else manifest.parent_model
+        if source is None:
+            raise ModelError(
+                "the prune manifest does not name the parent model; retention is measured against it, so pass "
+                "the unpruned model with --parent PATH."
+            )
+        try:
+            found = load_moe(source, dtype=next(moe.model.parameters()).dtype)
+        except ModelError as error:
+            raise ModelError(f"cannot load the unpruned parent ({error}); pass it with --parent PATH.") from None
+        found.model.to(moe.device)
+        loaded = True
+    if found.tokenizer is None:
+        found.tokenizer = moe.tokenizer
+    if manifest.parent_fingerprint_kind == "checkpoint":
+        actual = checkpoint_fingerprint(found.source) if found.source and Path(found.source).is_dir() else ""
+    else:
+        actual = found.fingerprint()
+    if actual != manifest.parent_fingerprint:
+        raise FingerprintMismatchError(
+            f"the pruned model was carved from the model with {manifest.parent_fingerprint_kind} fingerprint "
+            f"{short(manifest.parent_fingerprint)}, but the parent given ({found.source}) has {short(actual) or 'none'}; "
+            "pass the exact model it was pruned from (same weights and dtype) with --parent."
+        )
+    return found, loaded
+
+
+@dataclass
+class Reference:
+    """Measurements on the unpruned parent, taken once: accuracies and (routing acquisition) pool shares."""
+
+    accuracy: float
+    other: dict[str, float]
+    routing_shares: list[float] | None = None
+
+
+def _measure_reference(
+    parent: MoEModel, data: RealignData, config: RealignConfig, removed: list[torch.Tensor]
+) -> Reference:
+    target, other = _accuracies(parent, data, config.eval_batch_size)
+    shares = None
+    if config.acquisition == "routing":
+        shares = routing_shares(parent, data.pool, range(len(data.pool)), removed, batch_size=config.eval_batch_size).tolist()
+    log.info("unpruned parent: accuracy %.3f on %s", target, data.task)
+    return Reference(target, other, shares)
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """Everything a round reads and updates."""
+
+    moe: MoEModel
+    data: RealignData
+    config: RealignConfig
+    trainable: dict[str, nn.Parameter]
+    reference: Reference
+    labelled: list[int] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
+
+    def record(self, round_index: int, trained: Any, train_seconds: float, acquire_seconds: float) -> RoundRecord:
+        target, other = _accuracies(self.moe, self.data, self.config.eval_batch_size)
+        previous = self.history[-1] if self.history else None
+        steps = (previous.steps if previous else 0) + (trained.steps if trained else 0)
+        tokens = (previous.tokens if previous else 0) + (sum_over_processes(trained.tokens) if trained else 0)
+        wall = (previous.wall_seconds if previous else 0.0) + train_seconds + acquire_seconds
+        pruned = self.history[0].accuracy if self.history else target
+        record = RoundRecord(
+            round=round_index,
+            labels=len(self.labelled) if round_index else 0,
+            steps=steps,
+            tokens=tokens,
+            wall_seconds=wall,
+            accuracy=target,
+            retention=retention(target, self.reference.accuracy),
+            recovery=recovery(target, pruned, self.reference.accuracy),
+            other_accuracy=other,
+            other_retention=_mean_other_retention(other, self.reference.other),
+            train_loss=trained.final_loss if trained else math.nan,
+            train_seconds=train_seconds,
+            acquire_seconds=acquire_seconds,
+        )
+        self.history.append(record)
+        return record
+
+    def max_new_tokens(self) -> int:
+        """A generation budget for unlabelled prompts: the longest labelled answer plus a margin."""
+        answers = [self.data.pool.examples[i].target for i in self.labelled]
+        lengths = [len(ids) for ids in encode_continuations(self.moe.tokenizer, answers, eos=True)]
+        return max(lengths, default=1) + ANSWER_TOKEN_MARGIN
+
+    def acquire(self, round_index: int, count: int) -> list[int]:
+        config = self.config
+        rng = generator(config.seed, "acquire", round_index)
+        chosen = set(self.labelled)
+        candidates = [i for i in range(len(self.data.pool)) if i not in chosen]
+        values: torch.Tensor | None = None
+        if config.acquisition == "routing":
+            values = torch.tensor(self.reference.routing_shares, dtype=torch.float64)
+        elif config.acquisition != "random":
+            # Only core-set reads the labelled examples' values (they are its first centres).
+            scored = candidates + (self.labelled if config.acquisition == "coreset" else [])
+            rows = pool_values(
+                self.moe,
+                self.data.pool,
+                scored,
+                config.acquisition,
+                max_new_tokens=self.max_new_tokens(),
+                batch_size=config.eval_batch_size,
+                generator=rng,
+            )
+            values = torch.full((len(self.data.pool), *rows.shape[1:]), math.nan, dtype=rows.dtype)
+            values[scored] = rows
+        # Every process computed the same values; the first one's choice is used, so they cannot drift.
+        return broadcast_from_first(select(config.acquisition, values, candidates, self.labelled, count, rng))
+
+    def train_round(self, round_index: int, checkpoint: Path | None, progress: bool) -> Any:
+        config = self.config
+        rank, world = distributed_world()
+        round_seed = derive_seed(config.seed, "train", round_index)
+        order = torch.randperm(len(self.labelled), generator=torch.Generator().manual_seed(round_seed)).tolist()
+        local = [self.labelled[i] for i in order][rank::world]
+        stream = batches(
+            self.moe.tokenizer,
+            self.data.pool.subset(local),
+            batch_size=max(1, config.batch_size // world),
+            shuffle=True,
+            seed=round_seed,
+            epochs=None,
+        )
+        with data_parallel(self.moe, self.trainable) as model:
+            return train(
+                model,
+                stream,
+                steps=config.steps_per_round,
+                lr=config.lr,
+                parameters=list(self.trainable.values()),
+                seed=round_seed,
+                progress=progress,
+                checkpoint=checkpoint,
+                checkpoint_every=max(1, config.steps_per_round // 2),
+            )
+
+    def state(self, model_fingerprint: str, mode: str) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "mode": mode,
+            "task": self.data.task,
+            "pool_size": len(self.data.pool),
+            "model_fingerprint": model_fingerprint,
+            "reference": asdict(self.reference),
+            "labelled": self.labelled,
+            "history": [asdict(r) for r in self.history],
+        }
+
+
+def _check_saved(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+    for key in ("config", "mode", "task", "pool_size", "model_fingerprint"):
+        if saved.get(key) != expected[key]:
+            raise InputError(
+                f"the interrupted run in {where} was started with another {key.replace('_', ' ')} "
+                f"({saved.get(key)!r} instead of {expected[key]!r}); resume with the same model, data and options, "
+                "or choose a new --out."
+            )
+
+
+def _log_round(record: RoundRecord, rounds: int) -> None:
+    log.info(
+        "round %d/%d: %d labels, %d steps, accuracy %.3f (retention %.3f, recovery %.3f), other tasks %.3f, %.1fs",
+        record.round, rounds, record.labels, record.steps, record.accuracy, record.retention, record.recovery,
+        record.other_retention, record.wall_seconds,
+    )
+
+
+def _prune_record(moe: MoEModel, keep: dict[int, Sequence[int]] | None) -> tuple[list | None, list[list[int]], list[torch.Tensor]]:
+    """``(keep sets for the mask or None, kept parent experts per layer, removed-expert masks per layer)``."""
+    if keep is not None:
+        keep_sets = normalize_keep_sets(moe.layers, keep, physical=False)
+        kept = [k if k is not None else list(range(layer.num_experts)) for k, layer in zip(keep_sets, moe.layers)]
+        return keep_sets, kept, removed_expert_masks(moe.num_experts, kept)
+    if moe.manifest is None:
+        raise InputError(
+            f"{moe.source} has no moeguard_manifest.json, so it is not known which parent it was pruned from or "
+            "which experts it kept; prune it with `moeguard prune`, or pass keep= to re-align the unpruned model "
+            "in mask mode."
+        )
+    kept = [list(k) for k in moe.manifest.kept]
+    return None, kept, removed_expert_masks(moe.manifest.parent_num_experts, kept)
+
+
+def _trainable(moe: MoEModel, config: RealignConfig) -> tuple[LoraAdapters | None, dict[str, nn.Parameter]]:
+    """``(LoRA adapters or None, trainable parameters by name)`` of the configured scope."""
+    if config.scope != "lora":
+        return None, scope_parameters(moe, config.scope)
+    torch.manual_seed(derive_seed(config.seed, "lora"))  # the adapters' initial A matrices
+    adapters = add_lora(moe, rank=config.lora_rank)
+    return adapters, adapters.parameters
+
+
+@contextlib.contextmanager
+def _restored_afterwards(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Put ``params`` back to their current values when the block ends (mask mode leaves the model as it was)."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+
+
+def realign(
+    model: MoEModel | str | Path,
+    data: RealignData,
+    config: RealignConfig,
+    *,
+    keep: dict[int, Sequence[int]] | None = None,
+    parent: MoEModel | str | Path | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    progress: bool = True,
+) -> RealignResult:
+    """Re-align a pruned model by active-learning-driven fine-tuning; see the module docstring.
+
+    ``model`` is a pruned model (directory or :class:`MoEModel` with its prune
+    manifest; its ``parent``, by default the manifest's, gives the unpruned
+    accuracy), or with ``keep`` the unpruned model, restricted to those experts by
+    a mask. With ``out``, state is saved after every round (``resume=True`` picks an
+    interrupted run up) and the history JSON, the recovery-curve figure and, for a
+    pruned model, the re-aligned model directory are written there.
+    ``on_round`` is called with each round's record after its state is saved.
+    """
+    init_distributed_from_environment()
+    moe = model if isinstance(model, MoEModel) else load_moe(model)
+    if moe.tokenizer is None:
+        raise InputError("re-alignment needs the model's tokenizer, but none is saved with it; save one beside the weights.")
+    data.check()
+    config.check(len(data.pool))
+    mode = "mask" if keep is not None else "pruned"
+    keep_sets, kept, removed = _prune_record(moe, keep)
+    out_dir = Path(out) if out is not None else None
+    history_path = out_dir / HISTORY_NAME if out_dir else None
+    if out_dir is not None and not resume and (history_path.exists() or (out_dir / STATE_DIR).exists()):
+        raise InputError(f"{out_dir} already holds a re-alignment run; pass --resume to continue it or choose a new --out.")
+    if history_path is not None and resume and history_path.is_file():
+        finished = read_json(history_path, what="re-alignment history")
+        if finished.get("complete"):
+            log.info("%s holds a finished run; nothing to do", out_dir)
+            return RealignResult.from_dict(finished)
+
+    model_fingerprint = moe.fingerprint()
+    saved = load_latest_round(out_dir / STATE_DIR) if out_dir is not None and resume else None
+    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "pool_size": len(data.pool), "model_fingerprint": model_fingerprint}
+    if saved is not None:
+        _check_saved(saved.data, expected, out_dir)
+        reference = Reference(**saved.data["reference"])
+        log.info("resuming from round %d of %s", saved.round, out_dir)
+    elif mode == "mask":
+        reference = _measure_reference(moe, data, config, removed)
+    else:
+        parent_moe, loaded = _load_parent(moe, parent)
+        reference = _measure_reference(parent_moe, data, config, removed)
+        if loaded:
+            del parent_moe
+            gc.collect()
+
+    lora, trainable = _trainable(moe, config)
+    restore = _restored_afterwards(list(trainable.values())) if mode == "mask" else contextlib.nullcontext()
+    digest = frozen_digest(moe, trainable, keep_sets)
+    masked = moe.mask_experts(keep) if keep is not None else contextlib.nullcontext()
+    run = _Run(moe, data, config, trainable, reference)
+    schedule = config.schedule()
+    state_dir = out_dir / STATE_DIR if out_dir else None
+    try:
+        with restore, masked:
+            if saved is not None:
+                restore_trainable(trainable, saved.tensors, source=str(out_dir / STATE_DIR))
+                run.labelled = list(saved.data["labelled"])
+                run.history = [RoundRecord(**r) for r in saved.data["history"]]
+            else:
+                run.record(0, None, 0.0, 0.0)
+                _log_round(run.history[0], config.rounds)
+                first = torch.randperm(len(data.pool), generator=generator(config.seed, "seed set"))
+                run.labelled = first[: schedule[0]].tolist()
+            for round_index in range(len(run.history), config.rounds + 1):
+                start = time.perf_counter()
+                if round_index > 1:
+                    run.labelled += run.acquire(round_index, schedule[round_index - 1] - len(run.labelled))
+                acquire_seconds = time.perf_counter() - start
+                checkpoint = state_dir / f"train-rank{distributed_world()[0]}.pt" if state_dir else None
+                start = time.perf_counter()
+                trained = run.train_round(round_index, checkpoint, progress)
+                record = run.record(round_index, trained, time.perf_counter() - start, acquire_seconds)
+                _log_round(record, config.rounds)
+                if state_dir is not None:
+                    if is_main():
+                        save_round(state_dir, round_index, run.state(model_fingerprint, mode), trainable)
+                        write_json(history_path, _result(run, mode, kept, model_fingerprint, False, False).to_dict())
+                    barrier()
+                if on_round is not None:
+                    on_round(record)
+            if frozen_digest(moe, trainable, keep_sets) != digest:
+                raise ModelError("parameters outside the trainable scope changed during re-alignment; this is a bug in moeguard.")
+            check_replicas_agree(trainable)
+            if lora is not None and mode == "pruned":
+                lora.merge(moe)
+            result = _result(run, mode, kept, model_fingerprint, True, True)
+            if out_dir is not None:
+                _finish(moe, run, result, out_dir)
+    finally:
+        if lora is not None and mode == "mask":
+            lora.remove(moe)
+    log.info("%s", result.describe())
+    return result
+
+
+def _result(run: _Run, mode: str, kept: list[list[int]], fingerprint: str, verified: bool, complete: bool) -> RealignResult:
+    return RealignResult(
+        task=run.data.task,
+        mode=mode,
+        config=run.config.to_dict(),
+        model_fingerprint=fingerprint,
+        kept=[list(k) for k in kept],
+        unpruned_accuracy=run.reference.accuracy,
+        unpruned_other=run.reference.other,
+        rounds=list(run.history),
+        labelled=list(run.labelled),
+        frozen_verified=verified,
+        pool_size=len(run.data.pool),
+        complete=complete,
+    )
+
+
+def _finish(moe: MoEModel, run: _Run, result: RealignResult, out_dir: Path) -> None:
+    """Write the re-aligned model (pruned mode), the figure and the final history; drop the state."""
+    from moeguard.realign.figures import recovery_figure
+
+    if result.mode == "pruned":
+        if is_main():
+            manifest = moe.manifest.to_dict()
+            manifest["realign"] = {
+                "pruned_fingerprint": result.model_fingerprint,
+                "task": result.task,
+                "labels": result.final.labels,
+                "steps": result.final.steps,
+                "acquisition": run.config.acquisition,
+                "scope": run.config.scope,
+                "retention": result.final.retention,
+                "moeguard_version": moeguard.__version__,
+            }
+            moe.save(out_dir / MODEL_DIR, manifest, overwrite=True)
+        result.model_dir = str(out_dir / MODEL_DIR)
+    result.history_path = str(out_dir / HISTORY_NAME)
+    result.figure_path = str(out_dir / FIGURE_NAME)
+    if is_main():
+        recovery_figure({run.config.acquisition: [result]}, out_dir / FIGURE_NAME)
+        write_json(out_dir / HISTORY_NAME, result.to_dict())
+        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+    barrier()

@@ -1,0 +1,215 @@
+"""Scoring the unlabelled pool: the model's own answers, the acquisition values, the selection.
+
+An unlabelled example has a prompt but no answer, so the model answers it itself
+(greedy generation for generate data, its most likely choice for choice data);
+the acquisition functions then read the model's outputs on prompt + own answer.
+The routing-aware acquisition instead reads the unpruned parent's routing on the
+prompt. Under ``torch.distributed`` each process scores its share of the examples
+and the shares are gathered (:mod:`moeguard.realign.processes`), so every process
+sees every value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moeguard.data.batching import EncodedExample, collate, encode_continuations, encode_prompts, model_inputs, pad_id_of, to_device
+from moeguard.data.examples import TaskData
+from moeguard.errors import InputError
+from moeguard.eval.evaluate import (
+    causal_lm,
+    device_of,
+    eval_mode,
+    evaluate,
+    greedy_generate,
+    length_sorted_chunks,
+)
+from moeguard.models import MoEModel
+from moeguard.models.routing import RoutingEvent
+from moeguard.realign import acquisition as acq
+from moeguard.realign.processes import gather_rows, shard
+
+ACQUISITIONS: dict[str, str] = {
+    "random": "uniformly at random",
+    "least_confidence": "lowest mean probability of the model's own answer tokens",
+    "margin": "smallest mean gap between the two most likely tokens",
+    "entropy": "highest mean token entropy of the model's own answer",
+    "sequence_nll": "highest negative log-likelihood of the model's own answer",
+    "coreset": "k-center greedy over mean-pooled final hidden states (diversity)",
+    "badge": "k-means++ seeding over sketched last-layer gradient embeddings (uncertainty + diversity)",
+    "routing": "largest share of the unpruned parent's routing mass that went to removed experts",
+}
+UNCERTAINTY = ("least_confidence", "margin", "entropy")
+SKETCH_DIM = 32
+
+
+def check_acquisition(name: str) -> str:
+    if name not in ACQUISITIONS:
+        raise InputError(f"unknown acquisition function {name!r}; choose one of {', '.join(ACQUISITIONS)}.")
+    return name
+
+
+def own_answers(moe: MoEModel, data: TaskData, indices: Sequence[int], *, max_new_tokens: int, batch_size: int) -> list[EncodedExample]:
+    """Prompt + the model's own answer (its target tokens) for the examples at ``indices``.
+
+    generate: the greedy continuation up to and including eos (at most
+    ``max_new_tokens``); choice: the choice with the highest log-likelihood, + eos.
+    """
+    tokenizer = moe.tokenizer
+    examples = data.subset(indices)
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples.examples])
+    if data.kind == "choice":
+        picked = evaluate(moe, tokenizer, examples, batch_size=batch_size).predictions
+        answers = encode_continuations(tokenizer, picked, eos=True)
+        return [EncodedExample(p, a) for p, a in zip(prompts, answers)]
+    lm = causal_lm(moe)
+    eos = tokenizer.eos_token_id
+    answers: list[list[int]] = [[] for _ in prompts]
+    with eval_mode(lm):
+        for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
+            generated = greedy_generate(lm, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens)
+            for i, tokens in zip(chunk, generated):
+                answers[i] = tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+    return [EncodedExample(p, a) for p, a in zip(prompts, answers)]
+
+
+def batch_values(name: str, outputs: object, batch: dict[str, torch.Tensor], sketches: tuple) -> torch.Tensor:
+    """The acquisition value of each example of one scored batch: ``[B]`` scores or ``[B, D]`` embeddings."""
+    logits = outputs.logits
+    mask = batch["answer_mask"]
+    if name == "least_confidence":
+        return acq.least_confidence(logits, mask)
+    if name == "margin":
+        return acq.margin(logits, mask)
+    if name == "entropy":
+        return acq.entropy(logits, mask)
+    if name == "sequence_nll":
+        return acq.sequence_nll(logits, batch["input_ids"], mask)
+    hidden = outputs.hidden_states[-1]
+    if name == "coreset":
+        return acq.mean_pooled(hidden.float(), batch["attention_mask"])
+    if name == "badge":
+        return acq.badge_embeddings(logits, hidden, mask, *sketches)
+    raise InputError(f"{name!r} is not computed from model outputs.")
+
+
+def badge_sketches(moe: MoEModel, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The vocabulary and hidden-size sketches BADGE embeddings are computed with."""
+    lm = causal_lm(moe)
+    vocab, hidden = lm.get_output_embeddings().weight.shape
+    return acq.gaussian_sketch(vocab, SKETCH_DIM, generator), acq.gaussian_sketch(hidden, SKETCH_DIM, generator)
+
+
+@torch.no_grad()
+def pool_values(
+    moe: MoEModel,
+    data: TaskData,
+    indices: Sequence[int],
+    name: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The acquisition values of ``name`` for the examples at ``indices``: ``[n]`` or ``[n, D]``.
+
+    Computed in the model's current state (inside a ``mask_experts`` block in mask
+    mode). Each process scores its shard; the result is complete on every process.
+    """
+    sketches = badge_sketches(moe, generator) if name == "badge" else (None, None)
+    local = shard(indices)
+    encoded = own_answers(moe, data, local, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    lm = causal_lm(moe)
+    device = device_of(lm)
+    pad_id = pad_id_of(moe.tokenizer)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(local)
+    with eval_mode(lm):
+        for chunk in length_sorted_chunks([len(e.prompt) + len(e.target) for e in encoded], batch_size):
+            batch = to_device(collate([encoded[i] for i in chunk], chunk, pad_id), device)
+            outputs = lm(**model_inputs(batch), output_hidden_states=name in ("coreset", "badge"))
+            values = batch_values(name, outputs, batch, sketches).float().cpu()
+            for row, i in enumerate(chunk):
+                rows[i] = values[row]
+    stacked = torch.stack(rows) if rows else torch.empty(0)
+    return gather_rows(indices, local, stacked)
+
+
+def removed_expert_masks(num_experts: Sequence[int], kept: Sequence[Sequence[int] | None]) -> list[torch.Tensor]:
+    """Per MoE layer of the parent, a ``[E]`` bool mask of the experts the prune removed."""
+    masks = []
+    for experts, layer_kept in zip(num_experts, kept):
+        removed = torch.ones(experts, dtype=torch.bool)
+        removed[list(layer_kept) if layer_kept is not None else list(range(experts))] = False
+        masks.append(removed)
+    return masks
+
+
+@torch.no_grad()
+def routing_shares(
+    parent: MoEModel, data: TaskData, indices: Sequence[int], removed: Sequence[torch.Tensor], *, batch_size: int
+) -> torch.Tensor:
+    """``[n]``: for each example, the share of the parent's routing mass on its prompt that went to removed experts.
+
+    :func:`acquisition.routing_loss_share` of the masses summed over every MoE layer
+    and every prompt token, read from the routing the parent actually uses.
+    """
+    if len(removed) != parent.num_layers:
+        raise InputError(
+            f"the prune record describes {len(removed)} MoE layers, but the parent has {parent.num_layers}; "
+            "pass the model the pruned model was made from."
+        )
+    local = shard(indices)
+    prompts = encode_prompts(parent.tokenizer, [data.examples[i].prompt for i in local])
+    lm = causal_lm(parent)
+    device = device_of(lm)
+    pad_id = pad_id_of(parent.tokenizer)
+    lost = torch.zeros(len(local), dtype=torch.float64)
+    total = torch.zeros(len(local), dtype=torch.float64)
+    batch_rows: torch.Tensor | None = None
+
+    def accumulate(event: RoutingEvent) -> None:
+        example = batch_rows.to(event.token_positions.device)[event.token_positions[:, 0]]
+        gone, mass = acq.removed_routing_mass(
+            event.top_k_index, event.top_k_weights, example, removed[event.layer.index], len(local)
+        )
+        lost.add_(gone.double().cpu())
+        total.add_(mass.double().cpu())
+
+    with eval_mode(lm), parent.capture_routing(keep=False, on_route=accumulate):
+        for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
+            batch = to_device(collate([EncodedExample(prompts[i], []) for i in chunk], chunk, pad_id), device)
+            batch_rows = batch["example_index"]
+            lm(**model_inputs(batch))
+    return gather_rows(indices, local, acq.routing_loss_share(lost, total))
+
+
+def select(
+    name: str,
+    values: torch.Tensor | None,
+    candidates: Sequence[int],
+    labelled: Sequence[int],
+    k: int,
+    generator: torch.Generator,
+) -> list[int]:
+    """``k`` pool indices from ``candidates`` to label next.
+
+    ``values`` holds one row per pool example (scores ``[P]`` or embeddings
+    ``[P, D]``; None for random); only the candidates' rows (and, for core-set, the
+    labelled ones) are read. Score-based functions take the ``k`` highest
+    scores; core-set grows the labelled set's centres; BADGE seeds k-means++ on the
+    candidates' embeddings.
+    """
+    candidates = list(candidates)
+    if k > len(candidates):
+        raise InputError(f"cannot label {k} more examples: only {len(candidates)} unlabelled examples are left.")
+    if name == "random":
+        order = torch.randperm(len(candidates), generator=generator)[:k].tolist()
+    elif name == "coreset":
+        order = acq.k_center_greedy(values[candidates], values[list(labelled)], k)
+    elif name == "badge":
+        order = acq.kmeans_pp_seeding(values[candidates], k, generator)
+    else:
+        order = acq.top_scored(values[candidates], k)
+    return [candidates[i] for i in order]
