@@ -211,3 +211,21 @@ def test_the_command_line_runs_on_a_pruned_directory_and_reports_errors_without_
                  "--out", str(tmp_path / "bad")])
     assert code == 2
     assert "label budget (50) is larger than the pool (10" in capsys.readouterr().err
+
+
+def test_realignment_wins_back_most_of_what_pruning_took_from_a_trained_model(trained_tiny):
+    from moeguard.attribution import scores
+    from moeguard.attribution.run import attribute
+    from moeguard.data import load_task
+    from moeguard.pruning.plans import make_plan
+
+    moe = load_moe(trained_tiny)
+    attribution = attribute(moe, load_task("upper", "train", limit=128), criteria=["frequency"], progress=False).attribution
+    plan = make_plan(scores(attribution, "frequency"), moe.layers, keep=2)
+    data = builtin_data("upper", pool_size=64, test_size=48, other_size=24, other_tasks=["reverse"])
+    settings = RealignConfig(budget=32, rounds=2, seed_size=16, scope="experts", lr=3e-3, steps_per_round=30, batch_size=8)
+    result = realign(moe, data, settings, keep=dict(enumerate(plan.kept)), progress=False)
+    assert result.unpruned_accuracy >= 0.9 and result.pruned_accuracy <= 0.6  # 2 of 8 experts lose the task
+    assert result.final.accuracy >= result.pruned_accuracy + 0.3
+    assert result.final.recovery >= 0.6 and result.threshold.reached == (result.final.retention >= 0.9)
+    assert result.rounds[0].other_accuracy["reverse"] < result.unpruned_other["reverse"]
