@@ -12,6 +12,7 @@ from moeguard.attribution.summary import overlap
 from moeguard.errors import DataError, InputError
 from moeguard.models import MoEModel
 from moeguard.models.surgery import prune_in_place
+from moeguard.training import lm_loss
 
 ROUTING_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 
@@ -174,7 +175,11 @@ def test_ablation_ranks_the_experts_a_task_needs_first(family):
     task_a, task_b = targets(moe)
     steer(moe, task_a, task_b)
     make_experts_write_the_answer(moe, task_a, answer_token=10)
-    a = collect_attribution(moe, task_batches(3, 64, seed=0, answer_token=10), criteria=CRITERIA, progress=False)
+    batches = task_batches(3, 64, seed=0, answer_token=10)
+    a = collect_attribution(moe, batches, criteria=CRITERIA, progress=False)
+    # The unmasked loss is the training loss of the same batch.
+    with torch.no_grad():
+        assert a.total("base_loss").item() / a.total("loss_tokens").item() == pytest.approx(lm_loss(moe, batches[0]).item(), rel=1e-5)
     knowledge_loss = scores(a, "ablation")
     for layer in range(moe.num_layers):
         assert set(knowledge_loss[layer].topk(len(task_a)).indices.tolist()) == set(task_a)

@@ -205,3 +205,24 @@ def test_overlap_compares_top_sets_of_tasks_of_the_same_model_only():
 
 def test_every_criterion_name_is_stable():
     assert CRITERIA == ("frequency", "gate_mass", "reap", "ean", "ablation", "random")
+
+
+def test_loss_by_part_sums_the_next_token_loss_of_each_part():
+    from moeguard.attribution.ablation import loss_by_part
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, generator=generator)
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 4, 0], [-100, 3, -100, -100]])
+    part = torch.tensor([0, 1, 0])
+    sums, counts = loss_by_part(logits, labels, part)
+    log_probs = logits.log_softmax(-1)
+    expected = [0.0, 0.0]
+    for b in range(3):
+        for t in range(3):
+            if labels[b, t + 1] != -100:
+                expected[int(part[b])] -= log_probs[b, t, labels[b, t + 1]].item()
+    assert counts.tolist() == [3, 2]
+    assert sums.tolist() == pytest.approx(expected, rel=1e-6)
+    # A part without labelled tokens contributes nothing (not NaN).
+    sums, counts = loss_by_part(logits, labels, torch.tensor([0, 0, 0]))
+    assert counts.tolist() == [5, 0] and sums[1].item() == 0.0

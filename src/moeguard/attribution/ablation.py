@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from moeguard.attribution.statistics import PARTS
 from moeguard.data import IGNORE_INDEX
 from moeguard.errors import InputError, PlanError
 from moeguard.models import MoEModel, normalize_keep_sets
+from moeguard.training import token_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,21 @@ def loss_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return labels
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example next-token loss sums and loss-token counts, ``([B] float64, [B] int64)``.
+def loss_by_part(logits: torch.Tensor, labels: torch.Tensor, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task-loss sums and loss-token counts of each part, ``([PARTS] float64, [PARTS] int64)``.
 
-    ``loss_b = sum_{s : labels[b, s+1] != -100} -log softmax(logits[b, s])[labels[b, s+1]]``,
-    the causal-LM loss (position ``s`` predicts token ``s + 1``) summed instead of averaged.
+    ``sum_p = M_p * token_cross_entropy(examples of part p)`` with ``M_p`` their
+    labelled next tokens: the training loss, summed instead of averaged so that
+    parts, batches and processes add up.
     """
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:].to(logits.device)
-    token_losses = F.cross_entropy(
-        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return token_losses.sum(1, dtype=torch.float64), (shifted_labels != IGNORE_INDEX).sum(1)
+    labels = labels.to(logits.device)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    sums = torch.zeros(PARTS, dtype=torch.float64, device=logits.device)
+    totals = torch.zeros(PARTS, dtype=torch.int64, device=logits.device)
+    for p in range(PARTS):
+        rows = part == p
+        count = int(counts[rows].sum())
+        if count:
+            sums[p] = token_cross_entropy(logits[rows], labels[rows]).double() * count
+            totals[p] = count
+    return sums, totals

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moeguard.attribution.ablation import AblationUnit, ablation_units, example_losses, loss_labels
+from moeguard.attribution.ablation import AblationUnit, ablation_units, loss_by_part, loss_labels
 from moeguard.attribution.record import (
     ABLATION_SUMS,
     INTEGER_SUMS,
@@ -124,13 +124,12 @@ class StatisticsAccumulator:
             sums["output_norm"][:, layer] += sum_by_expert(index, part, self.width, norms)
             sums["weighted_norm"][:, layer] += sum_by_expert(index, part, self.width, norms * weights.float())
 
-    def add_ablation(self, unit: AblationUnit | None, losses: torch.Tensor, part: torch.Tensor) -> None:
-        """Add per-example loss sums of the unmasked model (``unit`` None) or of one masked expert."""
-        per_part = torch.zeros(PARTS, dtype=torch.float64, device=losses.device).index_add_(0, part, losses)
+    def add_ablation(self, unit: AblationUnit | None, loss_sums: torch.Tensor) -> None:
+        """Add per-part loss sums of the unmasked model (``unit`` None) or of one masked expert."""
         if unit is None:
-            self.sums["base_loss"] += per_part
+            self.sums["base_loss"] += loss_sums
         else:
-            self.sums["masked_loss"][:, unit.layer, unit.expert] += per_part
+            self.sums["masked_loss"][:, unit.layer, unit.expert] += loss_sums
 
     def restore(self, attribution: Attribution) -> None:
         for name, value in attribution.sums.items():
@@ -300,16 +299,16 @@ def _collect_batch(
     if not units:
         return
     labels = loss_labels(batch)
-    losses, counts = example_losses(output.logits, labels)
+    loss_sums, counts = loss_by_part(output.logits, labels, part)
     del output
-    accumulator.add_ablation(None, losses, part)
-    accumulator.sums["loss_tokens"] += torch.zeros(PARTS, dtype=torch.int64, device=part.device).index_add_(0, part, counts)
+    accumulator.add_ablation(None, loss_sums)
+    accumulator.sums["loss_tokens"] += counts
     if not int(counts.sum()):
         return  # masking cannot change a loss over no tokens
     for unit in tqdm(units, desc="ablation", unit="expert", leave=False, disable=None if progress else True):
         with moe.mask_experts(unit.keep):
             logits = moe.model(**inputs).logits
-        accumulator.add_ablation(unit, example_losses(logits, labels)[0], part)
+        accumulator.add_ablation(unit, loss_by_part(logits, labels, part)[0])
 
 
 def _check_not_empty(attribution: Attribution, tokens: str) -> None:
