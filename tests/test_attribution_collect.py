@@ -14,6 +14,9 @@ from moeguard.models import MoEModel
 from moeguard.models.surgery import prune_in_place
 from moeguard.training import lm_loss
 
+# Tiny models gain nothing from a second thread, and on a busy machine two threads stall each other.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROUTING_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 
 
@@ -306,3 +309,30 @@ def test_ablation_is_refused_where_one_expert_cannot_be_masked_alone():
     # Group-limited routing needs equal kept counts per group: one expert cannot be masked alone.
     with pytest.raises(InputError, match="ablation masks one expert at a time, which layer 0 cannot route around"):
         collect_attribution(tiny_moe("deepseek_v3"), [batch(0)], criteria=["ablation"], progress=False)
+
+
+# ---------------------------------------------------------------- a trained model
+def test_on_a_trained_model_tasks_use_few_stable_distinct_experts_that_they_need(trained_tiny, one_thread):
+    """The tiny demo model, trained on four tasks: each task routes to a few experts, the same
+    ones in both halves of its samples, different ones than another task, and masking its most
+    used experts costs more loss than masking its least used ones."""
+    from moeguard.attribution import attribute, specialisation
+    from moeguard.data import load_task
+    from moeguard.models import load_moe
+
+    moe = load_moe(trained_tiny)
+    runs = {
+        task: attribute(moe, load_task(task, "train", limit=48), tokens="answer", criteria=CRITERIA,
+                        batch_size=16, progress=False).attribution
+        for task in ("upper", "sort")
+    }
+    for task, a in runs.items():
+        summary = specialisation(a, ["frequency"])
+        assert max(summary.effective_experts) < 6.5, task
+        assert min(summary.stability["frequency"]) > 0.8, task
+        frequency, knowledge_loss = scores(a, "frequency"), scores(a, "ablation")
+        for layer in range(moe.num_layers):
+            most = knowledge_loss[layer, frequency[layer].topk(2).indices].mean()
+            least = knowledge_loss[layer, frequency[layer].topk(2, largest=False).indices].mean()
+            assert most > 1e-3 and most > least, (task, layer)
+    assert overlap(list(runs.values()), "frequency", top_m=2)[0, 1].mean() < 0.5

@@ -10,6 +10,9 @@ from conftest import tiny_moe
 from moeguard.attribution import CRITERIA, Attribution, attribute
 from moeguard.data import build_char_tokenizer, load_task
 
+# Tiny models gain nothing from a second thread, and on a busy machine two threads stall each other.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORLD = 2
 FAMILY = "qwen2_moe"
 

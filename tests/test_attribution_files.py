@@ -16,6 +16,9 @@ from moeguard.data import build_char_tokenizer
 from moeguard.errors import FingerprintMismatchError, InputError
 from moeguard.models import load_moe
 
+# Tiny models gain nothing from a second thread, and on a busy machine two threads stall each other.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def small_attribution(family="mixtral", **kwargs) -> tuple[Attribution, object]:
     moe = tiny_moe(family)
