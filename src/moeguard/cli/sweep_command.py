@@ -1,0 +1,84 @@
+"""``moeguard sweep``: the knowledge-loss sweep over criteria and keep counts, in mask mode."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moeguard.attribution import CRITERIA, TOKEN_MODES
+from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, print_json
+from moeguard.errors import InputError
+
+
+def criteria_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in CRITERIA]
+    if unknown or not names:
+        raise InputError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {text!r}.")
+    return names
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="accuracy kept on a task and lost on the others as experts are pruned, per criterion (mask mode)",
+        description="Evaluate every (criterion, keep) plan in mask mode: target task accuracy, every other built-in "
+        "task's accuracy and perplexity, against random and least-used baselines. Writes sweep.json, sweep.csv and "
+        "knowledge_loss.png into --out; rerunning the same command continues an interrupted sweep.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--task", required=True,
+                        help="built-in task name, or a JSONL file (then it is also the attribution data unless --attribution)")
+    parser.add_argument("--out", required=True, help="output directory (resumable)")
+    parser.add_argument("--attribution", help="attribution JSON of --task on this model (default: computed on the task's train split)")
+    parser.add_argument("--criteria", default="frequency,gate_mass,reap,ean", help="criteria to sweep (comma-separated)")
+    parser.add_argument("--tokens", choices=TOKEN_MODES, default="all",
+                        help="tokens the attribution counts when it is computed here: all, prompt or answer")
+    parser.add_argument("--attribution-samples", type=int, default=256,
+                        help="training examples the attribution is computed on (default: 256)")
+    parser.add_argument("--keep", help="experts kept per layer, comma-separated (default: 100/75/50/37.5/25%% of the experts)")
+    parser.add_argument("--baseline-criterion", choices=[c for c in CRITERIA if c != "random"], default="frequency",
+                        help="criterion whose least-used experts form the least-used baseline")
+    parser.add_argument("--random-seeds", default="0", help="seeds of the random baseline, averaged (e.g. 0,1,2)")
+    parser.add_argument("--other-tasks", default="all",
+                        help="built-in tasks whose accuracy measures knowledge lost: 'all', 'none' or a list")
+    parser.add_argument("--limit", type=int, default=100, help="test examples per task (default: 100)")
+    parser.add_argument("--perplexity-data", help="JSONL of {\"text\": ...} lines (default: the evaluated tasks' text)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeguard.data import BUILTIN_TASKS, load_jsonl, resolve_task_names
+    from moeguard.pruning.sweep import run_sweep
+
+    task = args.task if args.task in BUILTIN_TASKS or not Path(args.task).suffix else load_jsonl(args.task)
+    if args.other_tasks.strip() == "none":
+        others: list[str] = []
+    else:
+        others = resolve_task_names(args.other_tasks)
+    perplexity_data = load_jsonl(args.perplexity_data) if args.perplexity_data else None
+    moe = load_model(args)
+    result = run_sweep(
+        moe,
+        task,
+        out_dir=args.out,
+        attribution=args.attribution,
+        criteria=criteria_list(args.criteria),
+        keeps=parse_int_list(args.keep, what="--keep") if args.keep else None,
+        baseline_criterion=args.baseline_criterion,
+        random_seeds=parse_int_list(args.random_seeds, what="--random-seeds"),
+        other_tasks=others,
+        limit=args.limit,
+        perplexity_data=perplexity_data,
+        attribution_limit=args.attribution_samples,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(result.describe())
+    return 0
