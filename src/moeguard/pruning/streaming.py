@@ -34,7 +34,7 @@ import re
 import shutil
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,7 +334,6 @@ class StreamingPruneResult:
     shards: int
     bytes_written: int
     resumed_shards: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 def _run_key(shards: Sequence[Shard], writes: dict[str, list[TensorWrite]], model_dir: Path) -> str:
@@ -402,10 +401,10 @@ def streaming_prune(
 
     ``keep`` maps MoE layer -> kept experts, one count for all pruned layers (as
     :meth:`MoEModel.prune`). Writes shards, index, updated config, generation
-    config, tokenizer and the manifest, whose
-    parent fingerprint is the checkpoint fingerprint computed while reading. With
-    ``expected_fingerprint`` (an attribution's checkpoint fingerprint) a different
-    parent is refused before the output appears.
+    config, tokenizer and the manifest, whose parent fingerprint is the checkpoint
+    fingerprint computed while reading. With ``expected_fingerprint`` (an
+    attribution's checkpoint fingerprint) a different parent is refused before the
+    output appears.
     """
     source, is_local = check_model_source(model_dir)
     if not is_local:
@@ -466,22 +465,7 @@ def streaming_prune(
                 f"checkpoint {short(parent_fingerprint)}: its stored tensors differ. Use the model the attribution "
                 "was made with, or run `moeguard attribute` on this one."
             )
-        parent_manifest = model_dir / MANIFEST_NAME
-        lineage = []
-        if parent_manifest.is_file():
-            previous = PruneManifest.load(parent_manifest)
-            lineage = [previous.to_dict()] + previous.lineage
-        manifest = PruneManifest(
-            parent_fingerprint=parent_fingerprint,
-            parent_model=str(model_dir),
-            parent_num_experts=parent_num_experts,
-            kept=kept,
-            layer_paths=[layer.path for layer in moe.layers],
-            selection=dict(selection or {}),
-            moeguard_version=moeguard.__version__,
-            lineage=lineage,
-            parent_fingerprint_kind="checkpoint",
-        )
+        manifest = _manifest(model_dir, parent_fingerprint, parent_num_experts, kept, moe, selection)
         bytes_written = 0
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             weight_map = {}
@@ -491,10 +475,7 @@ def streaming_prune(
                 bytes_written += (tmp / name).stat().st_size
                 weight_map.update({w.name: name for w in writes[shard.file]})
             if len(non_empty) > 1:
-                total_size = sum(t.nbytes for t in planned)
-                total_parameters = sum(math.prod(t.shape) for t in planned)
-                write_json(tmp / INDEX_NAME, {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
-                                              "weight_map": dict(sorted(weight_map.items()))})
+                _write_index(tmp / INDEX_NAME, weight_map, planned)
             moe.model.config.save_pretrained(tmp)
             _save_side_files(model_dir, tmp, trust_remote_code)
             write_json(tmp / MANIFEST_NAME, manifest.to_dict())
@@ -504,6 +485,34 @@ def streaming_prune(
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("streaming prune of %s: %d shards, %.1f MB written to %s", model_dir, len(non_empty), bytes_written / 1e6, out_dir)
     return StreamingPruneResult(out_dir, manifest, before, after, len(non_empty), bytes_written, resumed)
+
+
+def _manifest(
+    model_dir: Path, fingerprint: str, parent_num_experts: list[int], kept: list[list[int]], moe: MoEModel,
+    selection: dict[str, Any] | None,
+) -> PruneManifest:
+    """The manifest of a streaming prune; a parent that was itself pruned passes its own on as lineage."""
+    lineage = []
+    if (model_dir / MANIFEST_NAME).is_file():
+        previous = PruneManifest.load(model_dir / MANIFEST_NAME)
+        lineage = [previous.to_dict()] + previous.lineage
+    return PruneManifest(
+        parent_fingerprint=fingerprint,
+        parent_model=str(model_dir),
+        parent_num_experts=parent_num_experts,
+        kept=kept,
+        layer_paths=[layer.path for layer in moe.layers],
+        selection=dict(selection or {}),
+        moeguard_version=moeguard.__version__,
+        lineage=lineage,
+        parent_fingerprint_kind="checkpoint",
+    )
+
+
+def _write_index(path: Path, weight_map: dict[str, str], planned: Sequence[StoredTensor]) -> None:
+    """``model.safetensors.index.json`` as save_pretrained writes it."""
+    metadata = {"total_parameters": sum(math.prod(t.shape) for t in planned), "total_size": sum(t.nbytes for t in planned)}
+    write_json(path, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def _pairs(tensors: Sequence[StoredTensor], writes: Sequence[TensorWrite]) -> list[tuple[StoredTensor, TensorWrite]]:
