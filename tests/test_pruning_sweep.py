@@ -11,7 +11,8 @@ import pytest
 from moeguard.cli import main
 from moeguard.data import TaskData, load_task
 from moeguard.errors import InputError, PlanError
-from moeguard.models import load_moe
+from moeguard.models import GroupRouting, load_moe
+from moeguard.pruning.plans import LayerLimits
 from moeguard.pruning import sweep as sweep_module
 from moeguard.pruning.sweep import SweepPoint, default_keeps, evaluate_point, load_sweep, run_sweep, text_of_tasks
 
@@ -109,10 +110,13 @@ def test_plain_text_tasks_have_no_accuracy_to_sweep(tiny):
         run_sweep(tiny, text, **SETTINGS)
 
 
-def test_default_keep_counts_follow_the_expert_count():
-    assert default_keeps(8, 2) == [8, 6, 4, 3, 2]
-    assert default_keeps(64, 8) == [64, 48, 32, 24, 16]
-    assert default_keeps(4, 2) == [4, 3, 2]
+def test_default_keep_counts_follow_the_expert_count_and_the_routing_limits():
+    assert default_keeps([LayerLimits(0, 8, 2), LayerLimits(1, 8, 2)]) == [8, 6, 4, 3, 2]
+    assert default_keeps([LayerLimits(0, 64, 8)]) == [64, 48, 32, 24, 16]
+    assert default_keeps([LayerLimits(0, 4, 2)]) == [4, 3, 2]
+    # 2 groups scored by their 2 best experts: odd counts and fewer than 2 per group cannot be routed
+    grouped = [LayerLimits(0, 8, 2, GroupRouting(num_groups=2, groups_per_token=1))]
+    assert default_keeps(grouped) == [8, 6, 4]
 
 
 def test_sweep_command_reuses_a_given_attribution_and_prints_the_table(swept, trained_tiny, tmp_path, capsys):

@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, check_fingerprint, collect_attribution, scores
 from moeguard.attribution.scores import check_criterion
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches, encode_examples, load_task, mixture
 from moeguard.data.batching import pad_id_of
-from moeguard.errors import InputError
+from moeguard.errors import InputError, PlanError
 from moeguard.eval import evaluate, evaluate_tasks
 from moeguard.eval.evaluate import eval_mode, scored_sequences
 from moeguard.io import atomic_write_text, read_json, write_json
@@ -163,10 +164,20 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def default_keeps(num_experts: int, top_k: int) -> list[int]:
-    """Keep counts at :data:`DEFAULT_KEEP_FRACTIONS` of ``num_experts``, at least ``top_k``, largest first."""
-    counts = {max(top_k, round(num_experts * f)) for f in DEFAULT_KEEP_FRACTIONS}
-    return sorted(counts, reverse=True)
+def default_keeps(layers: Sequence[Any]) -> list[int]:
+    """Keep counts at :data:`DEFAULT_KEEP_FRACTIONS` of the experts per layer that every layer can route
+    (at least top-k, group-balanced for group-limited routers), largest first."""
+    experts, top_k = min(layer.num_experts for layer in layers), max(layer.top_k for layer in layers)
+    counts = sorted({max(top_k, round(experts * f)) for f in DEFAULT_KEEP_FRACTIONS}, reverse=True)
+    zeros = torch.zeros(len(layers), max(layer.num_experts for layer in layers))
+    feasible = []
+    for count in counts:
+        try:
+            make_plan(zeros, layers, keep=count)
+        except PlanError:
+            continue
+        feasible.append(count)
+    return feasible
 
 
 def text_of_tasks(datas: Sequence[TaskData]) -> TaskData:
@@ -310,7 +321,7 @@ def run_sweep(
     text = perplexity_data if perplexity_data is not None else text_of_tasks(datas)
     if text.kind != "lm":
         raise InputError(f"perplexity data {text.name!r} holds {text.kind} examples; give lm data ({{\"text\": ...}} lines).")
-    keeps = list(keeps) if keeps is not None else default_keeps(min(moe.num_experts), max(moe.top_k))
+    keeps = list(keeps) if keeps is not None else default_keeps(moe.layers)
     needed = [c for c in dict.fromkeys([*criteria, baseline_criterion]) if c != "random"]
     record = _attribution_for(moe, task, attribution, needed, out, attribution_data=attribution_data,
                               attribution_limit=attribution_limit, tokens=tokens, batch_size=batch_size,
