@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="built-in task name(s), comma-separated, or 'all'")
     source.add_argument("--data", help="a JSONL file in the data contract, or a datasets source (file, directory or hub id)")
+    source.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness task names, comma-separated (needs the lm-eval extra)")
+    parser.add_argument("--lm-eval-include", metavar="DIR", help="with --lm-eval: a directory of extra harness task YAML files")
     parser.add_argument("--split", default=None, help="split: train|pool|test for --task (default test); dataset split for --data (default train)")
     parser.add_argument("--columns", default=None, help="for a datasets source: field=column pairs, e.g. prompt=question,answer=solution")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each task")
@@ -62,11 +64,30 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
 
 
+def run_harness(args: argparse.Namespace) -> int:
+    from moeguard.eval.lm_eval_bridge import run_lm_eval
+
+    tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+    moe = load_model(args)
+    results = run_lm_eval(moe, tasks, include_path=args.lm_eval_include, limit=args.limit, batch_size=args.batch_size)
+    if args.json:
+        print_json({"model": moe.source, "fingerprint": moe.fingerprint(), "lm_eval": results})
+        return 0
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            print(f"{task:<24} {metric:<24} {value:.4f}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from moeguard.eval import evaluate_tasks
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be a positive integer, got {args.limit}.")
+    if args.lm_eval_include and not args.lm_eval:
+        raise InputError("--lm-eval-include applies to --lm-eval only.")
+    if args.lm_eval:
+        return run_harness(args)
     datas = load_datas(args)
     moe = load_model(args)
     results = evaluate_tasks(moe, None, datas, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
