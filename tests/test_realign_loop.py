@@ -14,7 +14,7 @@ from moeguard.cli import main
 from moeguard.data import Example, TaskData, build_char_tokenizer, save_jsonl
 from moeguard.errors import DataError, FingerprintMismatchError, InputError, ModelError
 from moeguard.models import MANIFEST_NAME, load_moe
-from moeguard.realign import RealignConfig, RealignResult, builtin_data, realign
+from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
 from moeguard.realign.result import RoundRecord
 
 KEEP = {0: [0, 2, 5], 1: [1, 3, 4]}
@@ -89,6 +89,23 @@ def test_every_acquisition_function_runs_in_the_loop_and_chooses_differently_fro
     seed_set = labelled["random"][:3]
     assert all(chosen[:3] == seed_set for chosen in labelled.values())  # same seed set for every function
     assert sum(chosen != labelled["random"] for chosen in labelled.values()) >= 5
+
+
+def test_multiple_choice_data_is_scored_on_the_models_own_choice():
+    from moeguard.realign.pool import own_answers
+
+    def example(n: int) -> Example:
+        return Example(prompt=f"rev {'abcdefgh'[: 3 + n % 4]}=", choices=("abc", "cba", "bca"), label=1)
+
+    pool = TaskData("pick", "choice", [example(n) for n in range(12)])
+    data = RealignData(pool, TaskData("pick", "choice", [example(n) for n in range(3)]))
+    moe = unpruned()
+    answers = own_answers(moe, pool, [0, 5], max_new_tokens=4, batch_size=4)
+    tokenizer = moe.tokenizer
+    for encoded in answers:
+        assert tokenizer.decode(encoded.target[:-1]) in ("abc", "cba", "bca") and encoded.target[-1] == tokenizer.eos_token_id
+    result = realign(moe, data, config(budget=6, rounds=2, acquisition="margin"), keep=KEEP, progress=False)
+    assert len(set(result.labelled)) == 6 and 0.0 <= result.final.accuracy <= 1.0
 
 
 def test_routing_acquisition_picks_the_prompts_whose_parent_routing_lost_most_to_the_prune():

@@ -41,7 +41,6 @@ ACQUISITIONS: dict[str, str] = {
     "badge": "k-means++ seeding over sketched last-layer gradient embeddings (uncertainty + diversity)",
     "routing": "largest share of the unpruned parent's routing mass that went to removed experts",
 }
-UNCERTAINTY = ("least_confidence", "margin", "entropy")
 SKETCH_DIM = 32
 
 
