@@ -105,7 +105,7 @@ def test_same_seed_and_data_give_the_same_weights():
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     reference = fresh_model()
-    train(reference, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False)
+    reference_result = train(reference, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False)
 
     checkpoint = tmp_path / "run.pt"
     interrupted = fresh_model()
@@ -124,6 +124,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     resumed = fresh_model()
     result = train(resumed, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False, checkpoint=checkpoint, checkpoint_every=3)
     assert result.resumed_from == 6 and result.steps == 10 and len(result.losses) == 10
+    assert result.cpu_seconds > 0 and result.tokens == reference_result.tokens
     assert resumed.fingerprint() == reference.fingerprint()
     assert not checkpoint.exists(), "a finished run removes its checkpoint"
 

@@ -64,7 +64,8 @@ def learning_rate(step: int, *, steps: int, lr: float, warmup: int, min_ratio: f
 
 @dataclass
 class TrainResult:
-    """What a training run did. ``final_loss`` is the mean cross-entropy of the last steps."""
+    """What a training run did. ``final_loss`` is the mean cross-entropy of the last steps;
+    times include the part done before a resume."""
 
     steps: int
     tokens: int
@@ -83,11 +84,13 @@ def _decay_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path: Path, lm: nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list[float], counts: list[int]) -> None:
+def _save_checkpoint(
+    path: Path, lm: nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list[float], counts: list[int], elapsed: list[float]
+) -> None:
     buffer = io.BytesIO()
     torch.save(
         {"step": step, "model": lm.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
-         "counts": counts, "rng": torch.get_rng_state()},
+         "counts": counts, "elapsed": elapsed, "rng": torch.get_rng_state()},
         buffer,
     )
     atomic_write_bytes(path, buffer.getvalue())
@@ -141,12 +144,12 @@ def train(
     checkpoint = Path(checkpoint) if checkpoint is not None else None
 
     torch.manual_seed(seed)
-    start_step, losses, counts = 0, [], [0, 0]
+    start_step, losses, counts, earlier = 0, [], [0, 0], [0.0, 0.0]  # earlier: wall and CPU seconds before a resume
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         lm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step, losses, counts = state["step"], state["losses"], state["counts"]
+        start_step, losses, counts, earlier = state["step"], state["losses"], state["counts"], state["elapsed"]
         torch.set_rng_state(state["rng"])
         log.info("resuming training from step %d (%s)", start_step, checkpoint)
     iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
@@ -196,7 +199,8 @@ def train(
             if bar.disable and progress and (step + 1) % max(1, steps // 10) == 0:
                 log.info("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
             if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_checkpoint(checkpoint, lm, optimizer, step + 1, losses, counts)
+                elapsed = [earlier[0] + time.perf_counter() - wall, earlier[1] + time.process_time() - cpu]
+                _save_checkpoint(checkpoint, lm, optimizer, step + 1, losses, counts, elapsed)
         else:
             step = steps
     finally:
@@ -211,8 +215,8 @@ def train(
         steps=step,
         tokens=counts[0],
         target_tokens=counts[1],
-        wall_seconds=time.perf_counter() - wall,
-        cpu_seconds=time.process_time() - cpu,
+        wall_seconds=earlier[0] + time.perf_counter() - wall,
+        cpu_seconds=earlier[1] + time.process_time() - cpu,
         final_loss=sum(tail) / len(tail) if tail else math.nan,
         losses=losses,
         resumed_from=start_step,
