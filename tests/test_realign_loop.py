@@ -173,8 +173,10 @@ def test_resuming_with_other_options_is_refused(pruned_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         realign(pruned_dir, small_data(), config(), out=tmp_path / "run", on_round=stop, progress=False)
-    with pytest.raises(InputError, match="started with another config"):
+    with pytest.raises(InputError, match="started with other options: lr=0.01 \\(now 0.005\\)"):
         realign(pruned_dir, small_data(), config(lr=5e-3), out=tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(InputError, match="started with other data \\(pool, test set or other tasks\\)"):
+        realign(pruned_dir, small_data(others=True), config(), out=tmp_path / "run", resume=True, progress=False)
 
 
 def test_bad_input_is_refused_before_any_work_with_a_message_that_says_what_to_change(pruned_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -27,6 +29,15 @@ class RealignData:
     @property
     def task(self) -> str:
         return self.test.name
+
+    def signature(self) -> str:
+        """A hash of every example of the pool, the test set and the other tasks (a resumed run must see the same)."""
+        digest = hashlib.sha256()
+        for role, data in (("pool", self.pool), ("test", self.test), *(("other", d) for d in self.others)):
+            digest.update(f"{role}|{data.name}|{data.kind}|{len(data)}\n".encode())
+            for example in data.examples:
+                digest.update((json.dumps(example.to_json(), sort_keys=True) + "\n").encode())
+        return digest.hexdigest()
 
     def check(self) -> None:
         """Refuse empty sets and data without an accuracy (lm text has a perplexity, not an accuracy)."""

@@ -240,7 +240,7 @@ class _Run:
             "config": self.config.to_dict(),
             "mode": mode,
             "task": self.data.task,
-            "pool_size": len(self.data.pool),
+            "data": self.data.signature(),
             "model_fingerprint": model_fingerprint,
             "reference": asdict(self.reference),
             "labelled": self.labelled,
@@ -249,13 +249,22 @@ class _Run:
 
 
 def _check_saved(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
-    for key in ("config", "mode", "task", "pool_size", "model_fingerprint"):
-        if saved.get(key) != expected[key]:
-            raise InputError(
-                f"the interrupted run in {where} was started with another {key.replace('_', ' ')} "
-                f"({saved.get(key)!r} instead of {expected[key]!r}); resume with the same model, data and options, "
-                "or choose a new --out."
+    """Refuse to resume a run that was started with another model, data or options."""
+    for key, new in expected.items():
+        old = saved.get(key)
+        if old == new:
+            continue
+        if key == "config":
+            what = "options: " + ", ".join(
+                f"{name}={old.get(name)!r} (now {value!r})" for name, value in new.items() if old.get(name) != value
             )
+        else:
+            what = {"mode": f"mode ({old})", "task": f"target task ({old})", "data": "data (pool, test set or other tasks)",
+                    "model_fingerprint": "model weights"}[key]
+        raise InputError(
+            f"the interrupted run in {where} was started with other {what}; resume with the same model, data and "
+            "options, or choose a new --out."
+        )
 
 
 def _log_round(record: RoundRecord, rounds: int) -> None:
@@ -345,7 +354,7 @@ def realign(
 
     model_fingerprint = moe.fingerprint()
     saved = load_latest_round(out_dir / STATE_DIR) if out_dir is not None and resume else None
-    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "pool_size": len(data.pool), "model_fingerprint": model_fingerprint}
+    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(), "model_fingerprint": model_fingerprint}
     if saved is not None:
         _check_saved(saved.data, expected, out_dir)
         reference = Reference(**saved.data["reference"])
