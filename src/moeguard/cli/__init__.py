@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "moeguard.cli.zoo_command",
     "moeguard.cli.verify_command",
     "moeguard.cli.detect_command",
+    "moeguard.cli.harden_command",
+    "moeguard.cli.defense_eval_command",
     "moeguard.cli.prune_command",
     "moeguard.cli.attribute_command",
     "moeguard.cli.realign_command",

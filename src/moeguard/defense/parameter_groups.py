@@ -6,26 +6,27 @@ Every persistent state-dict tensor belongs to exactly one group:
   tensors (e.g. score-correction biases);
 - ``experts``: the fused routed-expert tensors (hashed per expert by the protocol);
 - ``shared_experts``: a block's always-on shared experts and their gate;
-- ``attention``: innermost modules whose ``forward`` takes an ``attention_mask``
-  (with everything inside them: projections, q/k norms, sinks, adapters);
+- ``attention``: the modules that call the transformers attention kernel (found by
+  one probe forward, :func:`moeguard.realign.scopes.attention_modules`), with
+  everything inside them: projections, q/k norms, sinks, adapters;
 - ``embeddings``: the input embeddings and the output head;
 - ``norms``: other modules whose parameters are all one-dimensional;
 - ``dense_mlp``: what remains inside the decoder layers (dense feed-forward blocks);
 - ``other``: anything else.
 
-Roles come from the MoE discovery and from module signatures and shapes, never
+Roles come from the MoE discovery, from what modules do and from shapes, never
 from parameter names, so they hold for every family moeguard supports.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 
 from torch import nn
 
 from moeguard.errors import InputError
 from moeguard.models import MoEModel
+from moeguard.realign.scopes import attention_modules
 
 GROUPS = ("router", "experts", "shared_experts", "attention", "embeddings", "norms", "dense_mlp", "other")
 
@@ -37,23 +38,6 @@ def check_group_names(names: Iterable[str], *, what: str = "parameter group") ->
     if unknown:
         raise InputError(f"unknown {what}(s) {unknown}; valid groups: {', '.join(GROUPS)}.")
     return names
-
-
-def _takes_attention_mask(module: nn.Module) -> bool:
-    try:
-        return "attention_mask" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _attention_paths(model: nn.Module) -> list[str]:
-    """Paths of the innermost modules that take an ``attention_mask`` and hold parameters."""
-    candidates = [
-        path
-        for path, module in model.named_modules()
-        if path and _takes_attention_mask(module) and any(True for _ in module.parameters())
-    ]
-    return [p for p in candidates if not any(other.startswith(p + ".") for other in candidates)]
 
 
 def _decoder_layer_paths(model: nn.Module, moe: MoEModel) -> list[str]:
@@ -91,7 +75,7 @@ def parameter_groups(moe: MoEModel) -> dict[str, list[str]]:
         claims[layer.experts_path] = "experts"
         for path in layer.shared_expert_paths:
             claims[path] = "shared_experts"
-    for path in _attention_paths(model):
+    for path in attention_modules(model):
         claims.setdefault(path, "attention")
     module_names = {id(module): path for path, module in model.named_modules()}
     for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):

@@ -32,6 +32,7 @@ from moeguard.models.layers import ExpertTensor, MoELayer
 
 PROTOCOL_KIND = "moeguard-fine-tuning-protocol"
 PROTOCOL_FORMAT = 1
+PROTOCOL_NAME = "moeguard_protocol.json"  # the protocol written beside a hardened model
 DEFAULT_PERMITTED = ("router", "attention")
 
 

@@ -1,0 +1,456 @@
+"""The evaluation that decides whether a defense works: every model, same data, same budgets.
+
+For each model (the undefended one first, then the defended ones) and the
+attacker's target task:
+
+1. utility and knowledge loss: :func:`moeguard.pruning.run_sweep` on the model
+   itself (attribution on the defended model, every criterion, keep 6/4/2 of 8);
+   the full model's accuracy on every task is the utility;
+2. attack cost: :func:`moeguard.realign.realign` in mask mode over the attacker
+   grid (criteria x trainable scopes x learning rates x seeds), experts chosen by
+   the criterion's attribution *on the model under attack*; labels and steps to
+   the target retention (:mod:`moeguard.defense.costs`);
+3. adaptive attacks: sequence-level distillation of the pruned student from the
+   full model's own answers (no human labels), and re-initialising the routers
+   before re-alignment, both with the attacker's best grid configuration;
+4. authorised use: a fine-tune of the protocol's permitted groups on a task none
+   of the models has seen, and the verifier's verdict on it.
+
+Every unit of work (a sweep point, an attack run, an adaptive attack, the
+authorised fine-tune) is saved when it finishes under ``out/runs/<model>/``; a
+rerun of the same command skips what is done, so the evaluation can be stopped and
+continued at will. One log line is printed per attack run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import string
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeguard.attribution import Attribution, scores
+from moeguard.data import Example, TaskData, batches
+from moeguard.defense.costs import AttackRun, GridCost, configuration_label, cost_multiplier, grid_cost
+from moeguard.attribution.scores import check_criterion
+from moeguard.defense.parameter_groups import check_group_names, group_parameters
+from moeguard.defense.protocol import make_protocol
+from moeguard.defense.verify import verify_fine_tune
+from moeguard.errors import InputError
+from moeguard.eval import evaluate
+from moeguard.io import read_json, write_json
+from moeguard.models import MoEModel
+from moeguard.pruning.plans import make_plan
+from moeguard.pruning.sweep import ATTRIBUTION_NAME, SweepResult, run_sweep
+from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
+from moeguard.realign.loop import HISTORY_NAME
+from moeguard.realign.metrics import labels_to_reach, retention
+from moeguard.realign.pool import check_acquisition
+from moeguard.realign.scopes import check_scope
+from moeguard.training import train
+
+log = logging.getLogger("moeguard.defense")
+
+EVALUATION_FORMAT = 1
+RESULT_NAME = "defense_eval.json"
+
+
+@dataclass
+class DefenseEvalSettings:
+    """The shared data and budgets of an evaluation (every model gets exactly these)."""
+
+    target_task: str = "reverse"
+    tasks: tuple[str, ...] = ("addition", "reverse", "sort", "caesar", "upper", "count")
+    keeps: tuple[int, ...] = (6, 4, 2)
+    attack_keeps: tuple[int, ...] = (4, 2)
+    criteria: tuple[str, ...] = ("frequency", "reap", "ablation")
+    scopes: tuple[str, ...] = ("router", "experts", "all")
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    acquisition: str = "random"
+    budget: int = 256
+    rounds: int = 8
+    steps_per_round: int = 15
+    batch_size: int = 16
+    pool_size: int = 512
+    test_size: int = 100
+    attribution_samples: int = 256
+    target_retention: float = 0.9
+    adaptive_seeds: tuple[int, ...] = (0,)
+    permitted: tuple[str, ...] = ("router", "attention")
+    authorised_steps: int = 150
+    authorised_lr: float = 3e-3
+    authorised_examples: int = 2000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> None:
+        if self.target_task not in self.tasks:
+            raise InputError(f"the target task {self.target_task!r} must be one of the evaluated tasks {list(self.tasks)}.")
+        outside = [k for k in self.attack_keeps if k not in self.keeps]
+        if not self.attack_keeps or outside:
+            raise InputError(f"attack keep counts {list(self.attack_keeps)} must be among the knowledge-loss keep counts "
+                             f"{list(self.keeps)}.")
+        if not (self.criteria and self.scopes and self.lrs and self.seeds):
+            raise InputError("the attacker grid needs at least one criterion, scope, learning rate and seed.")
+        for criterion in self.criteria:
+            check_criterion(criterion)
+        for scope in self.scopes:
+            check_scope(scope)
+        check_acquisition(self.acquisition)
+        check_group_names(self.permitted, what="permitted group")
+
+
+# ---------------------------------------------------------------- the authorised-use task
+AUTHORISED_TASK = "double"
+
+
+def authorised_task(split: str, size: int, seed: int = 0) -> TaskData:
+    """A task outside the built-in suite, so no model has seen it: write every letter twice.
+
+    ``"dbl abc=" -> "aabbcc"``; train and test prompts come from disjoint random
+    streams and never share a word.
+    """
+    rng = random.Random(f"moeguard:{AUTHORISED_TASK}:{split}:{seed}")
+    other = random.Random(f"moeguard:{AUTHORISED_TASK}:{'test' if split == 'train' else 'train'}:{seed}")
+    excluded = {"".join(other.choice(string.ascii_lowercase) for _ in range(other.randint(3, 6))) for _ in range(size)}
+    examples, seen = [], set()
+    while len(examples) < size:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+        if word in seen or word in excluded:
+            continue
+        seen.add(word)
+        examples.append(Example(prompt=f"dbl {word}=", answer="".join(c + c for c in word)))
+    return TaskData(AUTHORISED_TASK, "generate", examples, f"defense-eval:{AUTHORISED_TASK}:{split}:seed{seed}")
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class KeepAttacks:
+    """The attacks on a model pruned to ``keep`` experts per layer.
+
+    ``best_histories`` are the history files of the attacker's best configuration
+    (one per seed); ``adaptive`` the adaptive attacks run with that configuration.
+    """
+
+    keep: int
+    runs: list[AttackRun]
+    labels: GridCost
+    steps: GridCost
+    adaptive: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best_histories: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for unit in ("labels", "steps"):
+            best = getattr(self, unit).best
+            data[unit]["best"] = configuration_label(best) if best else None
+        return data
+
+
+@dataclass
+class ModelEvaluation:
+    """Everything measured on one model; ``attacks`` maps the keep count (as text) to its attacks."""
+
+    name: str
+    source: str | None
+    fingerprint: str
+    utility: dict[str, float]
+    knowledge: dict[str, dict[str, float]]  # criterion -> {keep: accuracy retained}
+    best_knowledge: dict[str, float]  # keep -> accuracy retained by the attacker's best criterion
+    attacks: dict[str, KeepAttacks]
+    authorised: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attacks"] = {keep: attacks.to_dict() for keep, attacks in self.attacks.items()}
+        return data
+
+
+@dataclass
+class DefenseEvaluation:
+    """The models side by side; ``models[0]`` is the undefended baseline."""
+
+    settings: dict[str, Any]
+    models: list[ModelEvaluation]
+    figures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> ModelEvaluation:
+        return self.models[0]
+
+    def multipliers(self, model: ModelEvaluation, keep: str) -> dict[str, float]:
+        """Cost multipliers at ``keep`` against the baseline: worst case and mean, in labels and steps."""
+        mine, base = model.attacks[keep], self.baseline.attacks[keep]
+        return {
+            f"{unit}_{kind}": cost_multiplier(getattr(getattr(mine, unit), field_), getattr(getattr(base, unit), field_))
+            for unit in ("labels", "steps")
+            for kind, field_ in (("worst_case", "best_cost"), ("mean", "mean_cost"))
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": EVALUATION_FORMAT,
+            "settings": self.settings,
+            "models": [
+                {**m.to_dict(), "multipliers": {keep: self.multipliers(m, keep) for keep in m.attacks}} for m in self.models
+            ],
+            "figures": self.figures,
+        }
+
+
+# ---------------------------------------------------------------- one model
+def _sweep(moe: MoEModel, settings: DefenseEvalSettings, out: Path, progress: bool) -> SweepResult:
+    from moeguard.data import load_task
+
+    return run_sweep(
+        moe,
+        settings.target_task,
+        out_dir=out / "sweep",
+        criteria=settings.criteria,
+        keeps=list(settings.keeps),
+        other_tasks=list(settings.tasks),
+        limit=settings.test_size,
+        attribution_data=load_task(settings.target_task, "train", limit=settings.attribution_samples),
+        progress=progress,
+    )
+
+
+def _knowledge(sweep: SweepResult, settings: DefenseEvalSettings) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    knowledge = {
+        criterion: {str(keep): sweep.mean_retained(criterion, keep) for keep in settings.keeps} for criterion in settings.criteria
+    }
+    best = {str(keep): max(knowledge[c][str(keep)] for c in settings.criteria) for keep in settings.keeps}
+    return knowledge, best
+
+
+def _realign_config(settings: DefenseEvalSettings, scope: str, lr: float, seed: int, budget: int | None = None) -> RealignConfig:
+    return RealignConfig(
+        budget=budget or settings.budget, rounds=settings.rounds, acquisition=settings.acquisition, scope=scope, lr=lr,
+        steps_per_round=settings.steps_per_round, batch_size=settings.batch_size, seed=seed,
+        target_retention=settings.target_retention,
+    )
+
+
+def _attack_run(result: RealignResult, reference: float, criterion: str, scope: str, lr: float, seed: int, target: float) -> AttackRun:
+    """What a re-alignment run cost, with retention measured against ``reference`` (the model under attack,
+    unpruned and untouched: for the router re-init attack that is not the model re-aligned)."""
+    retentions = [retention(r.accuracy, reference) for r in result.rounds]
+    threshold = labels_to_reach([r.labels for r in result.rounds], [r.steps for r in result.rounds], retentions, target)
+    return AttackRun(
+        criterion, scope, lr, seed, threshold.labels, threshold.steps, result.final.labels, result.final.steps,
+        retentions[-1],
+    )
+
+
+def _run_realign(moe: MoEModel, data: RealignData, config: RealignConfig, keep: dict[int, list[int]], out: Path) -> RealignResult:
+    return realign(moe, data, config, keep=keep, out=out, resume=True, progress=False)
+
+
+def _attack_dir(out: Path, criterion: str, scope: str, lr: float, seed: int) -> Path:
+    return out / "attacks" / f"{criterion}-{scope}-lr{lr:g}-seed{seed}"
+
+
+def _keep_sets(moe: MoEModel, attribution: Attribution, criterion: str, keep: int) -> dict[int, list[int]]:
+    return make_plan(scores(attribution, criterion), moe.layers, keep=keep, criterion=criterion).keep_sets()
+
+
+def _attack_grid(
+    name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings, out: Path
+) -> list[AttackRun]:
+    data = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
+    plans = {c: _keep_sets(moe, attribution, c, keep) for c in settings.criteria}
+    grid = [(c, s, lr, seed) for c in settings.criteria for s in settings.scopes for lr in settings.lrs for seed in settings.seeds]
+    runs = []
+    for number, (criterion, scope, lr, seed) in enumerate(grid, start=1):
+        start = time.perf_counter()
+        result = _run_realign(moe, data, _realign_config(settings, scope, lr, seed), plans[criterion],
+                              _attack_dir(out, criterion, scope, lr, seed))
+        run = _attack_run(result, reference, criterion, scope, lr, seed, settings.target_retention)
+        runs.append(run)
+        cost = f"{run.labels} labels, {run.steps} steps" if run.reached else f"not reached (> {run.budget_labels} labels)"
+        log.info("[%s] keep %d: attack %d/%d %s/%s/lr=%g/seed %d: %s; final retention %.3f (%.0fs)", name, keep, number,
+                 len(grid), criterion, scope, lr, seed, cost, run.final_retention, time.perf_counter() - start)
+    return runs
+
+
+def _distillation(
+    moe: MoEModel, keep: dict[int, list[int]], scope: str, lr: float, reference: float, settings: DefenseEvalSettings,
+    out: Path,
+) -> dict[str, Any]:
+    """The pruned student learns the full model's own greedy answers on the pool: no human label is used."""
+    cached = out / "teacher_pool.json"
+    base = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
+    if cached.is_file():
+        answers = read_json(cached, what="teacher answers")["answers"]
+    else:
+        answers = evaluate(moe, moe.tokenizer, base.pool).predictions
+        write_json(cached, {"answers": answers})
+    pool = TaskData(base.pool.name, "generate", [Example(prompt=e.prompt, answer=a) for e, a in zip(base.pool, answers)],
+                    f"teacher answers of {moe.source}")
+    runs = []
+    for seed in settings.adaptive_seeds:
+        result = _run_realign(moe, RealignData(pool, base.test), _realign_config(settings, scope, lr, seed), keep,
+                              out / f"seed{seed}")
+        runs.append(_attack_run(result, reference, "distillation", scope, lr, seed, settings.target_retention))
+    return _adaptive_summary(runs, teacher_queries=len(pool))
+
+
+def _router_reinit(
+    moe: MoEModel, keep: dict[int, list[int]], lr: float, reference: float, settings: DefenseEvalSettings, out: Path
+) -> dict[str, Any]:
+    """Throw the (possibly entangled) routers away: fresh random router weights, then re-align everything."""
+    data = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
+    student = copy.deepcopy(moe)
+    std = getattr(student.config.get_text_config(), "initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in student.layers:
+            for param in layer.router_parameters():
+                noise = torch.randn(param.shape, generator=generator) * std if param.ndim > 1 else torch.zeros(param.shape)
+                param.copy_(noise.to(param.dtype))
+    runs = []
+    for seed in settings.adaptive_seeds:
+        result = _run_realign(student, data, _realign_config(settings, "all", lr, seed), keep, out / f"seed{seed}")
+        runs.append(_attack_run(result, reference, "router_reinit", "all", lr, seed, settings.target_retention))
+    return _adaptive_summary(runs)
+
+
+def _adaptive_summary(runs: list[AttackRun], **extra: Any) -> dict[str, Any]:
+    labels, steps = grid_cost(runs, "labels"), grid_cost(runs, "steps")
+    return {
+        "steps_to_target": steps.best_cost,
+        "labels_to_target": labels.best_cost,
+        "reached": labels.reached,
+        "runs": len(runs),
+        "final_retention": sum(r.final_retention for r in runs) / len(runs),
+        **extra,
+    }
+
+
+def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings, out: Path) -> dict[str, Any]:
+    """Fine-tune only the permitted groups on a task no model has seen; check the protocol passes it."""
+    cached = out / "authorised.json"
+    if cached.is_file():
+        return read_json(cached, what="authorised-use result")
+    train_data = authorised_task("train", settings.authorised_examples)
+    test_data = authorised_task("test", settings.test_size)
+    tuned = copy.deepcopy(moe)
+    protocol = make_protocol(moe, settings.permitted)
+    before = evaluate(tuned, tuned.tokenizer, test_data).value
+    stream = batches(tuned.tokenizer, train_data, batch_size=settings.batch_size, shuffle=True, seed=0, epochs=None)
+    trained = train(tuned, stream, steps=settings.authorised_steps, lr=settings.authorised_lr,
+                    parameters=group_parameters(tuned, settings.permitted), progress=False)
+    after = evaluate(tuned, tuned.tokenizer, test_data).value
+    report = verify_fine_tune(tuned, protocol, moe)
+    result = {
+        "task": AUTHORISED_TASK,
+        "permitted": list(settings.permitted),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "final_loss": trained.final_loss,
+        "compliant": report.compliant,
+        "violations": [v.message for v in report.violations],
+    }
+    write_json(cached, result)
+    return result
+
+
+def _attacks_at(
+    name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings,
+    out: Path,
+) -> KeepAttacks:
+    """The grid at one keep count, then the adaptive attacks with its best configuration."""
+    runs = _attack_grid(name, moe, attribution, keep, reference, settings, out)
+    labels, steps = grid_cost(runs, "labels"), grid_cost(runs, "steps")
+    criterion, scope, lr = labels.best
+    keep_sets = _keep_sets(moe, attribution, criterion, keep)
+    log.info("[%s] keep %d: adaptive attacks with the best configuration %s", name, keep, configuration_label(labels.best))
+    adaptive = {
+        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings, out / "adaptive" / "distillation"),
+        "router_reinit": _router_reinit(moe, keep_sets, lr, reference, settings, out / "adaptive" / "router_reinit"),
+    }
+    histories = [str(_attack_dir(out, criterion, scope, lr, seed) / HISTORY_NAME) for seed in settings.seeds]
+    return KeepAttacks(keep, runs, labels, steps, adaptive, histories)
+
+
+def evaluate_model(
+    name: str, moe: MoEModel, settings: DefenseEvalSettings, out: str | Path, *, progress: bool = True
+) -> ModelEvaluation:
+    """Run every measurement of the module docstring on one model (resuming from ``out``)."""
+    if moe.tokenizer is None:
+        raise InputError(f"model {name} ({moe.source}) has no tokenizer; the evaluation needs one.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    log.info("[%s] utility and knowledge loss (sweep of %s)", name, settings.target_task)
+    sweep = _sweep(moe, settings, out, progress)
+    knowledge, best_knowledge = _knowledge(sweep, settings)
+    attribution = Attribution.load(out / "sweep" / ATTRIBUTION_NAME)
+    reference = sweep.full.accuracy[settings.target_task]  # the realign test set is the sweep's test set
+    attacks = {str(keep): _attacks_at(name, moe, attribution, keep, reference, settings, out / f"keep{keep}")
+               for keep in settings.attack_keeps}
+    log.info("[%s] authorised fine-tune of %s on a new task", name, ", ".join(settings.permitted))
+    authorised = _authorised_use(moe, settings, out)
+    return ModelEvaluation(
+        name=name,
+        source=moe.source,
+        fingerprint=moe.fingerprint(),
+        utility={task: sweep.full.accuracy[task] for task in settings.tasks},
+        knowledge=knowledge,
+        best_knowledge=best_knowledge,
+        attacks=attacks,
+        authorised=authorised,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate_defenses(
+    models: Mapping[str, MoEModel | str | Path],
+    settings: DefenseEvalSettings,
+    out: str | Path,
+    *,
+    progress: bool = True,
+) -> DefenseEvaluation:
+    """Evaluate every model (the first one is the undefended baseline) and write JSON, table and figures to ``out``."""
+    from moeguard.defense.report import write_report
+    from moeguard.models import load_moe
+
+    settings.check()
+    if len(models) < 2:
+        raise InputError("give the undefended model and at least one defended model to compare.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "settings.json"
+    wanted = json.loads(json.dumps(settings.to_dict()))  # tuples as JSON lists, as saved
+    if saved.is_file() and read_json(saved, what="evaluation settings") != wanted:
+        raise InputError(
+            f"{out} holds an evaluation with other settings ({saved}); use the same settings to continue it, "
+            "or choose a new output directory."
+        )
+    write_json(saved, settings.to_dict())
+    evaluations = []
+    for name, model in models.items():
+        moe = model if isinstance(model, MoEModel) else load_moe(model)
+        evaluations.append(evaluate_model(name, moe, settings, out / "runs" / _safe(name), progress=progress))
+        del moe
+    result = DefenseEvaluation(settings.to_dict(), evaluations)
+    write_report(result, out)
+    return result
+
+
+def _safe(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_+." else "_" for c in name)
+    if not cleaned or cleaned != name:
+        raise InputError(f"model name {name!r} must be letters, digits, '-', '_', '+' or '.' (it names a directory).")
+    return cleaned

@@ -1,0 +1,191 @@
+"""Hardening: fine-tune an MoE with the defense objective, through the one training loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeguard.data import TaskData, batches, mixture
+from moeguard.defense.objective import DefenseConfig, DefenseObjective
+from moeguard.defense.parameter_groups import check_group_names
+from moeguard.errors import InputError
+from moeguard.models import MoEModel
+from moeguard.training import train
+
+log = logging.getLogger("moeguard.defense")
+
+
+@dataclass
+class HardenSettings:
+    """The fine-tuning budget of a hardening run."""
+
+    steps: int = 300
+    lr: float = 3e-4
+    batch_size: int = 24
+    max_length: int | None = None
+    warmup: int = 10
+    seed: int = 0
+
+
+@dataclass
+class HardenResult:
+    """What a hardening run did: its settings, the loss, each term's mean value, the cost."""
+
+    tasks: list[str]
+    config: dict[str, Any]
+    settings: dict[str, Any]
+    steps: int
+    final_loss: float
+    terms: dict[str, float]
+    wall_seconds: float
+    cpu_seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_of_examples(tasks: Sequence[TaskData]) -> torch.Tensor:
+    """``[sum of sizes]``: the task number of each example of ``mixture(tasks)``."""
+    return torch.cat([torch.full((len(task),), number, dtype=torch.long) for number, task in enumerate(tasks)])
+
+
+def defended_training_data(tasks: Sequence[TaskData]) -> tuple[TaskData, torch.Tensor]:
+    """The mixture the defense trains on and the task of each of its examples."""
+    if not tasks:
+        raise InputError("hardening needs at least one task to keep the model good at.")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise InputError(f"task names must be unique, got {names}.")
+    return mixture(list(tasks), name="defense"), task_of_examples(tasks)
+
+
+def harden(
+    moe: MoEModel,
+    tasks: Sequence[TaskData],
+    config: DefenseConfig,
+    settings: HardenSettings = HardenSettings(),
+    *,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> HardenResult:
+    """Fine-tune ``moe`` in place on ``tasks`` with the defense objective ``config``.
+
+    All parameters are trained (the task loss keeps the full model good while the
+    terms reshape routing and experts). With ``checkpoint`` an interrupted run
+    resumes; the running attribution of the subset terms is rebuilt from the
+    following batches.
+    """
+    if moe.tokenizer is None:
+        raise InputError(f"{moe.source}: the model has no tokenizer, so the task data cannot be encoded; save one with it.")
+    data, task_of_example = defended_training_data(tasks)
+    objective = DefenseObjective(moe, config, task_of_example, len(tasks), seed=settings.seed)
+    stream = batches(
+        moe.tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length, shuffle=True,
+        seed=settings.seed, epochs=None,
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    with objective.attached():
+        result = train(
+            moe, stream, steps=settings.steps, lr=settings.lr, warmup=settings.warmup, extra_loss=objective,
+            seed=settings.seed, progress=progress, checkpoint=checkpoint,
+        )
+    terms = objective.log.means()
+    log.info("hardened with %s: %s", ", ".join(config.active_terms), ", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+    return HardenResult(
+        tasks=[task.name for task in tasks],
+        config=config.to_dict(),
+        settings=asdict(settings),
+        steps=result.steps,
+        final_loss=result.final_loss,
+        terms=terms,
+        wall_seconds=time.perf_counter() - wall,
+        cpu_seconds=time.process_time() - cpu,
+        losses=result.losses,
+    )
+
+
+def load_defense_tasks(
+    builtin: str | None,
+    data_files: Sequence[str],
+    *,
+    train_examples: int,
+    eval_examples: int,
+    seed: int = 0,
+) -> tuple[list[TaskData], list[TaskData]]:
+    """``(train, test)`` task lists: built-in tasks by name, or one task per JSONL file.
+
+    A JSONL task keeps its last ``eval_examples`` (at most a fifth) for the test.
+    """
+    from moeguard.data import load_jsonl, load_task, resolve_task_names
+
+    if data_files:
+        train, test = [], []
+        for path in data_files:
+            data = load_jsonl(path)
+            held_out = max(1, min(eval_examples, len(data) // 5))
+            if len(data) < 2:
+                raise InputError(f"{path}: a task needs at least 2 examples (some to train on, some to test), got {len(data)}.")
+            train.append(data.subset(range(len(data) - held_out)))
+            test.append(data.subset(range(len(data) - held_out, len(data))))
+        return train, test
+    names = resolve_task_names(builtin or "all")
+    return (
+        [load_task(name, "train", limit=train_examples, seed=seed) for name in names],
+        [load_task(name, "test", limit=eval_examples, seed=seed) for name in names],
+    )
+
+
+def harden_to_directory(
+    moe: MoEModel,
+    train_tasks: Sequence[TaskData],
+    test_tasks: Sequence[TaskData],
+    config: DefenseConfig,
+    settings: HardenSettings,
+    *,
+    out: str | Path,
+    permitted: Sequence[str],
+    method: str = "custom",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate, harden, evaluate again, and write model + protocol + report to ``out`` atomically.
+
+    The written protocol pins the *hardened* model (the one that is released). An
+    interrupted run resumes from ``.<out>.harden-checkpoint.pt`` beside ``out``.
+    """
+    from moeguard.defense.protocol import PROTOCOL_NAME, make_protocol
+    from moeguard.eval import evaluate_tasks
+    from moeguard.io import atomic_dir, write_json
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_group_names(permitted, what="permitted group")
+    before = evaluate_tasks(moe, None, test_tasks)
+    result = harden(moe, train_tasks, config, settings, checkpoint=out.parent / f".{out.name}.harden-checkpoint.pt",
+                    progress=progress)
+    after = evaluate_tasks(moe, None, test_tasks)
+    protocol = make_protocol(moe, permitted)
+    protocol.parent_model = str(out)
+    report = {
+        "method": method,
+        "model": moe.source,
+        "fingerprint": protocol.parent_fingerprint,
+        "tasks": [task.name for task in test_tasks],
+        "metric": [after[task.name].metric for task in test_tasks],
+        "accuracy_before": [before[task.name].value for task in test_tasks],
+        "accuracy_after": [after[task.name].value for task in test_tasks],
+        "harden": result.to_dict(),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        moe.save(tmp, overwrite=True)
+        protocol.save(tmp / PROTOCOL_NAME)
+        write_json(tmp / "harden_report.json", report)
+    return report
