@@ -179,3 +179,16 @@ def test_a_hardened_demo_model_loads_with_stock_transformers_beside_its_protocol
     assert type(model).__name__ == "Qwen3MoeForCausalLM" and hardened.num_experts == [8, 8]
     assert report["fingerprint"] == hardened.fingerprint()
     assert verify_fine_tune(hardened, Protocol.load(out / PROTOCOL_NAME)).compliant
+
+
+def test_the_demo_model_trains_defended_from_scratch(tmp_path):
+    from moeguard.defense.harden import demo_defense_loss
+    from moeguard.zoo import DemoConfig, train_demo
+
+    config = DemoConfig(layers=1, hidden=32, expert_hidden=32, tasks=("upper", "reverse"), train_examples=64, steps=6,
+                        batch_size=8, warmup=1)
+    loss = demo_defense_loss(config, "entangle", seed=0)
+    train_demo(tmp_path / "demo", config, extra_loss=loss, progress=False)
+    # The objective bound itself on the first step and ran on every later one.
+    assert loss.objective is not None and loss.objective.log.steps == config.steps - 1
+    assert set(loss.objective.log.means()) == {"dispersion", "contribution", "subset_failure"}

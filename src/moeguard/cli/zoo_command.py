@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, help="training steps (default: 2000)")
     train.add_argument("--tasks", help="comma-separated built-in tasks to train on (default: all)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    train.add_argument("--defense", help="train defended from scratch with this `moeguard harden` method (e.g. entangle)")
+    train.add_argument("--defense-strength", type=float, default=1.0, help="multiply the defense terms' weights (default: 1)")
     train.set_defaults(run=run_train)
 
     path = commands.add_parser("path", help="print the cached default demo model's directory, training it first if needed")
@@ -46,7 +48,14 @@ def run_train(args: argparse.Namespace) -> int:
     from moeguard.zoo import CARD_JSON, train_demo
     from moeguard.io import read_json
 
-    out = train_demo(args.out, config_from_args(args), seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    config = config_from_args(args)
+    extra_loss = None
+    if args.defense:
+        from moeguard.defense.harden import demo_defense_loss
+
+        extra_loss = demo_defense_loss(config, args.defense, seed=args.seed, strength=args.defense_strength)
+    out = train_demo(args.out, config, seed=args.seed, extra_loss=extra_loss, progress=not args.quiet,
+                     overwrite=args.overwrite)
     card = read_json(out / CARD_JSON, what="demo card")
     for task, result in card["accuracy"].items():
         print(f"{task:<10} exact match {result['value']:.3f}  (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}, n={result['n']})")
