@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, print_json
+from moeguard.defense.harden import HardenSettings
 from moeguard.defense.objective import ATTACKER_TRAINABLES, METHODS
 from moeguard.defense.protocol import DEFAULT_PERMITTED
 
@@ -30,10 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--margin", type=float, default=None, help="gamma = L(full) + margin, nats (default: 2)")
     parser.add_argument("--keep-counts", default=None, help="subset sizes to defend against, e.g. 2,4,6 (default)")
     parser.add_argument("--attacker-trainables", choices=ATTACKER_TRAINABLES, default=None,
-                        help="what the simulated attacker fine-tunes (default: experts)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--batch-size", type=int, default=24)
+                        help="what the simulated attacker fine-tunes (default: all)")
+    parser.add_argument("--steps", type=int, default=HardenSettings.steps)
+    parser.add_argument("--lr", type=float, default=HardenSettings.lr)
+    parser.add_argument("--batch-size", type=int, default=HardenSettings.batch_size)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--train-examples", type=int, default=4000, help="training examples per built-in task")
     parser.add_argument("--eval-examples", type=int, default=200, help="test examples per task for the before/after check")
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeguard.defense.harden import HardenSettings, harden_to_directory, load_defense_tasks
+    from moeguard.defense.harden import harden_to_directory, load_defense_tasks
     from moeguard.defense.objective import defense_config
 
     overrides = {}

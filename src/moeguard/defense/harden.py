@@ -25,9 +25,9 @@ log = logging.getLogger("moeguard.defense")
 class HardenSettings:
     """The fine-tuning budget of a hardening run."""
 
-    steps: int = 300
-    lr: float = 3e-4
-    batch_size: int = 24
+    steps: int = 600
+    lr: float = 1e-3
+    batch_size: int = 32
     max_length: int | None = None
     warmup: int = 10
     seed: int = 0

@@ -63,9 +63,9 @@ class DefenseConfig:
     random_subsets: int = 1
     attribution_subsets: int = 1
     attribution_decay: float = 0.9
-    attacker_steps: int = 2
+    attacker_steps: int = 3
     attacker_lr: float = 1e-3
-    attacker_trainables: str = "experts"
+    attacker_trainables: str = "all"
 
     def __post_init__(self) -> None:
         for name in TERMS + ("margin",):
