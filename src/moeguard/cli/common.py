@@ -76,3 +76,8 @@ def parse_int_list(text: str, *, what: str) -> list[int]:
     if not values:
         raise InputError(f"{what} is empty; give at least one integer.")
     return values
+
+
+def parse_name_list(text: str) -> list[str]:
+    """``"router, attention"`` -> ``["router", "attention"]`` (empty parts dropped)."""
+    return [part.strip() for part in text.split(",") if part.strip()]

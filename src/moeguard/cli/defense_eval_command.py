@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, print_json
+from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, parse_name_list, print_json
 from moeguard.defense.evaluation import DefenseEvalSettings
 from moeguard.errors import InputError
 
 DEFAULTS = DefenseEvalSettings()
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(part) for part in _names(text))
+        values = tuple(float(part) for part in parse_name_list(text))
     except ValueError:
         raise InputError(f"{what} must be a comma-separated list of numbers, got {text!r}.") from None
     if not values:
@@ -65,11 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def settings_from(args: argparse.Namespace) -> DefenseEvalSettings:
     return DefenseEvalSettings(
         target_task=args.target_task,
-        tasks=_names(args.tasks),
+        tasks=tuple(parse_name_list(args.tasks)),
         keeps=tuple(parse_int_list(args.keeps, what="--keeps")),
         attack_keeps=tuple(parse_int_list(args.attack_keeps, what="--attack-keeps")),
-        criteria=_names(args.criteria),
-        scopes=_names(args.scopes),
+        criteria=tuple(parse_name_list(args.criteria)),
+        scopes=tuple(parse_name_list(args.scopes)),
         lrs=_floats(args.lrs, "--lrs"),
         seeds=tuple(parse_int_list(args.seeds, what="--seeds")),
         acquisition=args.acquisition,
@@ -79,7 +75,7 @@ def settings_from(args: argparse.Namespace) -> DefenseEvalSettings:
         batch_size=args.batch_size,
         pool_size=args.pool_size,
         test_size=args.test_size,
-        permitted=_names(args.permit),
+        permitted=tuple(parse_name_list(args.permit)),
         authorised_steps=args.authorised_steps,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, print_json
+from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, parse_name_list, print_json
 from moeguard.defense.harden import HardenSettings
 from moeguard.defense.objective import ATTACKER_TRAINABLES, METHODS
 from moeguard.defense.protocol import DEFAULT_PERMITTED
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     train_tasks, test_tasks = load_defense_tasks(args.tasks, args.data, train_examples=args.train_examples,
                                                  eval_examples=args.eval_examples, seed=args.seed)
     moe = load_model(args)
-    permitted = [part.strip() for part in args.permit.split(",") if part.strip()]
+    permitted = parse_name_list(args.permit)
     report = harden_to_directory(
         moe, train_tasks, test_tasks, config, settings, out=args.out, permitted=permitted, overwrite=args.overwrite,
         method=args.method, progress=not args.quiet,

@@ -210,10 +210,10 @@ class _Run:
 
     def train_round(self, round_index: int, checkpoint: Path | None, progress: bool) -> Any:
         config = self.config
-        rank, world = distributed_world()
+        world = distributed_world()[1]
         round_seed = derive_seed(config.seed, "train", round_index)
         order = torch.randperm(len(self.labelled), generator=torch.Generator().manual_seed(round_seed)).tolist()
-        local = [self.labelled[i] for i in order][rank::world]
+        local = shard([self.labelled[i] for i in order])
         stream = batches(
             self.moe.tokenizer,
             self.data.pool.subset(local),

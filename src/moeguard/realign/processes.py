@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeguard.attribution.collect import distributed_world
+from moeguard.attribution.collect import distributed_world, iterate_shard
 from moeguard.errors import ModelError
 from moeguard.eval.evaluate import causal_lm
 from moeguard.models import MoEModel
@@ -26,8 +26,7 @@ from moeguard.models.fingerprint import short, update_with_tensor
 
 def shard(indices: Sequence[int]) -> list[int]:
     """This process's share of ``indices`` (every ``world``-th one, from its rank)."""
-    rank, world = distributed_world()
-    return list(indices)[rank::world]
+    return list(iterate_shard(indices, *distributed_world()))
 
 
 def gather_rows(indices: Sequence[int], local: list[int], values: torch.Tensor) -> torch.Tensor:
