@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 from conftest import tiny_moe
 from moeguard.data import build_char_tokenizer
 from moeguard.models import load_moe
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -27,6 +34,7 @@ def test_two_processes_under_accelerate_launch_realign_a_pruned_model_and_agree(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(sys.executable).parent / "moeguard"), "-q", "realign",
         "--model", str(tmp_path / "pruned"), "--task", "upper", "--pool-size", "16", "--test-size", "4",
         "--other-tasks", "none", "--budget", "8", "--rounds", "2", "--acquisition", "entropy", "--train", "all",
