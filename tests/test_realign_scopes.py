@@ -161,3 +161,18 @@ def test_lora_without_peft_or_with_a_module_peft_refuses_gives_a_clear_error(mon
     with pytest.raises(InputError, match="LoRA rank must be a positive integer"):
         monkeypatch.delitem(sys.modules, "peft")
         add_lora(moe, rank=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_lora_on_fused_experts_is_exact_to_merge_in_every_family(family):
+    moe = model(family)
+    ids = torch.tensor([TOKENIZER("rev abc=")["input_ids"]])
+    lora = add_lora(moe, rank=2)
+    assert any(".experts." in name for name in lora.parameters)  # the fused 3-D expert weights are adapted
+    with torch.no_grad():
+        for name, param in lora.parameters.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        adapted = moe.model(input_ids=ids).logits
+        lora.merge(moe)
+        torch.testing.assert_close(moe.model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
