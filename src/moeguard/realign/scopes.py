@@ -3,8 +3,9 @@
 - ``router``: each MoE layer's router tensors (:meth:`MoELayer.router_parameters`);
 - ``experts``: the fused routed-expert tensors of each MoE layer
   (:meth:`MoELayer.expert_parameters`). In a pruned model these are the kept experts;
-  in mask mode the removed experts' slices get no gradient (they are never routed)
-  and stay bit-identical, which :func:`frozen_digest` verifies;
+  in mask mode the removed experts' slices get a zero gradient (they are never
+  routed) and, as re-alignment uses no weight decay, AdamW leaves them bit-identical,
+  which :func:`frozen_digest` verifies;
 - ``attention``: every parameter of the attention modules, found by behaviour: one
   probe forward runs with a registered transformers attention implementation that
   records the module calling it (transformers 5 models hand the calling module to
@@ -16,7 +17,8 @@
   which gives each expert its own rank-r pair). peft's parameter wrapper cannot
   take LoRA dropout, DoRA or a LoRA bias, and moeguard does not adapt 2-D expert
   biases (peft would treat ``[E, out]`` as one matrix) nor routers; what LoRA does
-  not wrap stays frozen.
+  not wrap stays frozen. Checked with peft 0.21 on Mixtral, Qwen2-MoE, Qwen3-MoE,
+  OLMoE, DeepSeek-V3 and GPT-OSS: the adapters merge exactly into a stock model.
 
 Everything outside the scope is frozen; :func:`frozen_digest` taken before and
 after training proves it unchanged.
