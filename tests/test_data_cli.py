@@ -14,7 +14,7 @@ def test_data_list_names_every_task_with_an_example(capsys):
     assert [row["task"] for row in listed["tasks"]] == list(BUILTIN_TASKS)
     assert listed["split_sizes"] == {"train": 20_000, "pool": 2_000, "test": 200}
     assert main(["data", "list"]) == 0
-    assert "add 135+733=868" in capsys.readouterr().out
+    assert "add 135+733=0868" in capsys.readouterr().out
 
 
 def test_data_export_writes_the_split_in_the_contract(tmp_path, capsys):

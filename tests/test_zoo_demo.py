@@ -98,6 +98,8 @@ def test_training_into_an_existing_directory_is_refused_before_any_work(tmp_path
         (dict(tasks=()), "tasks is empty"),
         (dict(family="llama"), "demo family must be one of mixtral, qwen2_moe"),
         (dict(lr=0.0), "lr must be positive"),
+        (dict(task_weights=(("upper", 0.0),)), "the weight of task 'upper' must be positive, got 0.0"),
+        (dict(task_weights=(("uper", 2.0),)), "unknown built-in task 'uper'"),
     ],
 )
 def test_bad_demo_configs_are_refused_with_the_fix(settings, message):
@@ -109,3 +111,10 @@ def test_a_config_round_trips_through_its_dict_and_unknown_settings_are_named():
     assert DemoConfig.from_dict(MICRO.to_dict()) == MICRO
     with pytest.raises(InputError, match=r"unknown settings \['width'\]"):
         DemoConfig.from_dict({"width": 3})
+
+
+def test_task_weights_put_more_examples_of_a_task_into_the_mixture():
+    config = DemoConfig(train_examples=100, task_weights=(("addition", 2.5),))
+    assert [config.examples_of(task) for task in ("addition", "upper")] == [250, 100]
+    assert DemoConfig.from_dict(config.to_dict()) == config
+    assert config.key(0) != DemoConfig(train_examples=100, task_weights=()).key(0)

@@ -23,7 +23,7 @@ SPLITS = ("train", "pool", "test")
 _SPLIT_BUCKETS = {"train": range(0, 16), "pool": range(16, 18), "test": range(18, 20)}
 DEFAULT_SIZES = {"train": 20_000, "pool": 2_000, "test": 200}
 # A new version changes which examples the generators produce (part of the demo cache key).
-TASK_SUITE_VERSION = 1
+TASK_SUITE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ def _letters(rng: random.Random, low: int, high: int, alphabet: str = string.asc
 
 
 def _addition(rng: random.Random) -> tuple[str, str]:
-    # Operands are zero-padded so every digit has a fixed place in the prompt.
+    # Fixed widths (three-digit operands, four-digit sum) give every digit a fixed place.
     a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"{a:03d}+{b:03d}", str(a + b)
+    return f"{a:03d}+{b:03d}", f"{a + b:04d}"
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
@@ -79,7 +79,7 @@ def _count(rng: random.Random) -> tuple[str, str]:
 TASK_SPECS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("addition", "add", "add two numbers of up to three digits", _addition),
+        TaskSpec("addition", "add", "add two three-digit numbers (four-digit sum)", _addition),
         TaskSpec("reverse", "rev", "write a word backwards", _reverse),
         TaskSpec("sort", "sort", "sort the digits of a number", _sort),
         TaskSpec("caesar", "rot", f"shift each letter {CAESAR_SHIFT} places along the alphabet", _caesar),

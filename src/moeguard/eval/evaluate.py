@@ -33,6 +33,7 @@ from moeguard.data.batching import (
 )
 from moeguard.data.examples import TaskData, require_examples
 from moeguard.errors import InputError
+from moeguard.models import MoEModel
 from moeguard.eval.metrics import bootstrap_perplexity_interval, perplexity, target_log_likelihoods, wilson_interval
 
 log = logging.getLogger("moeguard.eval")
@@ -72,8 +73,7 @@ class TaskResult:
 
 def causal_lm(model: Any) -> nn.Module:
     """The transformers model inside an ``MoEModel``, or ``model`` itself."""
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(model, "layers") else model
+    return model.model if isinstance(model, MoEModel) else model
 
 
 @contextmanager

@@ -36,7 +36,9 @@ def render_card(card: dict[str, Any]) -> str:
         "## Data",
         "",
         f"Tasks: {', '.join(config['tasks'])} (moeguard task suite v{card['task_suite_version']}). "
-        f"{config['train_examples']:,} training examples per task drawn with seed {card['seed']}; "
+        f"{config['train_examples']:,} training examples per task drawn with seed {card['seed']}"
+        + "".join(f", {weight:g}x as many of {task}" for task, weight in config["task_weights"] if task in config["tasks"])
+        + "; "
         "test prompts never occur in training data (splits are assigned by a hash of the prompt).",
         "",
         "## Training",

@@ -23,6 +23,8 @@ class DemoConfig:
     width ``expert_hidden``. Training: ``steps`` AdamW steps on shuffled batches of
     ``batch_size`` examples drawn from ``train_examples`` training examples per task,
     with the router load-balancing loss weighted by ``router_aux_loss_coef``.
+    ``task_weights`` samples some tasks more often: weight w draws ``w * train_examples``
+    examples of that task into the mixture (tasks not trained on are ignored).
     """
 
     family: str = "qwen3_moe"
@@ -40,6 +42,7 @@ class DemoConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     router_aux_loss_coef: float = 0.01
+    task_weights: tuple[tuple[str, float], ...] = (("addition", 2.0),)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -58,13 +61,22 @@ class DemoConfig:
         if not self.tasks:
             raise InputError("demo config: tasks is empty; name at least one built-in task.")
         resolve_task_names(",".join(self.tasks))
+        for task, weight in self.task_weights:
+            resolve_task_names(task)
+            if not weight > 0:
+                raise InputError(f"demo config: the weight of task {task!r} must be positive, got {weight!r}.")
         if self.warmup < 0 or self.lr <= 0 or self.weight_decay < 0 or self.router_aux_loss_coef < 0:
             raise InputError("demo config: lr must be positive and warmup, weight_decay, router_aux_loss_coef non-negative.")
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["tasks"] = list(self.tasks)
+        data["task_weights"] = [list(pair) for pair in self.task_weights]
         return data
+
+    def examples_of(self, task: str) -> int:
+        """How many training examples of ``task`` go into the mixture."""
+        return round(self.train_examples * dict(self.task_weights).get(task, 1.0))
 
     @classmethod
     def from_dict(cls, data: dict) -> "DemoConfig":
@@ -72,7 +84,12 @@ class DemoConfig:
         unknown = set(data) - known
         if unknown:
             raise InputError(f"demo config: unknown settings {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(**{**data, **({"tasks": tuple(data["tasks"])} if "tasks" in data else {})})
+        converted = dict(data)
+        if "tasks" in data:
+            converted["tasks"] = tuple(data["tasks"])
+        if "task_weights" in data:
+            converted["task_weights"] = tuple((task, float(weight)) for task, weight in data["task_weights"])
+        return cls(**converted)
 
     def key(self, seed: int) -> str:
         """A short hash of everything that determines the trained weights."""
@@ -81,4 +98,6 @@ class DemoConfig:
 
 
 # The small model the test suite trains once and shares (tests/conftest.py: trained_tiny).
-TINY_DEMO = DemoConfig(layers=2, hidden=64, expert_hidden=64, tasks=("upper", "caesar", "sort", "reverse"), steps=1000)
+TINY_DEMO = DemoConfig(
+    layers=2, hidden=64, expert_hidden=64, tasks=("upper", "caesar", "sort", "reverse"), task_weights=(), steps=1000
+)

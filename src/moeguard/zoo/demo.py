@@ -95,7 +95,7 @@ def train_demo(
     tokenizer = build_char_tokenizer()
     moe = build_demo_model(config, tokenizer, seed=seed)
     moe.tokenizer = tokenizer
-    data = mixture([load_task(task, "train", limit=config.train_examples, seed=seed) for task in config.tasks])
+    data = mixture([load_task(task, "train", limit=config.examples_of(task), seed=seed) for task in config.tasks])
     log.info(
         "training the demo model (%s, %d layers x %d experts, top-%d) on %s for %d steps",
         config.family, config.layers, config.experts, config.top_k, ", ".join(config.tasks), config.steps,
