@@ -12,7 +12,7 @@ from moeguard.data import load_task
 from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate
 from moeguard.models import load_moe
-from moeguard.zoo import CARD_JSON, DemoConfig, demo_cache_dir, demo_model_path, train_demo
+from moeguard.zoo import CARD_JSON, TINY_DEMO, DemoConfig, demo_cache_dir, demo_model_path, train_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,9 +55,10 @@ def test_a_small_moe_trained_for_a_few_seconds_learns_its_task_end_to_end(tmp_pa
 
 
 def test_same_seed_gives_the_same_data_and_weights_and_another_seed_does_not(tmp_path):
-    first = card_of(train_demo(tmp_path / "a", MICRO, seed=5, progress=False))
-    second = card_of(train_demo(tmp_path / "b", MICRO, seed=5, progress=False))
-    other = card_of(train_demo(tmp_path / "c", MICRO, seed=6, progress=False))
+    short_tiny = dataclasses.replace(TINY_DEMO, steps=4, train_examples=64)  # the tiny architecture, a few steps
+    first = card_of(train_demo(tmp_path / "a", short_tiny, seed=5, progress=False))
+    second = card_of(train_demo(tmp_path / "b", short_tiny, seed=5, progress=False))
+    other = card_of(train_demo(tmp_path / "c", short_tiny, seed=6, progress=False))
     assert first["fingerprint"] == second["fingerprint"]
     assert other["fingerprint"] != first["fingerprint"]
     assert load_task("upper", "train", seed=5).examples == load_task("upper", "train", seed=5).examples
