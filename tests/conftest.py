@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import warnings
@@ -60,21 +59,13 @@ def family(request) -> str:
     return request.param
 
 
-@contextlib.contextmanager
-def torch_threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture
 def one_thread():
     """Run the test on one intra-op thread: tiny models gain nothing from two, and on a
     busy machine two threads waiting on each other make training many times slower."""
-    with torch_threads(1):
+    from moeguard.zoo.demo import intra_op_threads
+
+    with intra_op_threads(1):
         yield
 
 
@@ -85,5 +76,4 @@ def trained_tiny():
     (``$MOEGUARD_CACHE``, default ``~/.cache/moeguard``), keyed by its config."""
     from moeguard.zoo import TINY_DEMO, demo_model_path
 
-    with torch_threads(1):
-        return demo_model_path(TINY_DEMO, seed=0, progress=False)
+    return demo_model_path(TINY_DEMO, seed=0, progress=False)

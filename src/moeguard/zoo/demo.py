@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,22 @@ def routing_specialisation(moe: MoEModel, tokenizer: Any, tasks: list[str]) -> d
     }
 
 
+# The demo model's matrices are small: one intra-op thread trains it faster than two
+# (measured 151 vs 218 ms per step on 2 cores) and leaves the other core free.
+TRAINING_THREADS = 1
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count is ``count`` inside the block and restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -88,10 +106,16 @@ def train_demo(
     CPU time, per-task test accuracy and routing specialisation. It appears only when
     complete; an interrupted run resumes from its checkpoint beside ``out_dir``.
     ``extra_loss`` is added to the training loss (see :func:`moeguard.training.train`).
+    Training runs on one intra-op thread (faster for a model this small).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite).")
+    with intra_op_threads(TRAINING_THREADS):
+        return _train_demo(out_dir, config, seed=seed, extra_loss=extra_loss, progress=progress, overwrite=overwrite)
+
+
+def _train_demo(out_dir: Path, config: DemoConfig, *, seed: int, extra_loss: ExtraLoss | None, progress: bool, overwrite: bool) -> Path:
     tokenizer = build_char_tokenizer()
     moe = build_demo_model(config, tokenizer, seed=seed)
     moe.tokenizer = tokenizer
