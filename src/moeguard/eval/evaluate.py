@@ -30,16 +30,17 @@ from moeguard.data.batching import (
     pad_id_of,
     pad_sequences,
     to_device,
+    truncate,
 )
 from moeguard.data.examples import TaskData, require_examples
 from moeguard.errors import InputError
-from moeguard.models import MoEModel
 from moeguard.eval.metrics import bootstrap_perplexity_interval, perplexity, target_log_likelihoods, wilson_interval
+from moeguard.models import MoEModel
 
 log = logging.getLogger("moeguard.eval")
 
 METRICS = {"generate": "exact_match", "choice": "choice_accuracy", "lm": "perplexity"}
-# Extra generation steps beyond the longest answer: a hub tokenizer may split a
+# Generation steps allowed beyond each answer's length: a hub tokenizer may split a
 # generated answer into more tokens than the reference answer.
 ANSWER_TOKEN_MARGIN = 3
 
@@ -187,8 +188,6 @@ def choice_accuracy(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_s
 
 
 def text_perplexity(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_size: int, max_length: int | None) -> TaskResult:
-    from moeguard.data.batching import truncate
-
     encoded = [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)]
     log_likelihood, counts = scored_sequences(model, encoded, pad_id_of(tokenizer), batch_size)
     if int(counts.sum()) == 0:
