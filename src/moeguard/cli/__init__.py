@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "moeguard.cli.harden_command",
     "moeguard.cli.defense_eval_command",
     "moeguard.cli.prune_command",
+    "moeguard.cli.sweep_command",
     "moeguard.cli.attribute_command",
     "moeguard.cli.realign_command",
 ]
