@@ -131,7 +131,7 @@ def test_a_pruned_directory_run_writes_the_realigned_model_history_and_figure(pr
     assert history["complete"] and len(history["rounds"]) == 4 and history["threshold"]["target"] == 0.9
     manifest = json.loads((out / "model" / MANIFEST_NAME).read_text())
     assert manifest["kept"] == [KEEP[0], KEEP[1]] and manifest["selection"] == {"criterion": "hand-picked"}
-    assert manifest["realign"]["labels"] == 8 and manifest["realign"]["scope"] == "experts"
+    assert [(r["labels"], r["scope"], r["acquisition"]) for r in manifest["realign"]] == [(8, "experts", "entropy")]
     realigned = load_moe(out / "model")
     assert realigned.num_experts == [3, 3] and realigned.expert_ids == [KEEP[0], KEEP[1]]
     assert realigned.fingerprint() != load_moe(pruned_dir).fingerprint()

@@ -5,7 +5,7 @@ from moeguard.models.fingerprint import fingerprint
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.layers import ExpertTensor, GroupRouting, MoELayer
 from moeguard.models.loading import load_moe
-from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
+from moeguard.models.manifest import MANIFEST_NAME, PruneManifest, RealignRecord
 from moeguard.models.moe_model import MoEModel, ParameterCounts
 from moeguard.models.routing import RoutingCapture, RoutingEvent
 
@@ -19,6 +19,7 @@ __all__ = [
     "MoEModel",
     "ParameterCounts",
     "PruneManifest",
+    "RealignRecord",
     "RoutingCapture",
     "RoutingEvent",
     "discover_moe_layers",

@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from moeguard.data.batching import batches, encode_continuations
 from moeguard.errors import FingerprintMismatchError, InputError, ModelError
 from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
 from moeguard.io import read_json, write_json
-from moeguard.models import MoEModel, load_moe, normalize_keep_sets
+from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
 from moeguard.realign.inputs import RealignData
 from moeguard.realign.metrics import recovery, retention
@@ -333,6 +333,8 @@ def realign(
     interrupted run up) and the history JSON, the recovery-curve figure and, for a
     pruned model, the re-aligned model directory are written there.
     ``on_round`` is called with each round's record after its state is saved.
+    In pruned mode the model's manifest gains a :class:`RealignRecord` of the run
+    (written with the model to ``out/model``).
     """
     init_distributed_from_environment()
     moe = model if isinstance(model, MoEModel) else load_moe(model)
@@ -409,6 +411,9 @@ def realign(
             if lora is not None and mode == "pruned":
                 lora.merge(moe)
             result = _result(run, mode, kept, model_fingerprint, True, True)
+            if mode == "pruned":
+                # The pruned model's manifest now says what was done to its weights (and is saved with them).
+                moe.manifest = replace(moe.manifest, realign=[*moe.manifest.realign, realign_record(moe, run, result)])
             if out_dir is not None:
                 _finish(moe, run, result, out_dir)
     finally:
@@ -435,24 +440,39 @@ def _result(run: _Run, mode: str, kept: list[list[int]], fingerprint: str, verif
     )
 
 
+def realign_record(moe: MoEModel, run: _Run, result: RealignResult) -> RealignRecord:
+    """The manifest entry of a finished run on a pruned model (``moe`` holds the re-aligned weights)."""
+    config, final = run.config, result.final
+    return RealignRecord(
+        parent_fingerprint=result.model_fingerprint,
+        fingerprint=moe.fingerprint(),
+        task=result.task,
+        scope=config.scope,
+        acquisition=config.acquisition,
+        labels=final.labels,
+        budget=config.budget,
+        rounds=config.rounds,
+        steps=final.steps,
+        tokens=final.tokens,
+        lr=config.lr,
+        seed=config.seed,
+        unpruned_accuracy=result.unpruned_accuracy,
+        pruned_accuracy=result.pruned_accuracy,
+        accuracy=final.accuracy,
+        retention=final.retention,
+        data_signature=run.data.signature(),
+        lora_rank=config.lora_rank if config.scope == "lora" else None,
+        moeguard_version=moeguard.__version__,
+    )
+
+
 def _finish(moe: MoEModel, run: _Run, result: RealignResult, out_dir: Path) -> None:
     """Write the re-aligned model (pruned mode), the figure and the final history; drop the state."""
     from moeguard.realign.figures import recovery_figure
 
     if result.mode == "pruned":
         if is_main():
-            manifest = moe.manifest.to_dict()
-            manifest["realign"] = {
-                "pruned_fingerprint": result.model_fingerprint,
-                "task": result.task,
-                "labels": result.final.labels,
-                "steps": result.final.steps,
-                "acquisition": run.config.acquisition,
-                "scope": run.config.scope,
-                "retention": result.final.retention,
-                "moeguard_version": moeguard.__version__,
-            }
-            moe.save(out_dir / MODEL_DIR, manifest, overwrite=True)
+            moe.save(out_dir / MODEL_DIR, overwrite=True)
         result.model_dir = str(out_dir / MODEL_DIR)
     result.history_path = str(out_dir / HISTORY_NAME)
     result.figure_path = str(out_dir / FIGURE_NAME)
