@@ -1,9 +1,12 @@
 """Acquisition functions: which unlabelled examples to label next.
 
 Every function here is pure torch over the model's outputs on one batch and reduces
-on the device of its inputs: the ``[B, T, V]`` logits of a batch are read once
-(only at answer positions) and what leaves is ``[B]`` or ``[B, D]``, never pool x
-length x vocabulary. Scores are "higher = label first".
+on the device of its inputs: the logits are read only at the positions that predict
+answer tokens, and what leaves is ``[B]`` or ``[B, D]``, never pool x length x
+vocabulary. The logits may be given as ``[B, T, V]`` or, as the scorer asks the
+model for them (``logits_to_keep=answer_predictors(answer_mask)``), as ``[N, V]``
+already taken at the N answer-predicting positions, so a batch never holds more
+than its answer tokens x vocabulary. Scores are "higher = label first".
 
 The answer of an unlabelled example is the model's own prediction (its greedy
 continuation), so ``answer_mask`` marks predicted tokens. As everywhere in
@@ -32,6 +35,17 @@ def answer_token_positions(answer_mask: torch.Tensor) -> tuple[torch.Tensor, tor
     return example, position
 
 
+def answer_predictors(answer_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the positions whose logits predict an answer token (``answer_mask`` shifted left by one).
+
+    Passed to a causal LM as ``logits_to_keep``, the model returns logits ``[N, V]``
+    at exactly these positions, in the order of :func:`answer_token_positions`.
+    """
+    predictors = torch.zeros_like(answer_mask, dtype=torch.bool)
+    predictors[:, :-1] = answer_mask[:, 1:]
+    return predictors
+
+
 def per_example_mean(values: torch.Tensor, example: torch.Tensor, num_examples: int) -> torch.Tensor:
     """``[B]`` mean of ``values [N]`` over the entries of each example (0 where it has none)."""
     sums = torch.zeros(num_examples, dtype=values.dtype, device=values.device).index_add_(0, example, values)
@@ -44,16 +58,33 @@ def per_example_sum(values: torch.Tensor, example: torch.Tensor, num_examples: i
     return torch.zeros(num_examples, dtype=values.dtype, device=values.device).index_add_(0, example, values)
 
 
+def answer_logits(logits: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N, V], example [N])`` at the N answer-predicting positions.
+
+    ``logits`` is ``[B, T, V]`` or already ``[N, V]`` (taken at those positions, in
+    :func:`answer_token_positions` order).
+    """
+    example, position = answer_token_positions(answer_mask)
+    if logits.dim() == 3:
+        return logits[example, position], example
+    if logits.dim() != 2 or len(logits) != len(example):
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} are neither [B, T, V] nor [N, V] at the {len(example)} "
+            "answer-predicting positions"
+        )
+    return logits, example
+
+
 def answer_log_probs(logits: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p [N, V], example [N])``: the float32 log-softmax at the N answer-predicting positions."""
-    example, position = answer_token_positions(answer_mask)
-    return torch.log_softmax(logits[example, position].float(), dim=-1), example
+    token_logits, example = answer_logits(logits, answer_mask)
+    return torch.log_softmax(token_logits.float(), dim=-1), example
 
 
 def least_confidence(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """``LC(x) = mean_t (1 - max_v p_t(v))`` over the answer tokens t of each example; ``[B]``."""
     log_probs, example = answer_log_probs(logits, answer_mask)
-    return per_example_mean(1 - log_probs.max(dim=-1).values.exp(), example, logits.shape[0])
+    return per_example_mean(1 - log_probs.max(dim=-1).values.exp(), example, answer_mask.shape[0])
 
 
 def margin(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -63,14 +94,14 @@ def margin(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """
     log_probs, example = answer_log_probs(logits, answer_mask)
     top2 = log_probs.topk(2, dim=-1).values.exp()
-    return per_example_mean(1 - (top2[:, 0] - top2[:, 1]), example, logits.shape[0])
+    return per_example_mean(1 - (top2[:, 0] - top2[:, 1]), example, answer_mask.shape[0])
 
 
 def entropy(logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """``H(x) = mean_t -sum_v p_t(v) log p_t(v)`` over the answer tokens t (nats); ``[B]``."""
     log_probs, example = answer_log_probs(logits, answer_mask)
     token_entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return per_example_mean(token_entropy, example, logits.shape[0])
+    return per_example_mean(token_entropy, example, answer_mask.shape[0])
 
 
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -82,7 +113,7 @@ def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: tor
     log_probs, example = answer_log_probs(logits, answer_mask)
     targets = input_ids[:, 1:][answer_mask[:, 1:]]
     picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return per_example_sum(-picked, example, logits.shape[0])
+    return per_example_sum(-picked, example, answer_mask.shape[0])
 
 
 def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,7 +188,7 @@ def badge_embeddings(
     if hidden_sketch is not None:
         states = states @ hidden_sketch.to(states)
     outer = (residual.unsqueeze(-1) * states.unsqueeze(-2)).flatten(1)
-    summed = torch.zeros(logits.shape[0], outer.shape[1], dtype=outer.dtype, device=outer.device)
+    summed = torch.zeros(answer_mask.shape[0], outer.shape[1], dtype=outer.dtype, device=outer.device)
     return summed.index_add_(0, example, outer)
 
 

@@ -11,6 +11,7 @@ sees every value.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,13 @@ ACQUISITIONS: dict[str, str] = {
     "routing": "largest share of the unpruned parent's routing mass that went to removed experts",
 }
 SKETCH_DIM = 32
+# The answer-token logits one scored batch may hold, as float32: with a real vocabulary
+# (150k tokens: 600 kB per token) a batch is cut to about 450 answer tokens, so the
+# log-softmax and its temporaries stay bounded whatever the batch size asked for.
+LOGIT_BYTES = 256 * 2**20
+# What each acquisition reads from the model: logits at the answer tokens, final hidden states.
+READS_LOGITS = {"least_confidence", "margin", "entropy", "sequence_nll", "badge"}
+READS_HIDDEN = {"coreset", "badge"}
 
 
 def check_acquisition(name: str) -> str:
@@ -94,6 +102,33 @@ def batch_values(name: str, outputs: object, batch: dict[str, torch.Tensor], ske
     raise InputError(f"{name!r} is not computed from model outputs.")
 
 
+def accepts_logits_to_keep(lm: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward can restrict its logits to some positions (every transformers family does)."""
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def logit_budget_chunks(chunks: Sequence[Sequence[int]], answer_tokens: Sequence[int], vocab: int) -> list[list[int]]:
+    """``chunks`` split further so that no batch holds more than :data:`LOGIT_BYTES` of float32 answer-token logits.
+
+    ``answer_tokens[i]`` is the number of answer tokens of example i; a batch keeps at
+    least one example, however long its answer.
+    """
+    limit = max(1, LOGIT_BYTES // (4 * vocab))
+    split: list[list[int]] = []
+    for chunk in chunks:
+        current: list[int] = []
+        tokens = 0
+        for i in chunk:
+            if current and tokens + answer_tokens[i] > limit:
+                split.append(current)
+                current, tokens = [], 0
+            current.append(i)
+            tokens += answer_tokens[i]
+        if current:
+            split.append(current)
+    return split
+
+
 def badge_sketches(moe: MoEModel, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The vocabulary and hidden-size sketches BADGE embeddings are computed with."""
     lm = causal_lm(moe)
@@ -116,6 +151,9 @@ def pool_values(
 
     Computed in the model's current state (inside a ``mask_experts`` block in mask
     mode). Each process scores its shard; the result is complete on every process.
+    The model computes logits only where the acquisition reads them (the positions
+    that predict answer tokens; none for core-set), and batches are cut to
+    :data:`LOGIT_BYTES` of answer-token logits.
     """
     sketches = badge_sketches(moe, generator) if name == "badge" else (None, None)
     local = shard(indices)
@@ -123,11 +161,21 @@ def pool_values(
     lm = causal_lm(moe)
     device = device_of(lm)
     pad_id = pad_id_of(moe.tokenizer)
+    restrict = accepts_logits_to_keep(lm)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    chunks = length_sorted_chunks([len(e.prompt) + len(e.target) for e in encoded], batch_size)
+    if name in READS_LOGITS:
+        # Without logits_to_keep the model returns logits at every position: budget those.
+        counted = [len(e.target) if restrict else len(e.prompt) + len(e.target) for e in encoded]
+        chunks = logit_budget_chunks(chunks, counted, vocab)
     rows: list[torch.Tensor] = [torch.empty(0)] * len(local)
     with eval_mode(lm):
-        for chunk in length_sorted_chunks([len(e.prompt) + len(e.target) for e in encoded], batch_size):
+        for chunk in chunks:
             batch = to_device(collate([encoded[i] for i in chunk], chunk, pad_id), device)
-            outputs = lm(**model_inputs(batch), output_hidden_states=name in ("coreset", "badge"))
+            kwargs = {}
+            if restrict:
+                kwargs["logits_to_keep"] = acq.answer_predictors(batch["answer_mask"]) if name in READS_LOGITS else 1
+            outputs = lm(**model_inputs(batch), output_hidden_states=name in READS_HIDDEN, **kwargs)
             values = batch_values(name, outputs, batch, sketches).float().cpu()
             for row, i in enumerate(chunk):
                 rows[i] = values[row]
@@ -164,6 +212,7 @@ def routing_shares(
     lm = causal_lm(parent)
     device = device_of(lm)
     pad_id = pad_id_of(parent.tokenizer)
+    restrict = accepts_logits_to_keep(lm)
     lost = torch.zeros(len(local), dtype=torch.float64)
     total = torch.zeros(len(local), dtype=torch.float64)
     batch_rows: torch.Tensor | None = None
@@ -180,7 +229,7 @@ def routing_shares(
         for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
             batch = to_device(collate([EncodedExample(prompts[i], []) for i in chunk], chunk, pad_id), device)
             batch_rows = batch["example_index"]
-            lm(**model_inputs(batch))
+            lm(**model_inputs(batch), **({"logits_to_keep": 1} if restrict else {}))  # only the routing is read
     return gather_rows(indices, local, acq.routing_loss_share(lost, total))
 
 
