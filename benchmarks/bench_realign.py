@@ -23,7 +23,6 @@ The figure and ``summary.json`` go to ``--out``; the pruned model and every run 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -36,6 +35,7 @@ import torch
 from moeguard.attribution import scores
 from moeguard.attribution.run import attribute
 from moeguard.data import batches, load_task, model_inputs
+from moeguard.io import write_json
 from moeguard.models import load_moe
 from moeguard.pruning.plans import make_plan
 from moeguard.realign import ACQUISITIONS, RealignConfig, RealignResult, builtin_data, realign
@@ -160,10 +160,11 @@ def main() -> None:
 
     started = time.perf_counter()
     out = Path(args.out)
-    work = Path(args.workdir) / args.demo
     out.mkdir(parents=True, exist_ok=True)
     demo = TINY_DEMO if args.demo == "tiny" else DemoConfig()
     source = demo_model_path(demo, progress=False)
+    # Keyed by the demo model's cache key: a retrained demo never meets another model's prune or runs.
+    work = Path(args.workdir) / f"{args.demo}-{source.name}"
     pruned_dir = work / f"{args.task}_keep{args.keep}"
     kept = prune_demo(source, args.task, args.keep, pruned_dir)
     print(f"demo model {source}; {args.task}: kept experts per layer {kept}")
@@ -222,8 +223,9 @@ def main() -> None:
           f"{speed['moeguard_pruned_tokens_per_second']:.0f} tok/s (ratio {speed['ratio_pruned_vs_plain']:.3f}); "
           f"in mask mode {speed['moeguard_mask_tokens_per_second']:.0f} tok/s (ratio {speed['ratio_mask_vs_plain']:.3f})")
     elapsed = time.perf_counter() - started
-    (out / f"summary_{args.demo}_{args.task}_keep{args.keep}.json").write_text(json.dumps(
-        {"args": vars(args), "kept": kept, "acquisitions": summary, "throughput": speed, "seconds": elapsed}, indent=2))
+    write_json(out / f"summary_{args.demo}_{args.task}_keep{args.keep}.json",
+               {"args": vars(args), "model": str(source), "kept": kept, "acquisitions": summary, "throughput": speed,
+                "seconds": elapsed})
     print(f"total {elapsed / 60:.1f} min")
 
 

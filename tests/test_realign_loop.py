@@ -138,6 +138,11 @@ def test_a_pruned_directory_run_writes_the_realigned_model_history_and_figure(pr
     # The parent's accuracy is the reference; a finished run is returned as it is on --resume.
     again = realign(pruned_dir, small_data(), config(), out=out, resume=True, progress=False)
     assert json.dumps(again.to_dict()["rounds"]) == json.dumps(result.to_dict()["rounds"])
+    # ... but only when it is the run asked for.
+    with pytest.raises(InputError, match="started with other options: lr=0.01 \\(now 0.005\\)"):
+        realign(pruned_dir, small_data(), config(lr=5e-3), out=out, resume=True, progress=False)
+    with pytest.raises(InputError, match="started with other data"):
+        realign(pruned_dir, small_data(pool=21), config(), out=out, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("scope,acquisition", [("experts", "badge"), ("lora", "entropy")])

@@ -262,7 +262,7 @@ def _check_saved(saved: dict[str, Any], expected: dict[str, Any], where: Path) -
             what = {"mode": f"mode ({old})", "task": f"target task ({old})", "data": "data (pool, test set or other tasks)",
                     "model_fingerprint": "model weights"}[key]
         raise InputError(
-            f"the interrupted run in {where} was started with other {what}; resume with the same model, data and "
+            f"the run in {where} was started with other {what}; resume with the same model, data and "
             "options, or choose a new --out."
         )
 
@@ -348,15 +348,17 @@ def realign(
     history_path = out_dir / HISTORY_NAME if out_dir else None
     if out_dir is not None and not resume and (history_path.exists() or (out_dir / STATE_DIR).exists()):
         raise InputError(f"{out_dir} already holds a re-alignment run; pass --resume to continue it or choose a new --out.")
+    model_fingerprint = moe.fingerprint()
+    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(), "model_fingerprint": model_fingerprint}
     if history_path is not None and resume and history_path.is_file():
         finished = read_json(history_path, what="re-alignment history")
         if finished.get("complete"):
+            # A finished run is returned as it is only if it is the run asked for.
+            _check_saved({**finished, "data": finished.get("data_signature")}, expected, out_dir)
             log.info("%s holds a finished run; nothing to do", out_dir)
             return RealignResult.from_dict(finished)
 
-    model_fingerprint = moe.fingerprint()
     saved = load_latest_round(out_dir / STATE_DIR) if out_dir is not None and resume else None
-    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(), "model_fingerprint": model_fingerprint}
     if saved is not None:
         _check_saved(saved.data, expected, out_dir)
         reference = Reference(**saved.data["reference"])
@@ -437,6 +439,7 @@ def _result(run: _Run, mode: str, kept: list[list[int]], fingerprint: str, verif
         frozen_verified=verified,
         pool_size=len(run.data.pool),
         complete=complete,
+        data_signature=run.data.signature(),
     )
 
 

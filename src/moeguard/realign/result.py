@@ -126,6 +126,7 @@ class RealignResult:
     history_path: str | None = None
     figure_path: str | None = None
     complete: bool = True
+    data_signature: str = ""  # RealignData.signature() of the pool, test set and other tasks
 
     @property
     def pruned_accuracy(self) -> float:
