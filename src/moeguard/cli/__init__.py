@@ -17,6 +17,7 @@ from moeguard import __version__
 from moeguard.errors import MoeGuardError
 
 COMMAND_MODULES = [
+    "moeguard.cli.audit_command",
     "moeguard.cli.inspect_command",
     "moeguard.cli.data_command",
     "moeguard.cli.evaluate_command",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from moeguard.errors import DataError
@@ -101,3 +103,16 @@ def require_examples(data: TaskData) -> TaskData:
     if len(data) == 0:
         raise DataError(f"task {data.name!r} ({data.source or 'in memory'}) has no examples; give at least one.")
     return data
+
+
+def data_signature(parts: Iterable[tuple[str, TaskData]]) -> str:
+    """A sha256 over ``(role, task)`` pairs: each task's name, kind, size and every example.
+
+    Two runs that see the same signature saw exactly the same examples in the same roles.
+    """
+    digest = hashlib.sha256()
+    for role, data in parts:
+        digest.update(f"{role}|{data.name}|{data.kind}|{len(data)}\n".encode())
+        for example in data.examples:
+            digest.update((json.dumps(example.to_json(), sort_keys=True) + "\n").encode())
+    return digest.hexdigest()

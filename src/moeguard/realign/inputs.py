@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from moeguard.data import BUILTIN_TASKS, TaskData, load_jsonl, load_task
+from moeguard.data import BUILTIN_TASKS, TaskData, data_signature, load_jsonl, load_task
 from moeguard.data.examples import require_examples
 from moeguard.errors import DataError, InputError
 
@@ -32,12 +30,7 @@ class RealignData:
 
     def signature(self) -> str:
         """A hash of every example of the pool, the test set and the other tasks (a resumed run must see the same)."""
-        digest = hashlib.sha256()
-        for role, data in (("pool", self.pool), ("test", self.test), *(("other", d) for d in self.others)):
-            digest.update(f"{role}|{data.name}|{data.kind}|{len(data)}\n".encode())
-            for example in data.examples:
-                digest.update((json.dumps(example.to_json(), sort_keys=True) + "\n").encode())
-        return digest.hexdigest()
+        return data_signature((("pool", self.pool), ("test", self.test), *(("other", d) for d in self.others)))
 
     def check(self) -> None:
         """Refuse empty sets and data without an accuracy (lm text has a perplexity, not an accuracy)."""

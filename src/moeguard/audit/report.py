@@ -1,0 +1,305 @@
+"""The audit report: ``report.json`` (every number) and a self-contained ``report.html``.
+
+The HTML page embeds its figures as base64 PNG data, so it can be mailed or archived
+alone; it reads top to bottom: the summary table, then attribution heatmaps,
+knowledge-loss curves, recovery curves and the defense comparison.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeguard.audit.results import DefenseComparison, ModelAudit, TaskAudit
+from moeguard.io import atomic_write_text, read_json, write_json
+
+REPORT_FORMAT = 1
+REPORT_JSON, REPORT_HTML = "report.json", "report.html"
+
+
+@dataclass
+class AuditReport:
+    """A finished audit: the configuration, the audited model, the defended one (if any) and the comparison."""
+
+    config: dict[str, Any]
+    model: ModelAudit
+    compare: ModelAudit | None = None
+    defense: dict[str, DefenseComparison] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    seconds: float = 0.0
+    figures: dict[str, str] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    def headline(self) -> list[dict[str, Any]]:
+        """One row per task with the numbers the summary table shows."""
+        rows = []
+        for name, task in self.model.tasks.items():
+            cost = task.cost
+            row: dict[str, Any] = {
+                "task": name,
+                "full_accuracy": task.full_accuracy,
+                "fraction_without": task.fraction_without,
+                "keep_without": task.keep_without,
+                "fraction_with": task.fraction_with,
+                "keep_with": task.keep_with,
+                "labels": cost.labels if cost else None,
+                "steps": cost.steps if cost else None,
+                "tokens": cost.tokens if cost else None,
+                "seconds": cost.seconds if cost else None,
+                "parameters_total": task.compressed.total if task.compressed else None,
+                "parameters_active": task.compressed.active_per_token if task.compressed else None,
+                "compression_ratio": task.compressed.ratio if task.compressed else None,
+                "skipped": task.skipped,
+            }
+            if name in self.defense:
+                comparison = self.defense[name]
+                row.update(cost_multiplier=comparison.cost_multiplier, censored=comparison.censored,
+                           utility_cost=comparison.utility_cost)
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "created": self.created,
+            "seconds": self.seconds,
+            "versions": self.versions,
+            "config": self.config,
+            "headline": self.headline(),
+            "model": self.model.to_dict(),
+            "compare": self.compare.to_dict() if self.compare else None,
+            "defense": {name: c.to_dict() for name, c in self.defense.items()},
+            "figures": self.figures,
+        }
+
+    def describe(self) -> str:
+        """The summary table as text (what the command prints)."""
+        target = self.config["target_retention"]
+        lines = [f"prunability audit of {self.model.source} (fingerprint {self.model.fingerprint[:12]}), target "
+                 f"{target:.0%} of each task's accuracy:"]
+        header = f"  {'task':<12}{'full acc':>9}{'keep w/o':>10}{'keep with':>11}{'labels':>8}{'steps':>7}{'params':>12}{'ratio':>7}"
+        if self.defense:
+            header += f"{'cost x':>8}{'utility':>9}"
+        lines.append(header)
+        for row in self.headline():
+            if row["skipped"]:
+                lines.append(f"  {row['task']:<12}{row['full_accuracy']:>9.3f}  skipped: {row['skipped']}")
+                continue
+            line = (f"  {row['task']:<12}{row['full_accuracy']:>9.3f}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
+                    f"{_num(row['labels']):>8}{_num(row['steps']):>7}{_num(row['parameters_total'], ','):>12}"
+                    f"{_num(row['compression_ratio'], '.2f'):>7}")
+            if self.defense:
+                multiplier = row.get("cost_multiplier")
+                text = "-" if multiplier is None else f"{'>=' if row.get('censored') else ''}{multiplier:.2f}"
+                line += f"{text:>8}{row.get('utility_cost', math.nan):>+9.3f}"
+            lines.append(line)
+        if self.out_dir is not None:
+            lines.append(f"report: {self.out_dir / REPORT_HTML} (numbers: {self.out_dir / REPORT_JSON})")
+        return "\n".join(lines)
+
+
+def _num(value: Any, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """``report.json`` read back (a directory holding it may be given)."""
+    path = Path(path)
+    return read_json(path / REPORT_JSON if path.is_dir() else path, what="audit report")
+
+
+def write_report(report: AuditReport, out: Path) -> None:
+    """Write report.json and report.html (atomically; the figures must already be in ``out``)."""
+    write_json(out / REPORT_JSON, report.to_dict())
+    atomic_write_text(out / REPORT_HTML, render_html(report, out))
+
+
+# ---------------------------------------------------------------------------- HTML
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #1b1b1b; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.4rem 0; }
+.meta { color: #555; font-size: 0.9rem; } .note { color: #555; font-size: 0.88rem; max-width: 60rem; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 0.8rem; }
+figure { margin: 0; } figcaption { font-size: 0.85rem; color: #444; }
+.bad { color: #a63603; font-weight: 600; } .good { color: #08519c; font-weight: 600; }
+"""
+
+
+def _image(out: Path, relative: str, caption: str) -> str:
+    data = base64.b64encode((out / relative).read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _cell(value: Any, spec: str = "") -> str:
+    return html.escape(_num(value, spec))
+
+
+def _summary_table(report: AuditReport) -> str:
+    compare = bool(report.defense)
+    head = ["task", "full-model accuracy", "experts kept, pruning alone", "experts kept, with re-alignment",
+            "labels", "optimizer steps", "tokens", "attack time (s)", "parameters (total)", "parameters (active/token)",
+            "compression"]
+    if compare:
+        head += ["defense cost multiplier", "utility cost"]
+    rows = []
+    for row in report.headline():
+        if row["skipped"]:
+            cells = [html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
+                     f'<td colspan="{len(head) - 2}" style="text-align:left">skipped: {html.escape(row["skipped"])}</td>']
+            rows.append("<tr><td>" + "</td><td>".join(cells[:2]) + "</td>" + cells[2] + "</tr>")
+            continue
+        cells = [
+            html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
+            f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])}/expert layer)" if row["keep_without"] else "100% (no prune kept it)",
+            f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])}/layer)" if row["keep_with"] else "100%",
+            _cell(row["labels"]), _cell(row["steps"]), _cell(row["tokens"], ","), _cell(row["seconds"], ".1f"),
+            _cell(row["parameters_total"], ","), _cell(row["parameters_active"], ","),
+            f"{_cell(row['compression_ratio'], '.2f')}x",
+        ]
+        if compare:
+            multiplier = row.get("cost_multiplier")
+            cells.append("-" if multiplier is None else f"{'&ge;' if row.get('censored') else ''}{multiplier:.2f}x")
+            cells.append(_cell(row.get("utility_cost"), "+.3f"))
+        rows.append("<tr><td>" + "</td><td>".join(cells) + "</td></tr>")
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    return f'<table id="summary">{header}{"".join(rows)}</table>'
+
+
+def _sweep_table(task: TaskAudit) -> str:
+    keeps = sorted({row["keep"] for row in task.sweep if row["criterion"] != "full"}, reverse=True)
+    labels = list(dict.fromkeys(row["criterion"] for row in task.sweep if row["criterion"] != "full"))
+    head = "<tr><th>criterion</th>" + "".join(f"<th>keep {k}</th>" for k in keeps) + "</tr>"
+    body = []
+    for label in labels:
+        cells = []
+        for keep in keeps:
+            values = [r["target_retained"] for r in task.sweep if r["criterion"] == label and r["keep"] == keep]
+            cells.append(_cell(sum(values) / len(values) if values else None, ".2f"))
+        body.append(f"<tr><td>{html.escape(label)}</td><td>" + "</td><td>".join(cells) + "</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _realign_table(task: TaskAudit) -> str:
+    head = ("<tr><th>keep</th><th>criterion</th><th>acquisition</th><th>retention after pruning</th>"
+            "<th>final retention</th><th>labels to target</th><th>steps</th><th>tokens</th></tr>")
+    body = []
+    for run in task.realign_runs:
+        body.append(
+            f"<tr><td>{run.keep}</td><td>{html.escape(run.criterion)}</td><td>{html.escape(run.acquisition)}</td>"
+            f"<td>{run.pruned_retention:.2f}</td><td>{run.final_retention:.2f}</td>"
+            f"<td>{run.labels if run.reached else f'not reached ({run.budget})'}</td><td>{_cell(run.steps)}</td>"
+            f"<td>{_cell(run.tokens, ',')}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _figures_section(out: Path, audits: list[ModelAudit], kind: str, caption: str) -> str:
+    parts = []
+    for audit in audits:
+        for name, task in audit.tasks.items():
+            if kind in task.figures:
+                who = "defended model, " if audit.role == "compare" else ""
+                parts.append(_image(out, task.figures[kind], f"{who}{name}: {caption}"))
+    return f'<div class="grid">{"".join(parts)}</div>' if parts else "<p>No figures (every task was skipped).</p>"
+
+
+def render_html(report: AuditReport, out: Path) -> str:
+    """The report page, self-contained (figures read from ``out`` and embedded)."""
+    config, model = report.config, report.model
+    audits = [model] + ([report.compare] if report.compare else [])
+    target = config["target_retention"]
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>moeguard audit: {esc(model.source)}</title><style>{STYLE}</style></head><body>",
+        "<h1>MoE prunability audit</h1>",
+        f"<p class='meta'>Model <code>{esc(model.source)}</code> ({esc(model.model_type)}, {len(model.num_experts)} MoE layers x "
+        f"{max(model.num_experts)} experts, top-{max(model.top_k)}, {model.parameters['total']:,} parameters, "
+        f"{model.parameters['active_per_token']:,} active per token), weights fingerprint <code>{esc(model.fingerprint[:16])}</code>. "
+        f"Audited {esc(report.created)} in {report.seconds / 60:.1f} min with moeguard {esc(report.versions.get('moeguard', '?'))}"
+        f"{' (quick mode)' if config.get('quick') else ''}.</p>",
+        "<h2>Summary</h2>",
+        f"<p class='note'>How cheaply can a task model be carved out of this MoE? For each task: the smallest share of experts "
+        f"an attacker must keep so that the pruned model still answers {target:.0%} as well as the full model, by pruning alone "
+        f"and with re-alignment (fine-tuning the pruned model on at most {config['budget']} labelled examples chosen by "
+        f"{esc(config['acquisition'])} active learning, --train {esc(config['scope'])}); the labels, optimizer steps and tokens "
+        "that re-alignment needed; and the size of the model the attacker ends up with. Lower shares and fewer labels mean "
+        "the model is cheaper to steal.</p>",
+        _summary_table(report),
+    ]
+    if "headline" in report.figures:
+        parts.append(_image(out, report.figures["headline"], "Share of experts an attacker keeps per task"))
+    parts.append("<h2>Attribution: which experts each task uses</h2>")
+    parts.append("<p class='note'>Routing frequency of every expert (MoE layer x expert) on each task's examples: the share "
+                 "of routing decisions sent to it. A few bright cells per row mean the task lives in a few experts, "
+                 "which is what makes it easy to isolate.</p>")
+    parts.append(_figures_section(out, audits, "attribution", "routing frequency per layer and expert"))
+    parts.append("<h2>Knowledge loss: accuracy kept as experts are pruned</h2>")
+    parts.append("<p class='note'>Each point masks all but the kept experts (the same function as the physically pruned model). "
+                 "A real criterion should stay well above the random and least-used baselines.</p>")
+    parts.append(_figures_section(out, audits, "knowledge_loss", "accuracy retained vs share of experts kept"))
+    for audit in audits:
+        for name, task in audit.tasks.items():
+            if task.sweep:
+                who = "defended model: " if audit.role == "compare" else ""
+                parts.append(f"<h3>{esc(who + name)}: accuracy retained (pruned / full)</h3>{_sweep_table(task)}")
+    parts.append("<h2>Re-alignment: what fine-tuning wins back</h2>")
+    parts.append(f"<p class='note'>Recovery curves of the best plan at the keep counts where pruning alone fell below "
+                 f"{target:.0%}: {esc(config['acquisition'])} active learning against {esc(config['baseline_acquisition'])} "
+                 "selection of the examples to label (same seed set, steps and learning rate).</p>")
+    parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples"))
+    for audit in audits:
+        for name, task in audit.tasks.items():
+            if task.realign_runs:
+                who = "defended model: " if audit.role == "compare" else ""
+                parts.append(f"<h3>{esc(who + name)}</h3>{_realign_table(task)}")
+    parts.append("<h2>Defense comparison</h2>")
+    if report.compare is None:
+        parts.append("<p class='note'>No defended model was given. Run <code>moeguard harden</code> and audit again with "
+                     "<code>--compare DEFENDED_MODEL</code> to measure what the defense changes.</p>")
+    else:
+        parts.append(f"<p class='note'>Defended model <code>{esc(report.compare.source)}</code> (fingerprint "
+                     f"<code>{esc(report.compare.fingerprint[:16])}</code>), attacked the same way. Cost multiplier = labels "
+                     "the attacker needs on the defended model / on the undefended one, at the undefended attack's keep "
+                     "count (&ge;: not reached within the budget, a lower bound). Utility cost = drop of the full model's "
+                     "accuracy.</p>")
+        head = ("<tr><th>task</th><th>keep</th><th>labels (undefended)</th><th>labels (defended)</th><th>cost multiplier</th>"
+                "<th>utility cost</th><th>experts kept w/o re-alignment (undef. / def.)</th><th>with (undef. / def.)</th><th>note</th></tr>")
+        body = []
+        for comparison in report.defense.values():
+            multiplier = comparison.cost_multiplier
+            body.append(
+                f"<tr><td>{esc(comparison.task)}</td><td>{_cell(comparison.keep)}</td><td>{_cell(comparison.undefended_labels)}</td>"
+                f"<td>{_cell(comparison.defended_labels)}</td>"
+                f"<td>{'-' if multiplier is None else ('&ge;' if comparison.censored else '') + f'{multiplier:.2f}x'}</td>"
+                f"<td>{comparison.utility_cost:+.3f}</td><td>{_pct(comparison.fraction_without[0])} / {_pct(comparison.fraction_without[1])}</td>"
+                f"<td>{_pct(comparison.fraction_with[0])} / {_pct(comparison.fraction_with[1])}</td>"
+                f"<td style='text-align:left'>{esc(comparison.note)}</td></tr>"
+            )
+        parts.append(f"<table id='defense'>{head}{''.join(body)}</table>")
+        if "defense" in report.figures:
+            parts.append(_image(out, report.figures["defense"], "Labels to re-align, undefended vs defended"))
+    parts.append("<h2>Configuration</h2>")
+    parts.append("<table>" + "".join(f"<tr><td>{esc(str(k))}</td><td style='text-align:left'>{esc(str(v))}</td></tr>"
+                                     for k, v in config.items()) + "</table>")
+    parts.append("<table>" + "".join(f"<tr><td>{esc(k)}</td><td style='text-align:left'>{esc(v)}</td></tr>"
+                                     for k, v in report.versions.items()) + "</table>")
+    parts.append("<p class='meta'>Every number on this page is in report.json beside it.</p></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,427 @@
+"""The audit pipeline: evaluate -> attribute -> sweep -> re-align -> (compare) -> report.
+
+Every stage's result lives under ``<out>/.cache/<model fingerprint>/`` in a directory
+named by a hash of the stage's inputs (the model's weights fingerprint, the data, the
+settings), and each stage resumes from what is there: an attribution is reused whole,
+a sweep continues from its last evaluated point, a re-alignment from its last round.
+A rerun of the same audit therefore recomputes nothing; a changed setting recomputes
+only the stages it feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moeguard.attribution import Attribution, collect_attribution, scores
+from moeguard.attribution.figures import CRITERION_LABELS, file_stem, score_heatmap
+from moeguard.attribution.summary import specialisation
+from moeguard.audit.cache import StageCache, inputs_key
+from moeguard.audit.config import DEMO_MODEL, AuditConfig
+from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
+from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, RealignRun, TaskAudit
+from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, file_audit_tasks
+from moeguard.data import batches, data_signature
+from moeguard.defense.costs import cost_multiplier
+from moeguard.errors import InputError
+from moeguard.eval import evaluate_tasks
+from moeguard.models import MoEModel, load_moe
+from moeguard.pruning.figures import knowledge_loss_figure
+from moeguard.pruning.sweep import SweepResult, run_sweep
+from moeguard.realign import RealignConfig, RealignResult, realign
+from moeguard.realign.figures import recovery_figure
+
+if TYPE_CHECKING:
+    from moeguard.audit.report import AuditReport
+
+log = logging.getLogger("moeguard.audit")
+
+ATTRIBUTION_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
+FIGURES_DIR = "figures"
+
+
+@contextmanager
+def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Time a stage (summed over tasks) into ``seconds[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def stage_logs_quiet() -> Iterator[None]:
+    """The stages' own per-step and per-round log lines off (the audit logs one line per finished stage);
+    left as they are when moeguard logs at DEBUG (``-v``)."""
+    names = ("moeguard.training", "moeguard.realign", "moeguard.pruning", "moeguard.attribution")
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    if not logging.getLogger("moeguard").isEnabledFor(logging.DEBUG):
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
+
+
+def audit_tasks(config: AuditConfig) -> list[AuditTask]:
+    """The configured tasks with their data, loaded and checked (fast; before any model is touched)."""
+    if config.data:
+        tasks = file_audit_tasks(config.data, test_fraction=config.test_fraction, test_size=config.test_size, seed=config.seed)
+    else:
+        tasks = builtin_audit_tasks(config.tasks, pool_size=config.pool_size, test_size=config.test_size, seed=config.seed)
+    for task in tasks:
+        realign_config(config, config.acquisition).check(len(task.pool))
+        if len(task.pool) < config.budget:
+            raise InputError(f"task {task.name}: its pool has {len(task.pool)} examples, fewer than --budget {config.budget}.")
+    return tasks
+
+
+def realign_config(config: AuditConfig, acquisition: str) -> RealignConfig:
+    return RealignConfig(
+        budget=config.budget, rounds=config.rounds, acquisition=acquisition, scope=config.scope, lr=config.lr,
+        steps_per_round=config.steps_per_round, batch_size=config.batch_size, seed=config.seed,
+        eval_batch_size=config.eval_batch_size, target_retention=config.target_retention,
+    )
+
+
+def check_model_source(source: str, flag: str) -> None:
+    """Refuse a model that cannot exist before any long work starts: a local path must be a model directory."""
+    if source == DEMO_MODEL:
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{flag} {source}: the directory has no config.json; give a transformers model directory.")
+        return
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise InputError(f"{flag} {source}: no such model directory (and not a hub id of the form owner/name).")
+
+
+def resolve_model_source(source: str, progress: bool) -> str:
+    if source == DEMO_MODEL:
+        from moeguard.zoo import demo_model_path
+
+        return str(demo_model_path(progress=progress))
+    return source
+
+
+def load_audited(source: str, config: AuditConfig) -> MoEModel:
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    kwargs["dtype"] = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    if config.device_map:
+        kwargs["device_map"] = config.device_map
+    moe = load_moe(source, **kwargs)
+    if not config.device_map:
+        moe.model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if moe.tokenizer is None:
+        raise InputError(f"the model {source} has no tokenizer saved with it; the audit needs one to build and score tasks.")
+    return moe
+
+
+def expert_indexed_parameters(moe: MoEModel) -> list[int]:
+    """Per MoE layer, the parameters of every expert-indexed tensor (router rows and biases, fused experts)."""
+    return [sum(t.get().numel() for t in layer.expert_tensors if not t.is_buffer) for layer in moe.layers]
+
+
+def compressed_size(moe: MoEModel, keep_counts: list[int]) -> Compressed:
+    full = moe.parameter_counts()
+    after = pruned_parameter_counts(full, expert_indexed_parameters(moe), moe.num_experts, moe.top_k, keep_counts)
+    return Compressed(after.total, after.active_per_token, full.total, full.active_per_token)
+
+
+class ModelAuditor:
+    """Runs every stage for one model; ``role`` is "model" (audited) or "compare" (the defended one)."""
+
+    def __init__(self, moe: MoEModel, role: str, config: AuditConfig, out: Path, progress: bool) -> None:
+        self.moe, self.role, self.config, self.progress = moe, role, config, progress
+        self.fingerprint = moe.fingerprint()
+        self.cache_dir = out / ".cache" / self.fingerprint[:16]
+        self.cache = StageCache(self.cache_dir)
+        self.figures = out / FIGURES_DIR
+        self.prefix = "" if role == "model" else "defended_"
+        self.seconds: dict[str, float] = {}
+        self.realigned: dict[str, RealignResult] = {}  # by history path: full results for the figures
+
+    def key(self, **inputs: Any) -> str:
+        return inputs_key({"fingerprint": self.fingerprint, **inputs})
+
+    # ------------------------------------------------------------------ stages
+    def evaluate(self, tasks: list[AuditTask]) -> dict[str, dict[str, Any]]:
+        inputs = {"fingerprint": self.fingerprint, "tasks": {t.name: t.signature() for t in tasks}}
+
+        def compute() -> dict[str, Any]:
+            results = evaluate_tasks(self.moe, self.moe.tokenizer, [t.test for t in tasks], batch_size=self.config.eval_batch_size)
+            return {name: result.to_dict() for name, result in results.items()}
+
+        with stage("evaluate", self.seconds):
+            result, cached = self.cache.get_or_compute("evaluate", inputs, compute)
+        mean = sum(r["value"] for r in result.values()) / len(result)
+        log.info("[%s] evaluate: full-model accuracy %s (mean %.3f)%s", self.role,
+                 ", ".join(f"{n} {r['value']:.3f}" for n, r in result.items()), mean, " [cached]" if cached else "")
+        return result
+
+    def attribute(self, task: AuditTask) -> Path:
+        data = task.pool.head(self.config.attribution_examples)
+        directory = self.cache_dir / f"attribution-{self.key(task=task.name, data=task.signature(), n=len(data))}"
+        path = directory / "attribution.json"
+        with stage("attribution", self.seconds):
+            cached = path.is_file()
+            if not cached:
+                record = collect_attribution(
+                    self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.eval_batch_size),
+                    criteria=ATTRIBUTION_CRITERIA, task=task.name, task_source=task.source,
+                    total_batches=-(-len(data) // self.config.eval_batch_size), checkpoint=directory / "partial",
+                    progress=self.progress,
+                )
+                record.save(path)
+        record = Attribution.load(path)
+        summary = specialisation(record, ["frequency"])
+        log.info("[%s] attribution %s: %s%s", self.role, task.name, summary.describe(), " [cached]" if cached else "")
+        return path
+
+    def sweep(self, task: AuditTask, attribution: Path, others: list[AuditTask]) -> SweepResult:
+        config = self.config
+        other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
+        directory = self.cache_dir / "sweep-{}".format(self.key(
+            task=task.name, data=task.signature(), others=data_signature(("other", t) for t in other_tests),
+            attribution=attribution.name, criteria=list(config.criteria), keeps=config.keeps,
+        ))
+        with stage("sweep", self.seconds):
+            result = run_sweep(
+                self.moe, task.test, out_dir=directory, attribution=attribution, criteria=config.criteria,
+                keeps=config.keeps, random_seeds=(config.seed,), other_tasks=other_tests, limit=None,
+                batch_size=config.eval_batch_size, progress=self.progress,
+            )
+        return result
+
+    def realign_run(self, task: AuditTask, plan: BestPlan, acquisition: str, others: list[AuditTask]) -> RealignRun:
+        config = self.config
+        rc = realign_config(config, acquisition)
+        other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
+        data = task.realign_data(other_tests)
+        directory = self.cache_dir / "realign-{}".format(self.key(
+            task=task.name, data=data.signature(), keep=plan.kept, realign=rc.to_dict(),
+        ))
+        with stage("realign", self.seconds):
+            result = realign(self.moe, data, rc, keep=plan.keep_sets(), out=directory, resume=True, progress=self.progress)
+        run = RealignRun.of(result, plan.keep, plan.criterion, plan.fraction_kept, str(directory / "history.json"))
+        self.realigned[run.history] = result
+        return run
+
+    # ------------------------------------------------------------------ one task
+    def audit_task(self, task: AuditTask, full: dict[str, Any], others: list[AuditTask], required_keeps: list[int]) -> TaskAudit:
+        config = self.config
+        audit = TaskAudit(task.name, task.source, full["value"], full["n"])
+        if full["value"] <= 0:
+            audit.skipped = "the full model answers none of the test examples: there is no task knowledge to carve out"
+            log.warning("[%s] %s: skipped (%s)", self.role, task.name, audit.skipped)
+            return audit
+        attribution = self.attribute(task)
+        record = Attribution.load(attribution)
+        audit.specialisation = specialisation(record, ["frequency"]).to_dict()
+        swept = self.sweep(task, attribution, others)
+        audit.sweep = swept.rows()
+        plans = best_plans(swept)
+        without = smallest_retaining(plans, config.target_retention)
+        if without is not None:
+            audit.keep_without, audit.criterion_without, audit.fraction_without = without.keep, without.criterion, without.fraction_kept
+        log.info("[%s] sweep %s: pruning alone keeps %.0f%% of the task down to %s experts per layer (%s)", self.role,
+                 task.name, 100 * config.target_retention,
+                 without.keep if without else "none of the swept", without.criterion if without else "no plan retains it")
+
+        runs: list[RealignRun] = []
+        candidates = realign_candidates(plans, config.target_retention)
+        for index, plan in enumerate(candidates[: config.max_realign_keeps]):
+            run = self.realign_run(task, plan, config.acquisition, others)
+            runs.append(run)
+            if index == 0 and config.baseline_acquisition != config.acquisition:
+                runs.append(self.realign_run(task, plan, config.baseline_acquisition, others))
+            log.info("[%s] realign %s keep %d (%s): %s", self.role, task.name, plan.keep, config.acquisition,
+                     f"{config.target_retention:.0%} retention at {run.labels} labels, {run.steps} steps" if run.reached
+                     else f"not reached within {config.budget} labels (final retention {run.final_retention:.2f})")
+            if not any(r.reached for r in runs if r.keep == plan.keep):
+                break
+        done = {r.keep for r in runs}
+        for keep in required_keeps:
+            plan = next((p for p in plans if p.keep == keep), None)
+            if plan is not None and keep not in done:
+                runs.append(self.realign_run(task, plan, config.acquisition, others))
+        audit.realign_runs = runs
+        reached = [r for r in runs if r.reached]
+        if reached:
+            best = min(reached, key=lambda r: (r.fraction_kept, r.labels, r.steps))
+            if best.fraction_kept < audit.fraction_without:
+                audit.keep_with, audit.fraction_with, audit.cost = best.keep, best.fraction_kept, best
+        if audit.cost is None:
+            audit.keep_with, audit.fraction_with = audit.keep_without, audit.fraction_without
+        keep_counts = (
+            [len(k) for k in audit.cost.kept] if audit.cost is not None
+            else [len(k) for k in without.kept] if without is not None else list(self.moe.num_experts)
+        )
+        audit.compressed = compressed_size(self.moe, keep_counts)
+        audit.al_vs_random = al_vs_random(runs, config)
+        audit.figures = self.task_figures(task, record, swept, runs)
+        return audit
+
+    def task_figures(self, task: AuditTask, record: Attribution, swept: SweepResult, runs: list[RealignRun]) -> dict[str, str]:
+        stem = self.prefix + file_stem(task.name)
+        figures = {
+            "attribution": score_heatmap(
+                scores(record, "frequency"), f"{task.name}: {CRITERION_LABELS['frequency']} ({record.samples} examples)",
+                self.figures / f"attribution_{stem}.png",
+            ),
+            "knowledge_loss": knowledge_loss_figure(swept, self.figures / f"knowledge_loss_{stem}.png"),
+        }
+        if runs:
+            total = sum(self.moe.num_experts)
+            lines = {f"{r.acquisition}, {r.keep}/{max(self.moe.num_experts)} experts ({r.criterion}, {r.fraction_kept * total:.0f}/{total})":
+                     [self.realigned[r.history]] for r in runs}
+            figures["recovery"] = recovery_figure(lines, self.figures / f"recovery_{stem}.png",
+                                                  title=f"Re-alignment of {task.name} (mask mode, --train {self.config.scope})")
+        return {name: str(Path(FIGURES_DIR) / path.name) for name, path in figures.items()}
+
+    # ------------------------------------------------------------------ all tasks
+    def run(self, tasks: list[AuditTask], required_keeps: dict[str, list[int]] | None = None) -> ModelAudit:
+        full = self.evaluate(tasks)
+        audits = {}
+        for task in tasks:
+            others = [t for t in tasks if t.name != task.name]
+            audits[task.name] = self.audit_task(task, full[task.name], others, (required_keeps or {}).get(task.name, []))
+            headline = audits[task.name]
+            if headline.skipped is None:
+                cost = headline.cost
+                log.info(
+                    "[%s] %s: an attacker keeps %.0f%% of the experts without re-alignment, %.0f%% with it%s",
+                    self.role, task.name, 100 * headline.fraction_without, 100 * headline.fraction_with,
+                    f" ({cost.labels} labels, {cost.steps} steps)" if cost else "",
+                )
+        counts = self.moe.parameter_counts()
+        return ModelAudit(
+            role=self.role, source=str(self.moe.source), fingerprint=self.fingerprint, model_type=self.moe.model_type,
+            num_experts=list(self.moe.num_experts), top_k=list(self.moe.top_k),
+            parameters={"total": counts.total, "active_per_token": counts.active_per_token}, tasks=audits,
+            stage_seconds=dict(self.seconds),
+        )
+
+
+def al_vs_random(runs: list[RealignRun], config: AuditConfig) -> dict[str, Any] | None:
+    """Labels to the target with active learning and with the baseline at the first re-aligned keep count."""
+    if not runs:
+        return None
+    keep = runs[0].keep
+    by_acquisition = {r.acquisition: r for r in runs if r.keep == keep}
+    active, baseline = by_acquisition.get(config.acquisition), by_acquisition.get(config.baseline_acquisition)
+    if active is None or baseline is None or active is baseline:
+        return None
+    efficiency = baseline.labels / active.labels if active.reached and baseline.reached else None
+    return {
+        "keep": keep, "acquisition": config.acquisition, "baseline": config.baseline_acquisition,
+        "labels": active.labels, "baseline_labels": baseline.labels,
+        "final_retention": active.final_retention, "baseline_final_retention": baseline.final_retention,
+        "label_efficiency": efficiency,
+    }
+
+
+def compare_models(model: ModelAudit, defended: ModelAudit) -> dict[str, DefenseComparison]:
+    """Per task: the defense's cost multiplier (labels, at the undefended attack's keep count) and utility cost."""
+    comparisons = {}
+    for name, plain in model.tasks.items():
+        guarded = defended.tasks.get(name)
+        if guarded is None:
+            continue
+        utility = plain.full_accuracy - guarded.full_accuracy
+        base = plain.cost
+        keep = base.keep if base is not None else plain.keep_without
+        note, multiplier, undefended_labels, defended_labels, censored = "", None, None, None, False
+        if base is None:
+            note = ("the undefended model needed no re-alignment (pruning alone kept the task)" if plain.keep_without
+                    else "re-alignment did not reach the target on the undefended model within the budget")
+        elif guarded.keep_without is not None and keep >= guarded.keep_without:
+            note = "on the defended model pruning alone keeps the task at this keep count: no labels needed"
+            undefended_labels, defended_labels = base.labels, 0
+            multiplier = cost_multiplier(0.0, float(base.labels))
+        else:
+            run = next((r for r in guarded.realign_runs if r.keep == keep and r.acquisition == base.acquisition), None)
+            undefended_labels = base.labels
+            if run is None:
+                note = "the defended model was not attacked at this keep count"
+            else:
+                censored = not run.reached
+                defended_labels = run.labels if run.reached else run.budget
+                multiplier = cost_multiplier(float(defended_labels), float(undefended_labels))
+                if censored:
+                    note = f"not reached within {run.budget} labels on the defended model: the multiplier is a lower bound"
+        comparisons[name] = DefenseComparison(
+            task=name, keep=keep, undefended_labels=undefended_labels,
+            defended_labels=defended_labels, censored=censored, cost_multiplier=multiplier, utility_cost=utility,
+            fraction_without=(plain.fraction_without, guarded.fraction_without),
+            fraction_with=(plain.fraction_with, guarded.fraction_with), note=note,
+        )
+    return comparisons
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    import moeguard
+
+    return {"moeguard": moeguard.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
+    """Audit ``config.model`` (and ``config.compare``) and write the report into ``config.out``.
+
+    Bad settings, unknown tasks, unreadable data and missing models are refused
+    before any model is loaded or trained.
+    """
+    from datetime import datetime, timezone
+
+    from moeguard.audit.figures import defense_figure, headline_figure
+    from moeguard.audit.report import AuditReport, write_report
+
+    start = time.perf_counter()
+    config.check()
+    check_model_source(config.model, "--model")
+    if config.compare is not None:
+        check_model_source(config.compare, "--compare")
+    tasks = audit_tasks(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("auditing %s on %d task(s): %s -> %s", config.model, len(tasks), ", ".join(t.name for t in tasks), out)
+
+    model_source = resolve_model_source(config.model, progress)
+    with stage_logs_quiet():
+        audited = ModelAuditor(load_audited(model_source, config), "model", config, out, progress).run(tasks)
+        compared, comparisons = None, {}
+        if config.compare is not None:
+            required = {name: [task.cost.keep] for name, task in audited.tasks.items() if task.cost is not None}
+            defended = ModelAuditor(load_audited(resolve_model_source(config.compare, progress), config), "compare", config,
+                                    out, progress)
+            compared = defended.run(tasks, required)
+            comparisons = compare_models(audited, compared)
+    figures = {"headline": str(Path(FIGURES_DIR) / headline_figure(
+        audited, config.target_retention, out / FIGURES_DIR / "headline.png", compared).name)}
+    if comparisons:
+        figures["defense"] = str(Path(FIGURES_DIR) / defense_figure(comparisons, out / FIGURES_DIR / "defense.png").name)
+    report = AuditReport(
+        config=config.to_dict(), model=audited, compare=compared, defense=comparisons, versions=versions(),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), seconds=time.perf_counter() - start,
+        figures=figures, out_dir=out,
+    )
+    write_report(report, out)
+    log.info("report written to %s (%.1f min)", out / "report.html", report.seconds / 60)
+    return report

@@ -1,0 +1,250 @@
+"""The audit: its numbers are the stage results', it resumes, it refuses bad input early, its page renders."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeguard.audit import AuditConfig, load_report, run_audit
+from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
+from moeguard.audit.run import expert_indexed_parameters
+from moeguard.cli import main
+from moeguard.errors import InputError
+from moeguard.models import load_moe
+from moeguard.pruning.sweep import SweepPoint, SweepResult, load_sweep
+from moeguard.realign import RealignResult
+
+from conftest import tiny_moe
+
+TASKS = ["reverse", "upper"]
+
+
+def quick_config(model: Path, out: Path, **overrides) -> AuditConfig:
+    settings = dict(model=str(model), tasks=TASKS, out=str(out), test_size=24, other_size=8, pool_size=48,
+                    attribution_examples=32, budget=12, rounds=2, steps_per_round=8)
+    settings.update(overrides)
+    return AuditConfig.quick_preset(**settings)
+
+
+@pytest.fixture(scope="module")
+def audited(trained_tiny, tmp_path_factory):
+    from moeguard.zoo.demo import intra_op_threads
+
+    out = tmp_path_factory.mktemp("audit")
+    with intra_op_threads(1):
+        report = run_audit(quick_config(trained_tiny, out), progress=False)
+    return report, out
+
+
+# ---------------------------------------------------------------- pure functions
+def _sweep(points: list[tuple[str, int, float]]) -> SweepResult:
+    full = SweepPoint("full", 8, None, 1.0, [list(range(8))] * 2, {"t": 0.8}, None, 0.0)
+    made = [SweepPoint(c, k, None, k / 8, [list(range(k))] * 2, {"t": 0.8 * r}, None, 0.0) for c, k, r in points]
+    return SweepResult("t", None, "f", [8, 8], full, made)
+
+
+def test_the_best_plan_per_keep_count_ignores_the_baselines():
+    sweep = _sweep([("frequency", 6, 1.0), ("reap", 6, 0.95), ("random", 6, 1.0), ("frequency", 4, 0.5),
+                    ("reap", 4, 0.7), ("least_used:frequency", 4, 1.0), ("frequency", 2, 0.0), ("reap", 2, 0.1)])
+    plans = best_plans(sweep)
+    assert [(p.keep, p.criterion) for p in plans] == [(6, "frequency"), (4, "reap"), (2, "reap")]
+    assert plans[1].retained == pytest.approx(0.7)
+
+
+def test_pruning_alone_is_judged_by_the_smallest_plan_that_keeps_the_target_and_realignment_starts_below_it():
+    plans = [BestPlan(6, "frequency", 0.75, 1.0, []), BestPlan(4, "reap", 0.5, 0.92, []), BestPlan(3, "reap", 0.375, 0.5, []),
+             BestPlan(2, "reap", 0.25, 0.1, [])]
+    assert smallest_retaining(plans, 0.9).keep == 4
+    assert [p.keep for p in realign_candidates(plans, 0.9)] == [3, 2]
+    assert smallest_retaining(plans, 1.01) is None
+    assert [p.keep for p in realign_candidates(plans, 1.01)] == [6, 4, 3, 2]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_compressed_size_equals_the_parameter_count_of_the_physically_pruned_model(family):
+    moe = tiny_moe(family)
+    keep = 4
+    full = moe.parameter_counts()
+    predicted = pruned_parameter_counts(full, expert_indexed_parameters(moe), moe.num_experts, moe.top_k, [keep] * moe.num_layers)
+    moe.prune({layer: [0, 1, 4, 5] for layer in range(moe.num_layers)})  # two per group for the grouped router
+    actual = moe.parameter_counts()
+    assert (predicted.total, predicted.active_per_token) == (actual.total, actual.active_per_token)
+
+
+# ---------------------------------------------------------------- end to end
+def test_the_report_numbers_are_the_stage_results(audited, trained_tiny):
+    report, out = audited
+    saved = load_report(out)
+    assert saved["headline"] == json.loads(json.dumps(report.headline()))
+    assert saved["model"]["fingerprint"] == load_moe(trained_tiny).fingerprint()
+    assert set(saved["versions"]) >= {"moeguard", "torch", "transformers", "python"}
+    cache = out / ".cache" / saved["model"]["fingerprint"][:16]
+    evaluated = json.loads(next(cache.glob("evaluate-*.json")).read_text())["result"]
+    for row in saved["headline"]:
+        task = saved["model"]["tasks"][row["task"]]
+        assert row["full_accuracy"] == evaluated[row["task"]]["value"]
+        sweep = next(load_sweep(d) for d in cache.glob("sweep-*") if load_sweep(d).task == row["task"])
+        # Pruning alone: the smallest share of experts at which some real criterion keeps 90% of the task.
+        passing = [p.fraction_kept for p in sweep.points
+                   if p.criterion in ("frequency",) and sweep.retained(p) >= 0.9]
+        assert row["fraction_without"] == pytest.approx(min(passing) if passing else 1.0)
+        assert task["sweep"] == json.loads(json.dumps(sweep.rows()))
+        for run in task["realign_runs"]:
+            history = RealignResult.from_dict(json.loads(Path(run["history"]).read_text()))
+            assert run["labels"] == history.threshold.labels
+            assert run["final_retention"] == history.final.retention
+            assert run["kept"] == history.kept
+        if row["labels"] is not None:
+            assert row["fraction_with"] < row["fraction_without"]
+            cheapest = min((r for r in task["realign_runs"] if r["labels"] is not None), key=lambda r: (r["fraction_kept"], r["labels"]))
+            assert (row["keep_with"], row["labels"]) == (cheapest["keep"], cheapest["labels"])
+        else:
+            assert row["fraction_with"] == row["fraction_without"]
+    for name in ("report.html", "figures/headline.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_a_rerun_recomputes_nothing(audited, trained_tiny, monkeypatch):
+    report, out = audited
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr("moeguard.audit.run.evaluate_tasks", forbidden)
+    monkeypatch.setattr("moeguard.audit.run.collect_attribution", forbidden)
+    monkeypatch.setattr("moeguard.pruning.sweep.evaluate_point", forbidden)
+    monkeypatch.setattr("moeguard.realign.loop._Run.train_round", forbidden)
+    again = run_audit(quick_config(trained_tiny, out), progress=False)
+    assert again.headline() == report.headline()
+
+
+def test_an_interrupted_audit_resumes_where_it_stopped(trained_tiny, tmp_path, monkeypatch, one_thread):
+    import moeguard.pruning.sweep as sweep_module
+
+    real = sweep_module.evaluate_point
+    calls = {"n": 0}
+
+    def interrupted_after_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    config = quick_config(trained_tiny, tmp_path, tasks=["upper"])
+    monkeypatch.setattr(sweep_module, "evaluate_point", interrupted_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config, progress=False)
+    assert not (tmp_path / "report.json").exists()
+
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "evaluate_point", counting)
+    monkeypatch.setattr("moeguard.audit.run.collect_attribution",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the attribution was recomputed")))
+    report = run_audit(config, progress=False)
+    sweep = load_sweep(next((tmp_path / ".cache").glob("*/sweep-*")))
+    evaluated = 1 + sum(1 for p in sweep.points if p.keep < 8)  # the full model and every point that masks something
+    assert counted["n"] == evaluated - 3
+    assert report.model.tasks["upper"].sweep == sweep.rows()
+
+
+def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_much(audited, trained_tiny, tmp_path):
+    _, first = audited
+    out = tmp_path / "audit"
+    shutil.copytree(first, out)  # the same stage cache: both models have the same weights fingerprint
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(trained_tiny, copy_dir)
+    compared = run_audit(quick_config(trained_tiny, out, compare=str(copy_dir)), progress=False)
+    for name, comparison in compared.defense.items():
+        assert comparison.utility_cost == 0.0
+        assert comparison.fraction_with[0] == comparison.fraction_with[1]
+        if comparison.undefended_labels:
+            assert comparison.cost_multiplier == 1.0 and not comparison.censored
+    saved = load_report(out)
+    assert saved["compare"]["fingerprint"] == saved["model"]["fingerprint"]
+    assert "defense" in saved["figures"]
+    assert "id='defense'" in (out / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- bad input, refused before any work
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("moeguard.audit.run.load_moe", forbidden)
+    monkeypatch.setattr("moeguard.zoo.demo_model_path", forbidden)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "reverse,nosuchtask"], "unknown built-in task 'nosuchtask'; valid tasks: addition"),
+        (["--model", "/nonexistent/model"], "no such model directory"),
+        (["--budget", "2"], "--budget 2 is too small"),
+        (["--budget", "100000"], "budget (100000) is larger than the pool"),
+        (["--data", "/nonexistent.jsonl"], "no such file"),
+        (["--acquisition", "psychic"], "unknown acquisition function 'psychic'"),
+        (["--compare", "/nonexistent/defended"], "--compare /nonexistent/defended: no such model directory"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_long_work(argv, message, tmp_path, capsys, no_model_loading):
+    code = main(["-q", "audit", "--out", str(tmp_path / "audit"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_without_a_model_is_refused(tmp_path, no_model_loading):
+    with pytest.raises(InputError, match="has no config.json"):
+        run_audit(AuditConfig(model=str(tmp_path), out=str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------- the page, in a real browser
+CHECK_SCRIPT = """
+<script>
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const rows = document.querySelectorAll('#summary tr').length;
+  const mark = document.createElement('div');
+  mark.id = 'render-check';
+  mark.textContent = `images=${images.length} broken=${broken} summary_rows=${rows} width=${document.body.scrollWidth}`;
+  document.body.appendChild(mark);
+});
+</script>
+"""
+
+
+def test_the_report_renders_in_headless_chromium(audited, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    report, out = audited
+    page = tmp_path / "checked.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    mark = dom.split('id="render-check">', 1)[1].split("<", 1)[0]
+    values = dict(part.split("=") for part in mark.split())
+    expected_images = 1 + sum(len(t.figures) for t in report.model.tasks.values())
+    assert int(values["images"]) == expected_images and values["broken"] == "0"
+    assert int(values["summary_rows"]) == 1 + len(TASKS)
+    assert int(values["width"]) <= 1280  # nothing forces horizontal scrolling
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = torch.tensor(list(Image.open(shot).convert("L").getdata()), dtype=torch.float32)
+    assert pixels.std() > 10  # not a blank page
+    assert not math.isnan(float(pixels.mean()))
