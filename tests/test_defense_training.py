@@ -192,3 +192,17 @@ def test_the_demo_model_trains_defended_from_scratch(tmp_path):
     # The objective bound itself on the first step and ran on every later one.
     assert loss.objective is not None and loss.objective.log.steps == config.steps - 1
     assert set(loss.objective.log.means()) == {"dispersion", "contribution", "subset_failure"}
+
+
+def test_the_from_scratch_defense_labels_every_example_of_a_weighted_demo_mixture_with_its_task():
+    from moeguard.data.tasks import task_spec
+    from moeguard.defense.harden import demo_defense_loss
+    from moeguard.zoo import DemoConfig
+
+    # Reverse sampled twice as often: the mixture train_demo builds has 8 upper then 16 reverse examples.
+    config = DemoConfig(tasks=("upper", "reverse"), train_examples=8, task_weights=(("reverse", 2.0),))
+    loss = demo_defense_loss(config, "entangle", seed=0)
+    data = mixture([load_task(task, "train", limit=config.examples_of(task)) for task in config.tasks])
+    assert len(loss.task_of_example) == len(data) == 24
+    for example, task in zip(data.examples, loss.task_of_example.tolist()):
+        assert example.prompt.startswith(task_spec(config.tasks[task]).tag + " ")

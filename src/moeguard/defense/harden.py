@@ -194,11 +194,12 @@ def harden_to_directory(
 def demo_defense_loss(config: Any, method: str, *, seed: int = 0, strength: float = 1.0) -> "DefenseLoss":
     """The ``extra_loss`` that trains the demo model of ``config`` defended from scratch.
 
-    :func:`moeguard.zoo.train_demo` trains on ``mixture`` of ``config.train_examples``
-    examples of each of ``config.tasks``, in that order, which gives each example's task.
+    :func:`moeguard.zoo.train_demo` trains on ``mixture`` of ``config.examples_of(task)``
+    examples of each of ``config.tasks`` (task weights included), in that order, which
+    gives each example's task.
     """
     from moeguard.defense.objective import DefenseLoss, defense_config
 
-    sizes = torch.full((len(config.tasks),), config.train_examples, dtype=torch.long)
+    sizes = torch.tensor([config.examples_of(task) for task in config.tasks], dtype=torch.long)
     task_of_example = torch.repeat_interleave(torch.arange(len(config.tasks)), sizes)
     return DefenseLoss(defense_config(method, strength=strength), task_of_example, len(config.tasks), seed=seed)
