@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--top-k", type=int, help="experts per token (default: 2)")
     train.add_argument("--layers", type=int, help="decoder layers, all MoE (default: 4)")
     train.add_argument("--hidden", type=int, help="model width (default: 128)")
-    train.add_argument("--steps", type=int, help="training steps (default: 2000)")
+    train.add_argument("--steps", type=int, help="training steps (default: 2700)")
     train.add_argument("--tasks", help="comma-separated built-in tasks to train on (default: all)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.add_argument("--defense", help="train defended from scratch with this `moeguard harden` method (e.g. entangle)")

@@ -36,13 +36,14 @@ class DemoConfig:
     heads: int = 4
     tasks: tuple[str, ...] = BUILTIN_TASKS
     train_examples: int = 20_000
-    steps: int = 2_000
+    steps: int = 2_700
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
     router_aux_loss_coef: float = 0.01
-    task_weights: tuple[tuple[str, float], ...] = (("addition", 2.0),)
+    # Addition and counting need the most updates to pass 90%; the other tasks saturate early.
+    task_weights: tuple[tuple[str, float], ...] = (("addition", 3.0), ("count", 2.0))
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
