@@ -6,7 +6,8 @@ Models, all from the same demo configuration and seed:
 - ``control``: the demo fine-tuned with the hardening budget and data but no
   defense term (so that an effect is the defense's, not the extra fine-tuning's);
 - one model per hardening method (``moeguard harden``: fine-tune the demo with it);
-- ``<method>-scratch``: the demo trained defended from scratch (``zoo train --defense``).
+- ``<method>-scratch-<strength>``: the demo trained defended from scratch
+  (``zoo train --defense``), its term weights scaled by ``--scratch-strength``.
 
 Then:
 
@@ -17,17 +18,23 @@ Then:
 
     python benchmarks/bench_defense.py --demo tiny
 
-The work directory (models and the per-run cache) defaults to
-``$MOEGUARD_CACHE/bench_defense/<demo>``; the tables, JSON and figures are copied to
-``benchmarks/results/defense/<demo>/``.
+The attacker grid and budgets default to :class:`DefenseEvalSettings`; the grid
+options (``--criteria``, ``--scopes``, ``--lrs``, ``--seeds``, ``--attack-keeps``, ...)
+shrink it to fit a machine. The work directory (models and the per-run cache)
+defaults to ``$MOEGUARD_CACHE/bench_defense/<demo>``: models under
+``models/h<hardening steps>/``, each evaluation under ``eval-<hash of its settings>/``
+so that a rerun with the same options resumes and one with other options starts
+afresh. The tables, JSON and figures are copied to ``benchmarks/results/defense/<demo>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
+import hashlib
+import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -45,6 +52,7 @@ from moeguard.defense.harden import (
     task_of_examples,
 )
 from moeguard.defense.objective import DefenseObjective, defense_config
+from moeguard.cli.common import parse_int_list, parse_name_list
 from moeguard.defense.report import markdown_tables
 from moeguard.io import atomic_dir, write_json
 from moeguard.models import load_moe
@@ -79,9 +87,9 @@ def control_demo(demo: Path, out: Path, tasks: list[str], settings: HardenSettin
     return out
 
 
-def scratch_demo(config: DemoConfig, method: str, out: Path) -> Path:
+def scratch_demo(config: DemoConfig, method: str, strength: float, out: Path) -> Path:
     if not out.is_dir():
-        train_demo(out, config, extra_loss=demo_defense_loss(config, method))
+        train_demo(out, config, extra_loss=demo_defense_loss(config, method, strength=strength))
     return out
 
 
@@ -122,9 +130,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: benchmarks/results/defense/<demo>)")
     parser.add_argument("--methods", default="entangle,attacker,entangle+attacker")
     parser.add_argument("--scratch", default="entangle", help="methods to also train from scratch ('' for none)")
+    parser.add_argument("--scratch-strength", type=float, default=0.1,
+                        help="term weights of the from-scratch training (strength 1 kept the demo from learning reverse)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved repeats of the overhead measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for tiny models on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="a small grid (one seed, two learning rates) to try things")
+    parser.add_argument("--harden-steps", type=int, default=HardenSettings.steps, help="fine-tuning steps of hardening "
+                        "and of the control")
+    defaults = DefenseEvalSettings()
+    grid = parser.add_argument_group("evaluation grid and budgets (default: DefenseEvalSettings)")
+    for name in ("attack_keeps", "criteria", "scopes", "lrs", "seeds"):
+        grid.add_argument(f"--{name.replace('_', '-')}", default=",".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                                                         for v in getattr(defaults, name)))
+    for name in ("budget", "rounds", "steps_per_round", "test_size", "authorised_steps"):
+        grid.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("moeguard").setLevel(logging.INFO)
@@ -136,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = demo_model_path(config)
     tasks = list(config.tasks)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    settings = HardenSettings()
-    models = {"undefended": demo, "control": control_demo(demo, out / "models" / "control", tasks, settings)}
-    models.update({m: harden_demo(demo, m, out / "models" / m, tasks, settings) for m in methods})
+    settings = HardenSettings(steps=args.harden_steps)
+    hardened = out / "models" / f"h{settings.steps}"
+    models = {"undefended": demo, "control": control_demo(demo, hardened / "control", tasks, settings)}
+    models.update({m: harden_demo(demo, m, hardened / m, tasks, settings) for m in methods})
     for method in (m.strip() for m in args.scratch.split(",") if m.strip()):
-        models[f"{method}-scratch"] = scratch_demo(config, method, out / "models" / f"{method}-scratch")
+        name = f"{method}-scratch-{args.scratch_strength:g}"
+        models[name] = scratch_demo(config, method, args.scratch_strength, out / "models" / name)
 
     measured = overhead(demo, methods, tasks, settings.batch_size, args.repeats)
     write_json(out / "overhead.json", measured)
@@ -149,10 +170,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<20} {row['median_ms']:8.1f} ms   x{row['ratio_to_plain']:.2f}")
 
     target = "reverse" if "reverse" in tasks else tasks[0]
-    eval_settings = DefenseEvalSettings(target_task=target, tasks=tuple(tasks))
+    eval_settings = DefenseEvalSettings(
+        target_task=target, tasks=tuple(tasks),
+        attack_keeps=tuple(parse_int_list(args.attack_keeps, what="--attack-keeps")),
+        criteria=tuple(parse_name_list(args.criteria)), scopes=tuple(parse_name_list(args.scopes)),
+        lrs=tuple(float(lr) for lr in parse_name_list(args.lrs)),
+        seeds=tuple(parse_int_list(args.seeds, what="--seeds")),
+        budget=args.budget, rounds=args.rounds, steps_per_round=args.steps_per_round, test_size=args.test_size,
+        authorised_steps=args.authorised_steps,
+    )
     if args.quick:
         eval_settings = dataclasses.replace(eval_settings, lrs=(3e-4, 3e-3), seeds=(0,))
-    eval_dir = out / ("eval-quick" if args.quick else "eval")
+    eval_settings.check()
+    # The models (by cache path) and every setting name the evaluation directory.
+    identity = json.dumps({"settings": eval_settings.to_dict(), "models": {k: str(v) for k, v in models.items()}},
+                          sort_keys=True)
+    eval_dir = out / f"eval-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    print(f"evaluation directory {eval_dir}", flush=True)
     result = evaluate_defenses(models, eval_settings, eval_dir)
     print(markdown_tables(result))
     results = Path(args.results) if args.results else Path(__file__).parent / "results" / "defense" / args.demo
@@ -162,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(eval_dir / name, results / name)
     shutil.copy(out / "overhead.json", results / "overhead.json")
     write_json(results / "models.json", {name: str(path) for name, path in models.items()})
+    write_json(results / "command.json", {"argv": sys.argv[1:] if argv is None else list(argv),
+                                          "harden_settings": dataclasses.asdict(settings),
+                                          "scratch_strength": args.scratch_strength, "eval_dir": str(eval_dir)})
     print(f"tables and figures copied to {results}")
     return 0
 
