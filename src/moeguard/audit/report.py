@@ -132,7 +132,7 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.4rem 0; }
 .meta { color: #555; font-size: 0.9rem; } .note { color: #555; font-size: 0.88rem; max-width: 60rem; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 0.8rem; }
-figure { margin: 0; } figcaption { font-size: 0.85rem; color: #444; }
+.wide figure { margin: 0.6rem 0; } figure { margin: 0; } figcaption { font-size: 0.85rem; color: #444; }
 .bad { color: #a63603; font-weight: 600; } .good { color: #08519c; font-weight: 600; }
 """
 
@@ -167,8 +167,8 @@ def _summary_table(report: AuditReport) -> str:
             continue
         cells = [
             html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
-            f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])}/expert layer)" if row["keep_without"] else "100% (no prune kept it)",
-            f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])}/layer)" if row["keep_with"] else "100%",
+            f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])} per layer)" if row["keep_without"] else "100% (no prune kept it)",
+            f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])} per layer)" if row["keep_with"] else "100%",
             _cell(row["labels"]), _cell(row["steps"]), _cell(row["tokens"], ","), _cell(row["seconds"], ".1f"),
             _cell(row["parameters_total"], ","), _cell(row["parameters_active"], ","),
             f"{_cell(row['compression_ratio'], '.2f')}x",
@@ -210,14 +210,26 @@ def _realign_table(task: TaskAudit) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def _figures_section(out: Path, audits: list[ModelAudit], kind: str, caption: str) -> str:
+def _figures_section(out: Path, audits: list[ModelAudit], kind: str, caption: str, *, wide: bool = False) -> str:
     parts = []
     for audit in audits:
         for name, task in audit.tasks.items():
             if kind in task.figures:
                 who = "defended model, " if audit.role == "compare" else ""
                 parts.append(_image(out, task.figures[kind], f"{who}{name}: {caption}"))
-    return f'<div class="grid">{"".join(parts)}</div>' if parts else "<p>No figures (every task was skipped).</p>"
+    layout = "wide" if wide else "grid"
+    return f'<div class="{layout}">{"".join(parts)}</div>' if parts else "<p>No figures (every task was skipped).</p>"
+
+
+def _tables_section(audits: list[ModelAudit], shown, table, heading: str) -> str:
+    """One heading and ``table(task)`` for every task of every model where ``shown(task)``."""
+    parts = []
+    for audit in audits:
+        who = "defended model: " if audit.role == "compare" else ""
+        for name, task in audit.tasks.items():
+            if shown(task):
+                parts.append(f"<h3>{html.escape(who + name + heading)}</h3>{table(task)}")
+    return "".join(parts)
 
 
 def render_html(report: AuditReport, out: Path) -> str:
@@ -254,22 +266,14 @@ def render_html(report: AuditReport, out: Path) -> str:
     parts.append("<h2>Knowledge loss: accuracy kept as experts are pruned</h2>")
     parts.append("<p class='note'>Each point masks all but the kept experts (the same function as the physically pruned model). "
                  "A real criterion should stay well above the random and least-used baselines.</p>")
-    parts.append(_figures_section(out, audits, "knowledge_loss", "accuracy retained vs share of experts kept"))
-    for audit in audits:
-        for name, task in audit.tasks.items():
-            if task.sweep:
-                who = "defended model: " if audit.role == "compare" else ""
-                parts.append(f"<h3>{esc(who + name)}: accuracy retained (pruned / full)</h3>{_sweep_table(task)}")
+    parts.append(_figures_section(out, audits, "knowledge_loss", "accuracy retained vs share of experts kept", wide=True))
+    parts.append(_tables_section(audits, lambda task: bool(task.sweep), _sweep_table, ": accuracy retained (pruned / full)"))
     parts.append("<h2>Re-alignment: what fine-tuning wins back</h2>")
     parts.append(f"<p class='note'>Recovery curves of the best plan at the keep counts where pruning alone fell below "
                  f"{target:.0%}: {esc(config['acquisition'])} active learning against {esc(config['baseline_acquisition'])} "
                  "selection of the examples to label (same seed set, steps and learning rate).</p>")
-    parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples"))
-    for audit in audits:
-        for name, task in audit.tasks.items():
-            if task.realign_runs:
-                who = "defended model: " if audit.role == "compare" else ""
-                parts.append(f"<h3>{esc(who + name)}</h3>{_realign_table(task)}")
+    parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples", wide=True))
+    parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, ""))
     parts.append("<h2>Defense comparison</h2>")
     if report.compare is None:
         parts.append("<p class='note'>No defended model was given. Run <code>moeguard harden</code> and audit again with "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import DTYPES, parse_int_list
+from moeguard.cli.common import add_model_arguments, parse_int_list
 from moeguard.errors import InputError
 
 
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the same command resumes an interrupted audit. With no arguments it audits the built-in demo model "
         "(trained on first use) on every built-in task.",
     )
-    parser.add_argument("--model", default="demo", help="model directory or hub id (default: 'demo', the built-in demo model)")
+    add_model_arguments(parser, required=False, help="model directory or hub id (default: 'demo', the built-in demo model)")
+    parser.set_defaults(model="demo")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--task", help="built-in task(s), comma-separated, or 'all' (default: all built-in tasks)")
     source.add_argument("--data", action="append", default=[],
@@ -38,10 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-size", type=int, help="test examples per task (default 100; quick 40)")
     parser.add_argument("--target", type=float, help="accuracy share the attacker must keep (default 0.9)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the seed sets and the random baselines")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype to load (default: float32)")
-    parser.add_argument("--device", default=None, help="device (cpu, cuda, cuda:1, ...; default: cuda if available)")
-    parser.add_argument("--device-map", default=None, help="from_pretrained device_map, e.g. 'auto' for a large model")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repository (off by default)")
     parser.add_argument("--json", action="store_true", help="print report.json's headline rows as JSON")
     parser.set_defaults(run=run)
 
