@@ -176,6 +176,33 @@ def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_m
     assert "id='defense'" in (out / "report.html").read_text()
 
 
+def test_user_data_files_are_audited_like_builtin_tasks(trained_tiny, tmp_path, one_thread):
+    from moeguard.data import load_task, save_jsonl
+
+    upper = save_jsonl(load_task("upper", "pool", limit=80), tmp_path / "shouting.jsonl")
+    report = run_audit(quick_config(trained_tiny, tmp_path / "audit", tasks=None, data=[str(upper)], keeps=[4, 2]),
+                       progress=False)
+    task = report.model.tasks["shouting"]
+    assert task.source == str(upper) and task.test_examples == 16  # 20% of 80 held out
+    assert task.full_accuracy > 0.9 and task.skipped is None
+    assert {row["keep"] for row in task.sweep} == {8, 4, 2}
+
+
+def test_a_model_that_knows_no_task_is_reported_as_such_for_any_family(tmp_path):
+    from moeguard.data import build_char_tokenizer
+    from moeguard.models.random_init import random_moe
+
+    tokenizer = build_char_tokenizer()
+    moe = random_moe("mixtral", vocab=len(tokenizer))
+    moe.tokenizer = tokenizer
+    path = moe.save(tmp_path / "random-mixtral")
+    report = run_audit(AuditConfig.quick_preset(model=str(path), tasks=["upper"], out=str(tmp_path / "audit"), test_size=8),
+                       progress=False)
+    assert report.model.model_type == "mixtral"
+    assert "no task knowledge" in report.model.tasks["upper"].skipped
+    assert "skipped" in (tmp_path / "audit" / "report.html").read_text()
+
+
 # ---------------------------------------------------------------- bad input, refused before any work
 @pytest.fixture
 def no_model_loading(monkeypatch):
