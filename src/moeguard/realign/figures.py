@@ -39,7 +39,7 @@ def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | 
     for axis, measure, panel_title in panels:
         for label, runs in results.items():
             labels, mean, low, high = _mean_band(runs, measure)
-            style = RANDOM_STYLE if label == "random" else dict(linestyle="-", marker="o")
+            style = RANDOM_STYLE if label.split(",")[0] == "random" else dict(linestyle="-", marker="o")
             seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
             (line,) = axis.plot(labels, mean, label=f"{label}{seeds}", linewidth=1.6, **style)
             if low != high:
