@@ -29,7 +29,9 @@ class AuditConfig:
     loses more than ``1 - target_retention`` of the task, with ``acquisition`` against
     ``baseline_acquisition`` and a budget of ``budget`` labels in ``rounds`` rounds of
     ``steps_per_round`` steps. The search goes to smaller keep counts while re-alignment
-    still reaches the target, at most ``max_realign_keeps`` of them.
+    still reaches the target, at most ``max_realign_keeps`` of them. With ``forensics``
+    the attacker's smallest plan is carved out of a copy (pruned, experts shuffled) and
+    ``moeguard detect`` must recognise it and recover its kept experts.
     """
 
     model: str = DEMO_MODEL
@@ -50,6 +52,7 @@ class AuditConfig:
     keeps: list[int] | None = None
     target_retention: float = 0.9
     max_realign_keeps: int = 3
+    forensics: bool = True
     test_size: int = 100
     other_size: int = 30
     pool_size: int = 256
@@ -67,7 +70,7 @@ class AuditConfig:
         """A small audit for a first look (about 3 minutes on the demo model, 2 CPU cores): fewer
         examples, one criterion, one re-alignment keep count, a small label budget."""
         settings: dict[str, Any] = dict(
-            quick=True, budget=24, rounds=3, steps_per_round=12, criteria=("frequency",), max_realign_keeps=1,
+            quick=True, budget=24, rounds=3, steps_per_round=12, criteria=("frequency",), max_realign_keeps=1, forensics=False,
             test_size=40, other_size=12, pool_size=96, attribution_examples=48,
         )
         settings.update(overrides)

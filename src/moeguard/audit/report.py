@@ -55,6 +55,7 @@ class AuditReport:
                 "parameters_active": task.compressed.active_per_token if task.compressed else None,
                 "compression_ratio": task.compressed.ratio if task.compressed else None,
                 "skipped": task.skipped,
+                "detected": task.forensics["derived"] if task.forensics else None,
             }
             if name in self.defense:
                 comparison = self.defense[name]
@@ -221,6 +222,29 @@ def _figures_section(out: Path, audits: list[ModelAudit], kind: str, caption: st
     return f'<div class="{layout}">{"".join(parts)}</div>' if parts else "<p>No figures (every task was skipped).</p>"
 
 
+def _forensics_section(audits: list[ModelAudit]) -> str:
+    rows = []
+    for audit in audits:
+        who = "defended model: " if audit.role == "compare" else ""
+        for name, task in audit.tasks.items():
+            found = task.forensics
+            if found is None:
+                continue
+            verdict = "<span class='good'>derived</span>" if found["derived"] else "<span class='bad'>not recognised</span>"
+            rows.append(
+                f"<tr><td>{html.escape(who + name)}</td><td>{verdict}</td><td>{_cell(found['z'], '.1f')} "
+                f"(threshold {found['z_threshold']:.1f})</td><td>{found['layers_recovered']} of {found['layers']}</td>"
+                f"<td>{found['seconds']:.1f}</td></tr>"
+            )
+    if not rows:
+        return ""
+    head = ("<tr><th>task</th><th>verdict of moeguard detect</th><th>score z</th><th>layers whose kept experts and order "
+            "were traced exactly</th><th>seconds</th></tr>")
+    return ("<h2>Forensics: would the owner recognise the carved model?</h2><p class='note'>The attacker's smallest plan "
+            "is carved out of a copy (pruned, experts shuffled with their router rows; not re-aligned) and compared with "
+            "the audited model by <code>moeguard detect</code>.</p>" + f"<table id='forensics'>{head}{''.join(rows)}</table>")
+
+
 def _tables_section(audits: list[ModelAudit], shown, table, heading: str) -> str:
     """One heading and ``table(task)`` for every task of every model where ``shown(task)``."""
     parts = []
@@ -274,6 +298,7 @@ def render_html(report: AuditReport, out: Path) -> str:
                  "selection of the examples to label (same seed set, steps and learning rate).</p>")
     parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples", wide=True))
     parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, ""))
+    parts.append(_forensics_section(audits))
     parts.append("<h2>Defense comparison</h2>")
     if report.compare is None:
         parts.append("<p class='note'>No defended model was given. Run <code>moeguard harden</code> and audit again with "

@@ -92,6 +92,7 @@ class TaskAudit:
     sweep: list[dict[str, Any]] = field(default_factory=list)
     realign_runs: list[RealignRun] = field(default_factory=list)
     specialisation: dict[str, Any] | None = None
+    forensics: dict[str, Any] | None = None
     figures: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ only the stages it feeds.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 def stage_logs_quiet() -> Iterator[None]:
     """The stages' own per-step and per-round log lines off (the audit logs one line per finished stage);
     left as they are when moeguard logs at DEBUG (``-v``)."""
-    names = ("moeguard.training", "moeguard.realign", "moeguard.pruning", "moeguard.attribution")
+    names = ("moeguard.training", "moeguard.realign", "moeguard.pruning", "moeguard.attribution", "moeguard.forensics")
     loggers = [logging.getLogger(name) for name in names]
     before = [logger.level for logger in loggers]
     if not logging.getLogger("moeguard").isEnabledFor(logging.DEBUG):
@@ -270,9 +271,41 @@ class ModelAuditor:
             else [len(k) for k in without.kept] if without is not None else list(self.moe.num_experts)
         )
         audit.compressed = compressed_size(self.moe, keep_counts)
+        attack_kept = audit.cost.kept if audit.cost is not None else without.kept if without is not None else None
+        if config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
+            audit.forensics = self.forensics(task, attack_kept)
         audit.al_vs_random = al_vs_random(runs, config)
         audit.figures = self.task_figures(task, record, swept, runs)
         return audit
+
+    def forensics(self, task: AuditTask, kept: list[list[int]]) -> dict[str, Any]:
+        """Carve the attacker's model out of a copy (prune to ``kept``, shuffle the experts) and run
+        :func:`moeguard.forensics.detect` on it: is it recognised, and are its experts traced back?"""
+        from moeguard.forensics import detect
+        from moeguard.forensics.derivatives import reindex_experts
+
+        generator = torch.Generator().manual_seed(self.config.seed)
+        orders = [[experts[i] for i in torch.randperm(len(experts), generator=generator).tolist()] for experts in kept]
+        inputs = {"fingerprint": self.fingerprint, "orders": orders}
+
+        def compute() -> dict[str, Any]:
+            suspect = copy.deepcopy(self.moe)
+            reindex_experts(suspect, orders)
+            verdict = detect(self.moe, suspect, seed=self.config.seed, progress=False)
+            recovered = [layer.order == order for layer, order in zip(verdict.layers, orders)]
+            return {
+                "suspect": "pruned to the attacker's smallest plan, experts shuffled (router rows with them), not re-aligned",
+                "derived": verdict.derived, "z": verdict.z, "p_value": verdict.p_value, "z_threshold": verdict.z_threshold,
+                "layers_recovered": sum(recovered), "layers": len(orders), "kept": [sorted(k) for k in kept],
+                "recovered": [layer.kept for layer in verdict.layers], "seconds": verdict.seconds,
+            }
+
+        with stage("forensics", self.seconds):
+            result, cached = self.cache.get_or_compute("forensics", inputs, compute)
+        log.info("[%s] forensics %s: the carved model is %s (z %.1f), kept experts traced in %d of %d layers%s", self.role,
+                 task.name, "recognised as derived" if result["derived"] else "NOT recognised", result["z"] or 0.0,
+                 result["layers_recovered"], result["layers"], " [cached]" if cached else "")
+        return result
 
     def task_figures(self, task: AuditTask, record: Attribution, swept: SweepResult, runs: list[RealignRun]) -> dict[str, str]:
         stem = self.prefix + file_stem(task.name)
