@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, collect_attribution, scores
 from moeguard.attribution.figures import CRITERION_LABELS, file_stem, score_heatmap
@@ -162,8 +163,9 @@ class ModelAuditor:
         inputs = {"fingerprint": self.fingerprint, "tasks": {t.name: t.signature() for t in tasks}}
 
         def compute() -> dict[str, Any]:
-            results = evaluate_tasks(self.moe, self.moe.tokenizer, [t.test for t in tasks], batch_size=self.config.eval_batch_size)
-            return {name: result.to_dict() for name, result in results.items()}
+            bar = tqdm(tasks, desc="evaluate", unit="task", disable=None if self.progress else True)
+            return {task.name: evaluate_tasks(self.moe, self.moe.tokenizer, [task.test],
+                                              batch_size=self.config.eval_batch_size)[task.name].to_dict() for task in bar}
 
         with stage("evaluate", self.seconds):
             result, cached = self.cache.get_or_compute("evaluate", inputs, compute)
@@ -291,7 +293,7 @@ class ModelAuditor:
         def compute() -> dict[str, Any]:
             suspect = copy.deepcopy(self.moe)
             reindex_experts(suspect, orders)
-            verdict = detect(self.moe, suspect, seed=self.config.seed, progress=False)
+            verdict = detect(self.moe, suspect, seed=self.config.seed, progress=self.progress)
             recovered = [layer.order == order for layer, order in zip(verdict.layers, orders)]
             return {
                 "suspect": "pruned to the attacker's smallest plan, experts shuffled (router rows with them), not re-aligned",
