@@ -274,7 +274,10 @@ class ModelAuditor:
         )
         audit.compressed = compressed_size(self.moe, keep_counts)
         attack_kept = audit.cost.kept if audit.cost is not None else without.kept if without is not None else None
-        if config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
+        if config.forensics and config.device_map:
+            # The carved copy would duplicate a model spread over devices; detect a saved prune instead.
+            log.warning("[%s] forensics skipped with --device-map: run `moeguard detect` on a pruned checkpoint", self.role)
+        elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
             audit.forensics = self.forensics(task, attack_kept)
         audit.al_vs_random = al_vs_random(runs, config)
         audit.figures = self.task_figures(task, record, swept, runs)
