@@ -4,7 +4,8 @@ Positives: derivatives of the demo model, every combination of
   prune      keep 8 (none), 6, 4, 2 of 8 experts per layer, and a non-uniform 6, 4, 2, 3 per layer
              (cycled over the layers; random kept sets; the non-uniform one lives in memory, as it
              would in a custom checkpoint);
-  re-align   none; full fine-tuning of every parameter at lr 1e-4, 1e-3, 3e-3; fine-tuning of the
+  re-align   none; full fine-tuning of every parameter at lr 1e-4, 3e-4, 1e-3, 3e-3 (the re-alignment
+             attacker's grid; 3e-4 is `moeguard realign`'s default); fine-tuning of the
              non-expert parameters only (attention, embeddings, norms) at 1e-3 - each run is
              `--steps` AdamW steps of batch `--batch-size` on the target task's training split,
              with moeguard.training.train (the loop `moeguard realign` uses);
@@ -35,6 +36,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -56,10 +58,20 @@ KEEPS = {"8": [8], "6": [6], "4": [4], "2": [2], "6-4-2-3": [6, 4, 2, 3]}
 REALIGN = {
     "none": None,
     "full 1e-4": ("all", 1e-4),
+    "full 3e-4": ("all", 3e-4),
     "full 1e-3": ("all", 1e-3),
     "full 3e-3": ("all", 3e-3),
     "non-expert 1e-3": ("non-expert", 1e-3),
 }
+# With --stress: heavier re-alignment than the attacker's grid, to find where detection weakens:
+# (scope, lr, multiple of --steps), applied to a keep-2 derivative (float32, experts shuffled).
+STRESS = {
+    "full 3e-3, 8x steps": ("all", 3e-3, 8),
+    "full 1e-2": ("all", 1e-2, 1),
+    "full 1e-2, 8x steps": ("all", 1e-2, 8),
+}
+# Part of the cache key: raise it when a change here alters what a cached group holds.
+CACHE_VERSION = 2
 CASTS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,13 +91,15 @@ def non_expert_parameters(moe: MoEModel) -> list[torch.nn.Parameter]:
     return [p for p in moe.model.parameters() if id(p) not in routed]
 
 
-def realign(moe: MoEModel, scope: str, lr: float, args: argparse.Namespace, seed: int) -> float:
-    """Fine-tune ``moe`` in place on the target task (``scope`` "all" or "non-expert"); the final loss."""
-    data = load_task(args.task, "train", limit=args.steps * args.batch_size, seed=seed)
+def realign(moe: MoEModel, scope: str, lr: float, args: argparse.Namespace, seed: int, *, multiple: int = 1) -> float:
+    """Fine-tune ``moe`` in place on the target task (``scope`` "all" or "non-expert") for ``multiple``
+    times ``--steps`` steps; the final loss."""
+    steps = args.steps * multiple
+    data = load_task(args.task, "train", limit=steps * args.batch_size, seed=seed)
     result = train(
         moe,
         batches(moe.tokenizer, data, batch_size=args.batch_size, shuffle=True, seed=seed, epochs=None),
-        steps=args.steps,
+        steps=steps,
         lr=lr,
         parameters=None if scope == "all" else non_expert_parameters(moe),
         seed=seed,
@@ -135,33 +149,48 @@ def cache_dir(parent: MoEModel, args: argparse.Namespace) -> Path:
         "batch_size": args.batch_size,
         "independent_steps": args.independent_steps,
         "detector": detector_source_hash(),
+        "version": CACHE_VERSION,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "bench_detect" / key
 
 
 def score_figure(rows: list[dict], threshold: float, path: Path) -> None:
+    """Scores per group (derived by re-alignment setting; not derived by kind), threshold dashed."""
     from moeguard.attribution.figures import _pyplot, _save
 
     plt = _pyplot()
     groups: dict[str, list[float]] = {}
     for row in rows:
-        label = f"not derived: {row['kind']}" if not row["derived_truth"] else f"derived: {row['realign']}"
+        if not row["derived_truth"]:
+            label = f"not derived: {row['kind']}"
+        else:
+            label = f"{'derived' if row['kind'] == 'derivative' else 'stress'}: {row['realign']}"
         groups.setdefault(label, []).append(row["z"])
-    labels = sorted(groups)
+    labels = [f"stress: {name}" for name in STRESS if f"stress: {name}" in groups]
+    labels += [f"derived: {name}" for name in REALIGN if f"derived: {name}" in groups]
+    labels += sorted(label for label in groups if label not in labels)
     figure, axes = plt.subplots(figsize=(8, 0.55 * len(groups) + 1.5), layout="constrained")
     for y, label in enumerate(labels):
         values = groups[label]
         jitter = torch.linspace(-0.2, 0.2, len(values)).tolist() if len(values) > 1 else [0.0]
-        color = "tab:red" if label.startswith("not") else "tab:blue"
+        color = {"not": "tab:red", "derived": "tab:blue", "stress": "tab:purple"}[label.split()[0].rstrip(":")]
         axes.scatter(values, [y + j for j in jitter], s=12, alpha=0.7, color=color)
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xscale("symlog", linthresh=10)
+    scores = [z for values in groups.values() for z in values]
+    axes.set_xlim(min(-10.0, 1.5 * min(scores)), 2.0 * max(scores + [threshold]))
+    axes.set_ylim(-0.6, len(labels) - 0.4)
     axes.axvline(threshold, color="black", linestyle="--", linewidth=1)
-    axes.text(threshold, len(labels) - 0.5, f" threshold z = {threshold:.2f}", fontsize=8)
+    axes.text(threshold, -0.5, f" threshold z = {threshold:.2f}", fontsize=8, va="bottom")
     axes.set_xlabel("detection score z (symlog)")
     axes.set_title("moeguard detect: demo-model derivatives vs independent models")
     _save(figure, path)
+
+
+def stable_seed(name: str) -> int:
+    """A seed fixed by a group's name, so adding a setting leaves every other group's draws unchanged."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
 
 
 def share(flags: list[bool]) -> float:
@@ -169,7 +198,7 @@ def share(flags: list[bool]) -> float:
 
 
 def summarise(rows: list[dict], parent: MoEModel, negative_models: int, forward: float, args: argparse.Namespace) -> dict:
-    derived = [r for r in rows if r["derived_truth"]]
+    derived = [r for r in rows if r["kind"] == "derivative"]
     negatives = [r for r in rows if not r["derived_truth"]]
     positives = [r["z"] for r in derived]
     negative_scores = [r["z"] for r in negatives]
@@ -230,6 +259,7 @@ def main() -> None:
     parser.add_argument("--independent", type=int, default=10, help="demo-architecture models trained from other seeds")
     parser.add_argument("--independent-steps", type=int, default=300)
     parser.add_argument("--unrelated", default="mixtral,gpt_oss", help="families of the unrelated demo-size MoEs")
+    parser.add_argument("--stress", action="store_true", help="also run the heavier re-alignments of STRESS (reported apart)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/detect/<config>")
     args = parser.parse_args()
@@ -260,34 +290,42 @@ def main() -> None:
         print(f"  {record['name']:<52} z = {verdict.z:8.1f}  {verdict.status}  ({verdict.seconds:.2f} s)", flush=True)
         return record
 
+    build_costs: list[dict] = []
+
     def cached_group(name: str, build) -> list[dict]:
+        """The rows of group ``name``: from the cache, or built (and timed: wall and process CPU) and cached."""
         path = cache / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
         if path.is_file():
             group = read_json(path, what="cached benchmark group")
             for record in group["rows"]:
                 print(f"  {record['name']:<52} z = {record['z']:8.1f}  {record['status']}  (cached)", flush=True)
-            return group["rows"]
-        group_rows = build()
-        write_json(path, {"group": name, "rows": group_rows})
-        return group_rows
+        else:
+            wall, cpu = time.perf_counter(), time.process_time()
+            group = {"group": name, "rows": build()}
+            group.update(wall_seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu)
+            write_json(path, group)
+        build_costs.append({key: group.get(key) for key in ("group", "wall_seconds", "cpu_seconds")})
+        return group["rows"]
 
     print("derivatives:")
-    for k, ((keep_name, keep), (realign_name, realign_setting)) in enumerate(itertools.product(KEEPS.items(), REALIGN.items())):
+    for (keep_name, keep), (realign_name, realign_setting) in itertools.product(KEEPS.items(), REALIGN.items()):
+        group_name = f"derivative {keep_name} | {realign_name}"
 
-        def build_derivatives(k=k, keep_name=keep_name, keep=keep, realign_name=realign_name, realign_setting=realign_setting) -> list[dict]:
+        def build_derivatives(keep_name=keep_name, keep=keep, realign_name=realign_name, realign_setting=realign_setting,
+                              seed=stable_seed(group_name)) -> list[dict]:
             base = copy.deepcopy(parent)
-            orders = [sorted(o) for o in random_orders(base, per_layer(keep, base.num_layers), seed=100 + k)]
+            orders = [sorted(o) for o in random_orders(base, per_layer(keep, base.num_layers), seed=seed)]
             reindex_experts(base, orders)
-            loss = realign(base, *realign_setting, args, seed=k) if realign_setting is not None else None
+            loss = realign(base, *realign_setting, args, seed=seed) if realign_setting is not None else None
             group = []
-            for permuted, cast, suspect, truth in variants(base, orders, seed=1000 * k):
+            for permuted, cast, suspect, truth in variants(base, orders, seed=seed + 1):
                 name = f"keep {keep_name} | {realign_name} | {'shuffled' if permuted else 'sorted'} | {cast}"
                 record = dict(name=name, derived_truth=True, kind="derivative", keep=keep_name, realign=realign_name,
                               permuted=permuted, cast=cast, realign_loss=loss)
                 group.append(compare(suspect, record, truth))
             return group
 
-        rows += cached_group(f"derivative {keep_name} | {realign_name}", build_derivatives)
+        rows += cached_group(group_name, build_derivatives)
 
     print("independent and unrelated models:")
     negatives = [
@@ -315,7 +353,38 @@ def main() -> None:
 
         rows += cached_group(f"negative {name} | {negative_config.key(seed)}", build_negatives)
 
+    if args.stress:
+        print("stress (heavier re-alignment than the attacker's grid, keep 2):")
+        for stress_name, (scope, lr, multiple) in STRESS.items():
+            group_name = f"stress {stress_name}"
+
+            def build_stress(stress_name=stress_name, scope=scope, lr=lr, multiple=multiple, seed=stable_seed(group_name)) -> list[dict]:
+                base = copy.deepcopy(parent)
+                orders = random_orders(base, [2] * base.num_layers, seed=seed)
+                reindex_experts(base, orders)
+                loss = realign(base, scope, lr, args, seed=seed, multiple=multiple)
+                record = dict(name=f"keep 2 | {stress_name} | shuffled | float32", derived_truth=True, kind="stress", keep="2",
+                              realign=stress_name, permuted=True, cast="float32", realign_loss=loss, steps=args.steps * multiple)
+                return [compare(base, record, orders)]
+
+            rows += cached_group(group_name, build_stress)
+
     summary = summarise(rows, parent, len(negatives), forward, args)
+    summary["stress"] = [
+        {key: r[key] for key in ("name", "steps", "realign_loss", "z", "status", "kept_exact", "order_exact", "min_similarity", "min_weight_similarity")}
+        for r in rows
+        if r["kind"] == "stress"
+    ]
+    timed = [cost for cost in build_costs if cost["wall_seconds"] is not None]
+    # What building every group cost when it was built (independent models trained inside their group
+    # unless the demo cache already held them), whichever run built it.
+    summary["build_cost"] = {
+        "groups": len(build_costs),
+        "groups_timed": len(timed),
+        "wall_seconds": sum(cost["wall_seconds"] for cost in timed),
+        "cpu_seconds": sum(cost["cpu_seconds"] for cost in timed),
+        "load_average_end": os.getloadavg()[0],
+    }
     summary["wall_seconds_this_run"] = time.perf_counter() - started
     summary["cache"] = str(cache)
     write_json(out / "results.json", {"summary": summary, "rows": rows})
