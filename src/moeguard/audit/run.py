@@ -243,9 +243,34 @@ class ModelAuditor:
                  task.name, 100 * config.target_retention,
                  without.keep if without else "none of the swept", without.criterion if without else "no plan retains it")
 
+        runs = self.realign_search(task, plans, others, required_keeps)
+        audit.realign_runs = runs
+        reached = [r for r in runs if r.reached]
+        best = min(reached, key=lambda r: (r.fraction_kept, r.labels, r.steps)) if reached else None
+        if best is not None and best.fraction_kept < audit.fraction_without:
+            audit.keep_with, audit.fraction_with, audit.cost = best.keep, best.fraction_kept, best
+        else:
+            audit.keep_with, audit.fraction_with = audit.keep_without, audit.fraction_without
+        attack_kept = audit.cost.kept if audit.cost is not None else without.kept if without is not None else None
+        keep_counts = [len(k) for k in attack_kept] if attack_kept is not None else list(self.moe.num_experts)
+        audit.compressed = compressed_size(self.moe, keep_counts)
+        if config.forensics and config.device_map:
+            # The carved copy would duplicate a model spread over devices; detect a saved prune instead.
+            log.warning("[%s] forensics skipped with --device-map: run `moeguard detect` on a pruned checkpoint", self.role)
+        elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
+            audit.forensics = self.forensics(task, attack_kept)
+        audit.al_vs_random = al_vs_random(runs, config)
+        audit.figures = self.task_figures(task, record, swept, runs)
+        return audit
+
+    def realign_search(self, task: AuditTask, plans: list[BestPlan], others: list[AuditTask],
+                       required_keeps: list[int]) -> list[RealignRun]:
+        """Re-align the best plan at each keep count below what pruning alone survives, largest first, while
+        re-alignment still reaches the target (the baseline acquisition runs beside it at the first one);
+        then any ``required_keeps`` not yet tried (the undefended attack's keep count, for a comparison)."""
+        config = self.config
         runs: list[RealignRun] = []
-        candidates = realign_candidates(plans, config.target_retention)
-        for index, plan in enumerate(candidates[: config.max_realign_keeps]):
+        for index, plan in enumerate(realign_candidates(plans, config.target_retention)[: config.max_realign_keeps]):
             run = self.realign_run(task, plan, config.acquisition, others)
             runs.append(run)
             if index == 0 and config.baseline_acquisition != config.acquisition:
@@ -255,33 +280,12 @@ class ModelAuditor:
                      else f"not reached within {config.budget} labels (final retention {run.final_retention:.2f})")
             if not any(r.reached for r in runs if r.keep == plan.keep):
                 break
-        done = {r.keep for r in runs}
+        tried = {r.keep for r in runs}
         for keep in required_keeps:
             plan = next((p for p in plans if p.keep == keep), None)
-            if plan is not None and keep not in done:
+            if plan is not None and keep not in tried:
                 runs.append(self.realign_run(task, plan, config.acquisition, others))
-        audit.realign_runs = runs
-        reached = [r for r in runs if r.reached]
-        if reached:
-            best = min(reached, key=lambda r: (r.fraction_kept, r.labels, r.steps))
-            if best.fraction_kept < audit.fraction_without:
-                audit.keep_with, audit.fraction_with, audit.cost = best.keep, best.fraction_kept, best
-        if audit.cost is None:
-            audit.keep_with, audit.fraction_with = audit.keep_without, audit.fraction_without
-        keep_counts = (
-            [len(k) for k in audit.cost.kept] if audit.cost is not None
-            else [len(k) for k in without.kept] if without is not None else list(self.moe.num_experts)
-        )
-        audit.compressed = compressed_size(self.moe, keep_counts)
-        attack_kept = audit.cost.kept if audit.cost is not None else without.kept if without is not None else None
-        if config.forensics and config.device_map:
-            # The carved copy would duplicate a model spread over devices; detect a saved prune instead.
-            log.warning("[%s] forensics skipped with --device-map: run `moeguard detect` on a pruned checkpoint", self.role)
-        elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
-            audit.forensics = self.forensics(task, attack_kept)
-        audit.al_vs_random = al_vs_random(runs, config)
-        audit.figures = self.task_figures(task, record, swept, runs)
-        return audit
+        return runs
 
     def forensics(self, task: AuditTask, kept: list[list[int]]) -> dict[str, Any]:
         """Carve the attacker's model out of a copy (prune to ``kept``, shuffle the experts) and run
