@@ -12,9 +12,11 @@ Positives: derivatives of the demo model, every combination of
   permute    kept experts in ascending order, or shuffled (router rows moved with them);
   cast       float32, bfloat16, float16.
 Negatives: demo-architecture models trained from other seeds (`--independent` of them, `--independent-steps`
-steps each: short but real training runs of the demo recipe, cached in the demo model cache), and demo-size
-models of other families (unrelated MoEs), each compared as is, pruned to 4 shuffled experts, and cast to
-bfloat16.
+steps each: short but real training runs of the demo recipe, cached in the demo model cache; with
+`--full-independent N` also N trained with the parent's full recipe), and demo-size models of other
+families (unrelated MoEs), each compared as is, pruned to 4 shuffled experts, and cast to bfloat16.
+With `--stress`, heavier re-alignments than the attacker's grid (STRESS) of a keep-2 derivative are run
+too and reported apart from the headline figures.
 
 Reports AUROC of the score z (derived = positive), decisions at the stated threshold, the share of
 (derivative, layer) pairs whose kept set and expert order are recovered exactly, and the time per
@@ -258,6 +260,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--independent", type=int, default=10, help="demo-architecture models trained from other seeds")
     parser.add_argument("--independent-steps", type=int, default=300)
+    parser.add_argument("--full-independent", type=int, default=0,
+                        help="also this many same-architecture models trained with the parent's full recipe (seeds 101, ...)")
     parser.add_argument("--unrelated", default="mixtral,gpt_oss", help="families of the unrelated demo-size MoEs")
     parser.add_argument("--stress", action="store_true", help="also run the heavier re-alignments of STRESS (reported apart)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -331,6 +335,10 @@ def main() -> None:
     negatives = [
         (f"{config.family} seed {seed}", "independent (same architecture)", dataclasses.replace(config, steps=args.independent_steps), seed)
         for seed in range(1, args.independent + 1)
+    ]
+    negatives += [
+        (f"{config.family} seed {seed} (full recipe)", "independent (full training)", config, seed)
+        for seed in range(101, 101 + args.full_independent)
     ]
     # Other seeds for the other families too: random_moe draws a family's weights from the same
     # stream as the parent's when seeds agree, and equal shapes would then start out equal.
