@@ -279,3 +279,56 @@ def test_the_report_renders_in_headless_chromium(audited, tmp_path):
     pixels = torch.tensor(list(Image.open(shot).convert("L").getdata()), dtype=torch.float32)
     assert pixels.std() > 10  # not a blank page
     assert not math.isnan(float(pixels.mean()))
+
+
+# ---------------------------------------------------------------- the defense comparison, on hand-made audits
+def _task(name, *, keep_without, cost=None, runs=(), accuracy=1.0):
+    from moeguard.audit.results import TaskAudit
+
+    fraction = (keep_without or 8) / 8
+    audit = TaskAudit(name, "hand-made", accuracy, 100, keep_without=keep_without, fraction_without=fraction,
+                      fraction_with=(cost.keep / 8) if cost else fraction, cost=cost, realign_runs=list(runs))
+    audit.keep_with = cost.keep if cost else keep_without
+    return audit
+
+
+def _run(keep, labels, *, acquisition="entropy", budget=64):
+    from moeguard.audit.results import RealignRun
+
+    return RealignRun(keep, "reap", acquisition, keep / 8, [], budget, 0.1, 0.95 if labels else 0.5, labels is not None,
+                      labels, None if labels is None else 2 * labels, None, None, [], "history.json")
+
+
+def _model(tasks):
+    from moeguard.audit.results import ModelAudit
+
+    return ModelAudit("model", "m", "f", "qwen3_moe", [8] * 4, [2] * 4, {"total": 1, "active_per_token": 1},
+                      {t.task: t for t in tasks})
+
+
+def test_the_cost_multiplier_compares_labels_at_the_undefended_attacks_keep_count():
+    from moeguard.audit.run import compare_models
+
+    plain = _model([
+        _task("realigned", keep_without=4, cost=_run(2, 16)),
+        _task("free", keep_without=2),
+        _task("resisted", keep_without=2),
+        _task("unreached", keep_without=6, cost=_run(3, 32)),
+        _task("unbroken", keep_without=None),
+    ])
+    guarded = _model([
+        _task("realigned", keep_without=8, runs=[_run(2, 48)], accuracy=0.9),
+        _task("free", keep_without=8, runs=[_run(2, 32)]),
+        _task("resisted", keep_without=2),
+        _task("unreached", keep_without=8, runs=[_run(3, None)]),
+        _task("unbroken", keep_without=None),
+    ])
+    found = compare_models(plain, guarded)
+    assert (found["realigned"].cost_multiplier, found["realigned"].censored) == (3.0, False)
+    assert found["realigned"].utility_cost == pytest.approx(0.1)
+    assert math.isinf(found["free"].cost_multiplier) and found["free"].describe_multiplier() == "inf"
+    assert (found["resisted"].defended_labels, found["resisted"].cost_multiplier) == (0, 1.0)
+    assert found["unreached"].censored and found["unreached"].cost_multiplier == 2.0
+    assert found["unreached"].describe_multiplier() == ">=2.00x"
+    assert found["unbroken"].cost_multiplier is None and "nothing to compare" in found["unbroken"].note
+    assert json.loads(json.dumps(found["free"].to_dict()))["cost_multiplier"] == "inf"

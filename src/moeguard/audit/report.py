@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeguard.audit.results import DefenseComparison, ModelAudit, TaskAudit
+from moeguard.audit.results import DefenseComparison, ModelAudit, TaskAudit, json_multiplier
 from moeguard.io import atomic_write_text, read_json, write_json
 
 REPORT_FORMAT = 1
@@ -59,7 +59,7 @@ class AuditReport:
             }
             if name in self.defense:
                 comparison = self.defense[name]
-                row.update(cost_multiplier=comparison.cost_multiplier, censored=comparison.censored,
+                row.update(cost_multiplier=json_multiplier(comparison.cost_multiplier), censored=comparison.censored,
                            utility_cost=comparison.utility_cost)
             rows.append(row)
         return rows
@@ -94,10 +94,9 @@ class AuditReport:
             line = (f"  {row['task']:<12}{row['full_accuracy']:>9.3f}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
                     f"{_num(row['labels']):>8}{_num(row['steps']):>7}{_num(row['parameters_total'], ','):>12}"
                     f"{_num(row['compression_ratio'], '.2f'):>7}")
-            if self.defense:
-                multiplier = row.get("cost_multiplier")
-                text = "-" if multiplier is None else f"{'>=' if row.get('censored') else ''}{multiplier:.2f}"
-                line += f"{text:>8}{row.get('utility_cost', math.nan):>+9.3f}"
+            if row["task"] in self.defense:
+                comparison = self.defense[row["task"]]
+                line += f"{comparison.describe_multiplier():>8}{comparison.utility_cost:>+9.3f}"
             lines.append(line)
         if self.out_dir is not None:
             lines.append(f"report: {self.out_dir / REPORT_HTML} (numbers: {self.out_dir / REPORT_JSON})")
@@ -174,10 +173,9 @@ def _summary_table(report: AuditReport) -> str:
             _cell(row["parameters_total"], ","), _cell(row["parameters_active"], ","),
             f"{_cell(row['compression_ratio'], '.2f')}x",
         ]
-        if compare:
-            multiplier = row.get("cost_multiplier")
-            cells.append("-" if multiplier is None else f"{'&ge;' if row.get('censored') else ''}{multiplier:.2f}x")
-            cells.append(_cell(row.get("utility_cost"), "+.3f"))
+        if compare and row["task"] in report.defense:
+            comparison = report.defense[row["task"]]
+            cells += [comparison.describe_multiplier(markup=True), _cell(comparison.utility_cost, "+.3f")]
         rows.append("<tr><td>" + "</td><td>".join(cells) + "</td></tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     return f'<table id="summary">{header}{"".join(rows)}</table>'
@@ -307,17 +305,16 @@ def render_html(report: AuditReport, out: Path) -> str:
         parts.append(f"<p class='note'>Defended model <code>{esc(report.compare.source)}</code> (fingerprint "
                      f"<code>{esc(report.compare.fingerprint[:16])}</code>), attacked the same way. Cost multiplier = labels "
                      "the attacker needs on the defended model / on the undefended one, at the undefended attack's keep "
-                     "count (&ge;: not reached within the budget, a lower bound). Utility cost = drop of the full model's "
-                     "accuracy.</p>")
+                     "count (&ge;: not reached within the budget, a lower bound; &infin;: the undefended attack needed no labels "
+                     "at all, pruning alone kept the task). Utility cost = drop of the full model's accuracy.</p>")
         head = ("<tr><th>task</th><th>keep</th><th>labels (undefended)</th><th>labels (defended)</th><th>cost multiplier</th>"
                 "<th>utility cost</th><th>experts kept w/o re-alignment (undef. / def.)</th><th>with (undef. / def.)</th><th>note</th></tr>")
         body = []
         for comparison in report.defense.values():
-            multiplier = comparison.cost_multiplier
             body.append(
                 f"<tr><td>{esc(comparison.task)}</td><td>{_cell(comparison.keep)}</td><td>{_cell(comparison.undefended_labels)}</td>"
                 f"<td>{_cell(comparison.defended_labels)}</td>"
-                f"<td>{'-' if multiplier is None else ('&ge;' if comparison.censored else '') + f'{multiplier:.2f}x'}</td>"
+                f"<td>{comparison.describe_multiplier(markup=True)}</td>"
                 f"<td>{comparison.utility_cost:+.3f}</td><td>{_pct(comparison.fraction_without[0])} / {_pct(comparison.fraction_without[1])}</td>"
                 f"<td>{_pct(comparison.fraction_with[0])} / {_pct(comparison.fraction_with[1])}</td>"
                 f"<td style='text-align:left'>{esc(comparison.note)}</td></tr>"

@@ -159,6 +159,19 @@ class DefenseComparison:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["cost_multiplier"] is not None and math.isinf(data["cost_multiplier"]):
-            data["cost_multiplier"] = "inf"
+        data["cost_multiplier"] = json_multiplier(self.cost_multiplier)
         return data
+
+    def describe_multiplier(self, *, markup: bool = False) -> str:
+        """``3.00x``, ``>=4.00x`` (a lower bound), ``inf`` (the undefended attack needed no labels) or ``-``."""
+        if self.cost_multiplier is None:
+            return "-"
+        if math.isinf(self.cost_multiplier):
+            return "&infin;" if markup else "inf"
+        bound = ("&ge;" if markup else ">=") if self.censored else ""
+        return f"{bound}{self.cost_multiplier:.2f}x"
+
+
+def json_multiplier(value: float | None) -> float | str | None:
+    """A multiplier as strict JSON: infinity becomes the string "inf"."""
+    return "inf" if value is not None and math.isinf(value) else value

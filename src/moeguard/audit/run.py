@@ -281,9 +281,11 @@ class ModelAuditor:
             if not any(r.reached for r in runs if r.keep == plan.keep):
                 break
         tried = {r.keep for r in runs}
+        without = smallest_retaining(plans, config.target_retention)
         for keep in required_keeps:
             plan = next((p for p in plans if p.keep == keep), None)
-            if plan is not None and keep not in tried:
+            needs_realignment = without is None or keep < without.keep
+            if plan is not None and keep not in tried and needs_realignment:
                 runs.append(self.realign_run(task, plan, config.acquisition, others))
         return runs
 
@@ -376,37 +378,44 @@ def al_vs_random(runs: list[RealignRun], config: AuditConfig) -> dict[str, Any] 
 
 
 def compare_models(model: ModelAudit, defended: ModelAudit) -> dict[str, DefenseComparison]:
-    """Per task: the defense's cost multiplier (labels, at the undefended attack's keep count) and utility cost."""
+    """Per task: the defense's cost multiplier and utility cost.
+
+    The attack is the undefended model's cheapest successful one: its smallest keep count
+    and the labels it needed there (0 where pruning alone kept the task). The defended
+    model is attacked at that keep count too; its labels (the budget, flagged, when not
+    reached) over the undefended labels is the multiplier (inf when the undefended attack
+    needed no labels and the defended one does).
+    """
     comparisons = {}
     for name, plain in model.tasks.items():
         guarded = defended.tasks.get(name)
         if guarded is None:
             continue
-        utility = plain.full_accuracy - guarded.full_accuracy
-        base = plain.cost
-        keep = base.keep if base is not None else plain.keep_without
-        note, multiplier, undefended_labels, defended_labels, censored = "", None, None, None, False
-        if base is None:
-            note = ("the undefended model needed no re-alignment (pruning alone kept the task)" if plain.keep_without
-                    else "re-alignment did not reach the target on the undefended model within the budget")
+        keep = plain.cost.keep if plain.cost is not None else plain.keep_without
+        undefended_labels = plain.cost.labels if plain.cost is not None else 0
+        defended_labels, censored, multiplier, note = None, False, None, ""
+        if keep is None or keep >= max(model.num_experts):
+            keep, undefended_labels = None, None
+            note = "no attack on the undefended model kept the task with fewer experts: nothing to compare"
         elif guarded.keep_without is not None and keep >= guarded.keep_without:
-            note = "on the defended model pruning alone keeps the task at this keep count: no labels needed"
-            undefended_labels, defended_labels = base.labels, 0
-            multiplier = cost_multiplier(0.0, float(base.labels))
+            defended_labels = 0
+            note = "pruning alone keeps the task on the defended model at this keep count"
         else:
-            run = next((r for r in guarded.realign_runs if r.keep == keep and r.acquisition == base.acquisition), None)
-            undefended_labels = base.labels
+            acquisition = plain.cost.acquisition if plain.cost is not None else None
+            run = next((r for r in guarded.realign_runs
+                        if r.keep == keep and (acquisition is None or r.acquisition == acquisition)), None)
             if run is None:
                 note = "the defended model was not attacked at this keep count"
             else:
                 censored = not run.reached
                 defended_labels = run.labels if run.reached else run.budget
-                multiplier = cost_multiplier(float(defended_labels), float(undefended_labels))
                 if censored:
                     note = f"not reached within {run.budget} labels on the defended model: the multiplier is a lower bound"
+        if undefended_labels is not None and defended_labels is not None:
+            multiplier = cost_multiplier(float(defended_labels), float(undefended_labels))
         comparisons[name] = DefenseComparison(
-            task=name, keep=keep, undefended_labels=undefended_labels,
-            defended_labels=defended_labels, censored=censored, cost_multiplier=multiplier, utility_cost=utility,
+            task=name, keep=keep, undefended_labels=undefended_labels, defended_labels=defended_labels,
+            censored=censored, cost_multiplier=multiplier, utility_cost=plain.full_accuracy - guarded.full_accuracy,
             fraction_without=(plain.fraction_without, guarded.fraction_without),
             fraction_with=(plain.fraction_with, guarded.fraction_with), note=note,
         )
@@ -450,7 +459,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
         audited = ModelAuditor(load_audited(model_source, config), "model", config, out, progress).run(tasks)
         compared, comparisons = None, {}
         if config.compare is not None:
-            required = {name: [task.cost.keep] for name, task in audited.tasks.items() if task.cost is not None}
+            # The defended model is attacked where the undefended attack succeeded, with or without re-alignment.
+            required = {name: [task.cost.keep if task.cost is not None else task.keep_without]
+                        for name, task in audited.tasks.items() if task.cost is not None or task.keep_without}
             defended = ModelAuditor(load_audited(resolve_model_source(config.compare, progress), config), "compare", config,
                                     out, progress)
             compared = defended.run(tasks, required)
