@@ -20,8 +20,8 @@ too and reported apart from the headline figures.
 
 Reports AUROC of the score z (derived = positive), decisions at the stated threshold, the share of
 (derivative, layer) pairs whose kept set and expert order are recovered exactly, and the time per
-comparison (median; also as a ratio to one forward pass of the parent on a 16 x 64 batch measured in the
-same run). Writes results.json and a figure of the scores to --out.
+comparison (median; also as a ratio to one forward pass of the parent on a 16 x 64 batch, measured right
+before each comparison, so that both see the same load on a shared machine). Writes results.json and a figure of the scores to --out.
 
 Every group of comparisons (one re-aligned derivative in its six permute x cast variants, or one negative
 model in its three variants) is cached under $MOEGUARD_CACHE/bench_detect/<key> as soon as it is done; the
@@ -73,7 +73,7 @@ STRESS = {
     "full 1e-2, 8x steps": ("all", 1e-2, 8),
 }
 # Part of the cache key: raise it when a change here alters what a cached group holds.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CASTS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -199,7 +199,7 @@ def share(flags: list[bool]) -> float:
     return sum(flags) / len(flags)
 
 
-def summarise(rows: list[dict], parent: MoEModel, negative_models: int, forward: float, args: argparse.Namespace) -> dict:
+def summarise(rows: list[dict], parent: MoEModel, negative_models: int, args: argparse.Namespace) -> dict:
     derived = [r for r in rows if r["kind"] == "derivative"]
     negatives = [r for r in rows if not r["derived_truth"]]
     positives = [r["z"] for r in derived]
@@ -237,8 +237,8 @@ def summarise(rows: list[dict], parent: MoEModel, negative_models: int, forward:
         ],
         "median_seconds_per_comparison": statistics.median(seconds),
         "max_seconds_per_comparison": max(seconds),
-        "median_forward_seconds": forward,
-        "comparison_to_forward_ratio": statistics.median(seconds) / forward,
+        "median_forward_seconds": statistics.median(r["forward_seconds"] for r in rows),
+        "comparison_to_forward_ratio": statistics.median(r["seconds"] / r["forward_seconds"] for r in rows),
         "min_z_by_realign": by("realign", REALIGN, lambda rs: min(r["z"] for r in rs)),
         "kept_set_exact_by_realign": by("realign", REALIGN, lambda rs: share([ok for r in rs for ok in r["kept_exact"]])),
         "min_z_by_keep": by("keep", KEEPS, lambda rs: min(r["z"] for r in rs)),
@@ -277,12 +277,12 @@ def main() -> None:
     cache = cache_dir(parent, args)
     print(f"parent: {parent.source} ({parent.model_type}, {parent.num_layers} MoE layers x {parent.num_experts[0]} experts)")
     print(f"cache: {cache}")
-    forward = forward_seconds(parent)
     rows: list[dict] = []
 
     def compare(suspect: MoEModel, record: dict, truth: list[list[int]] | None) -> dict:
+        forward = forward_seconds(parent)
         verdict = detect(parent, suspect, progress=False)
-        record.update(z=verdict.z, p_value=verdict.p_value, status=verdict.status, seconds=verdict.seconds)
+        record.update(forward_seconds=forward, z=verdict.z, p_value=verdict.p_value, status=verdict.status, seconds=verdict.seconds)
         if truth is not None:
             record["truth"] = truth
             record["kept"] = [lv.kept for lv in verdict.layers]
@@ -377,7 +377,7 @@ def main() -> None:
 
             rows += cached_group(group_name, build_stress)
 
-    summary = summarise(rows, parent, len(negatives), forward, args)
+    summary = summarise(rows, parent, len(negatives), args)
     summary["stress"] = [
         {key: r[key] for key in ("name", "steps", "realign_loss", "z", "status", "kept_exact", "order_exact", "min_similarity", "min_weight_similarity")}
         for r in rows
