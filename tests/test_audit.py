@@ -77,6 +77,15 @@ def test_compressed_size_equals_the_parameter_count_of_the_physically_pruned_mod
     assert (predicted.total, predicted.active_per_token) == (actual.total, actual.active_per_token)
 
 
+def test_the_default_attacker_adds_ablation_where_it_is_affordable_and_routable():
+    from moeguard.audit.run import attack_criteria
+
+    assert attack_criteria(AuditConfig(), tiny_moe("qwen3_moe")) == ("frequency", "reap", "ablation")
+    assert attack_criteria(AuditConfig(), tiny_moe("deepseek_v3")) == ("frequency", "reap")  # group-limited router
+    assert attack_criteria(AuditConfig(), tiny_moe("mixtral", layers=40)) == ("frequency", "reap")  # 320 experts
+    assert attack_criteria(AuditConfig(criteria=("ean",)), tiny_moe("qwen3_moe")) == ("ean",)
+
+
 # ---------------------------------------------------------------- end to end
 def test_the_report_numbers_are_the_stage_results(audited, trained_tiny):
     report, out = audited
@@ -303,7 +312,7 @@ def _model(tasks):
     from moeguard.audit.results import ModelAudit
 
     return ModelAudit("model", "m", "f", "qwen3_moe", [8] * 4, [2] * 4, {"total": 1, "active_per_token": 1},
-                      {t.task: t for t in tasks})
+                      ["frequency"], {t.task: t for t in tasks})
 
 
 def test_the_cost_multiplier_compares_labels_at_the_undefended_attacks_keep_count():

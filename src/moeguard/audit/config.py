@@ -23,7 +23,9 @@ class AuditConfig:
     files (``data``: each file is one task, split into an attacker's pool and a held-out
     test set). ``compare`` names a defended model audited the same way, side by side.
 
-    The attacker: attribution by ``criteria`` over ``attribution_examples`` pool
+    The attacker: attribution by ``criteria`` (default: frequency and REAP, plus the
+    causal ablation criterion where it is affordable, see
+    :func:`moeguard.audit.run.attack_criteria`) over ``attribution_examples`` pool
     examples, a mask-mode sweep over ``keeps`` (default: 100/75/50/37.5/25% of the
     experts), then re-alignment of the best plan at the keep counts where pruning alone
     loses more than ``1 - target_retention`` of the task, with ``acquisition`` against
@@ -48,7 +50,7 @@ class AuditConfig:
     scope: str = "all"
     acquisition: str = "entropy"
     baseline_acquisition: str = "random"
-    criteria: tuple[str, ...] = ("frequency", "reap")
+    criteria: tuple[str, ...] | None = None
     keeps: list[int] | None = None
     target_retention: float = 0.9
     max_realign_keeps: int = 3
@@ -85,10 +87,13 @@ class AuditConfig:
         for path in self.data:
             if not Path(path).is_file():
                 raise InputError(f"--data {path}: no such file (expected a JSONL file of prompt/answer or choice examples).")
-        for criterion in self.criteria:
-            check_criterion(criterion)
-        if not self.criteria:
-            raise InputError("criteria is empty; name at least one attribution criterion (e.g. frequency).")
+        if self.criteria is not None:
+            if not self.criteria:
+                raise InputError("criteria is empty; name at least one attribution criterion (e.g. frequency).")
+            for criterion in self.criteria:
+                check_criterion(criterion)
+                if criterion == "random":
+                    raise InputError("random is the sweep's baseline, not an attack criterion; name a real criterion.")
         check_acquisition(self.acquisition)
         check_acquisition(self.baseline_acquisition)
         check_scope(self.scope)
@@ -118,5 +123,5 @@ class AuditConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["criteria"] = list(self.criteria)
+        data["criteria"] = list(self.criteria) if self.criteria is not None else None
         return data

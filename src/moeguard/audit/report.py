@@ -271,7 +271,8 @@ def render_html(report: AuditReport, out: Path) -> str:
         f"{' (quick mode)' if config.get('quick') else ''}.</p>",
         "<h2>Summary</h2>",
         f"<p class='note'>How cheaply can a task model be carved out of this MoE? For each task: the smallest share of experts "
-        f"an attacker must keep so that the pruned model still answers {target:.0%} as well as the full model, by pruning alone "
+        f"an attacker (attribution by {esc(', '.join(model.criteria))}) must keep so that the pruned model still answers "
+        f"{target:.0%} as well as the full model, by pruning alone "
         f"and with re-alignment (fine-tuning the pruned model on at most {config['budget']} labelled examples chosen by "
         f"{esc(config['acquisition'])} active learning, --train {esc(config['scope'])}); the labels, optimizer steps and tokens "
         "that re-alignment needed; and the size of the model the attacker ends up with. Lower shares and fewer labels mean "

@@ -121,6 +121,7 @@ class ModelAudit:
     num_experts: list[int]
     top_k: list[int]
     parameters: dict[str, int]
+    criteria: list[str]
     tasks: dict[str, TaskAudit]
     stage_seconds: dict[str, float] = field(default_factory=dict)
 

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("moeguard.audit")
 
 ATTRIBUTION_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
+# Ablation costs one masked pass per routed expert; by default it joins the attack up to this many.
+ABLATION_MAX_EXPERTS = 256
 FIGURES_DIR = "figures"
 
 
@@ -142,12 +144,24 @@ def compressed_size(moe: MoEModel, keep_counts: list[int]) -> Compressed:
     return Compressed(after.total, after.active_per_token, full.total, full.active_per_token)
 
 
+def attack_criteria(config: AuditConfig, moe: MoEModel) -> tuple[str, ...]:
+    """The configured criteria, or frequency and REAP plus ablation (the causal criterion, which an adaptive
+    attacker uses against a defense) when the model has at most :data:`ABLATION_MAX_EXPERTS` routed experts
+    and no group-limited router (masking one expert at a time must be routable)."""
+    if config.criteria is not None:
+        return tuple(config.criteria)
+    affordable = sum(moe.num_experts) <= ABLATION_MAX_EXPERTS
+    routable = all(layer.group_routing is None for layer in moe.layers)
+    return ("frequency", "reap") + (("ablation",) if affordable and routable else ())
+
+
 class ModelAuditor:
     """Runs every stage for one model; ``role`` is "model" (audited) or "compare" (the defended one)."""
 
     def __init__(self, moe: MoEModel, role: str, config: AuditConfig, out: Path, progress: bool) -> None:
         self.moe, self.role, self.config, self.progress = moe, role, config, progress
         self.fingerprint = moe.fingerprint()
+        self.criteria = attack_criteria(config, moe)
         self.cache_dir = out / ".cache" / self.fingerprint[:16]
         self.cache = StageCache(self.cache_dir)
         self.figures = out / FIGURES_DIR
@@ -176,14 +190,16 @@ class ModelAuditor:
 
     def attribute(self, task: AuditTask) -> Path:
         data = task.pool.head(self.config.attribution_examples)
-        directory = self.cache_dir / f"attribution-{self.key(task=task.name, data=task.signature(), n=len(data))}"
+        collected = ATTRIBUTION_CRITERIA + (("ablation",) if "ablation" in self.criteria else ())
+        directory = self.cache_dir / "attribution-{}".format(
+            self.key(task=task.name, data=task.signature(), n=len(data), criteria=list(collected)))
         path = directory / "attribution.json"
         with stage("attribution", self.seconds):
             cached = path.is_file()
             if not cached:
                 record = collect_attribution(
                     self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.eval_batch_size),
-                    criteria=ATTRIBUTION_CRITERIA, task=task.name, task_source=task.source,
+                    criteria=collected, task=task.name, task_source=task.source,
                     total_batches=-(-len(data) // self.config.eval_batch_size), checkpoint=directory / "partial",
                     progress=self.progress,
                 )
@@ -198,11 +214,11 @@ class ModelAuditor:
         other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
         directory = self.cache_dir / "sweep-{}".format(self.key(
             task=task.name, data=task.signature(), others=data_signature(("other", t) for t in other_tests),
-            attribution=attribution.name, criteria=list(config.criteria), keeps=config.keeps,
+            attribution=attribution.parent.name, criteria=list(self.criteria), keeps=config.keeps,
         ))
         with stage("sweep", self.seconds):
             result = run_sweep(
-                self.moe, task.test, out_dir=directory, attribution=attribution, criteria=config.criteria,
+                self.moe, task.test, out_dir=directory, attribution=attribution, criteria=self.criteria,
                 keeps=config.keeps, random_seeds=(config.seed,), other_tasks=other_tests, limit=None,
                 batch_size=config.eval_batch_size, progress=self.progress,
             )
@@ -353,6 +369,7 @@ class ModelAuditor:
         counts = self.moe.parameter_counts()
         return ModelAudit(
             role=self.role, source=str(self.moe.source), fingerprint=self.fingerprint, model_type=self.moe.model_type,
+            criteria=list(self.criteria),
             num_experts=list(self.moe.num_experts), top_k=list(self.moe.top_k),
             parameters={"total": counts.total, "active_per_token": counts.active_per_token}, tasks=audits,
             stage_seconds=dict(self.seconds),

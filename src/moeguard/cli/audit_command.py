@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller, faster audit (about 3 minutes on the demo model)")
     parser.add_argument("--out", default="audit", help="output directory (default: ./audit)")
     parser.add_argument("--keep", help="experts per layer to sweep, comma-separated (default: 100/75/50/37.5/25%% of them)")
-    parser.add_argument("--criteria", help="attribution criteria to attack with (default: frequency,reap; quick: frequency)")
+    parser.add_argument("--criteria", help="attribution criteria to attack with (default: frequency,reap, plus ablation for models with at most "
+                        "256 routed experts in all; quick: frequency)")
     parser.add_argument("--acquisition", help="active-learning acquisition function (default: entropy)")
     parser.add_argument("--train", dest="scope", help="what re-alignment trains: router, experts, attention, all, lora (default: all)")
     parser.add_argument("--rounds", type=int, help="active-learning rounds per run (default 4; quick 3)")
