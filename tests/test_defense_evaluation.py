@@ -83,6 +83,11 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     assert base.utility == same.utility and base.utility["reverse"] > 0.9
     assert result.multipliers(same, "4") == {"labels_worst_case": 1.0, "labels_mean": 1.0, "steps_worst_case": 1.0, "steps_mean": 1.0}
     assert same.authorised["compliant"]
+    # Adaptive attacks are cached under the configuration they ran with (frequency/all/lr=1e-3 is the only one).
+    adaptive = tmp_path / "runs" / "same" / "keep4" / "adaptive"
+    assert (adaptive / "distillation" / "frequency-all-lr0.001" / "seed0" / "history.json").is_file()
+    assert (adaptive / "router_reinit" / "frequency-all-lr0.001" / "seed0" / "history.json").is_file()
+    assert (adaptive / "distillation" / "teacher_pool.json").is_file()
     history = tmp_path / "runs" / "same" / "keep4" / "attacks" / "frequency-all-lr0.001-seed0" / "history.json"
     stamp = history.stat().st_mtime_ns
     again = evaluate_defenses(models, settings, tmp_path, progress=False)
@@ -97,3 +102,12 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     assert {"utility", "knowledge_loss", "attack_cost", "recovery_keep4"} <= set(saved["figures"])
     with pytest.raises(InputError, match="other settings"):
         evaluate_defenses(models, DefenseEvalSettings(**{**settings.to_dict(), "budget": 16}), tmp_path, progress=False)
+
+
+def test_adaptive_attacks_of_different_best_configurations_never_share_a_cache(tmp_path):
+    from moeguard.defense.evaluation import adaptive_dir
+
+    dirs = {adaptive_dir(tmp_path, attack, config) for attack in ("distillation", "router_reinit")
+            for config in [("ablation", "all", 1e-3), ("ablation", "all", 3e-3), ("ablation", "experts", 1e-3),
+                           ("reap", "all", 1e-3)]}
+    assert len(dirs) == 8

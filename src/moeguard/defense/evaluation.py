@@ -261,6 +261,17 @@ def _attack_dir(out: Path, criterion: str, scope: str, lr: float, seed: int) -> 
     return out / "attacks" / f"{criterion}-{scope}-lr{lr:g}-seed{seed}"
 
 
+def adaptive_dir(out: Path, attack: str, configuration: tuple[str, str, float]) -> Path:
+    """Where an adaptive attack run with the grid's best ``configuration`` is cached.
+
+    Named by the configuration, so that a cache reused by an evaluation whose best
+    configuration differs (another grid over the same runs) starts a new run instead
+    of refusing to resume one made with other options.
+    """
+    criterion, scope, lr = configuration
+    return out / "adaptive" / attack / f"{criterion}-{scope}-lr{lr:g}"
+
+
 def _keep_sets(moe: MoEModel, attribution: Attribution, criterion: str, keep: int) -> dict[int, list[int]]:
     return make_plan(scores(attribution, criterion), moe.layers, keep=keep, criterion=criterion).keep_sets()
 
@@ -289,7 +300,7 @@ def _distillation(
     out: Path,
 ) -> dict[str, Any]:
     """The pruned student learns the full model's own greedy answers on the pool: no human label is used."""
-    cached = out / "teacher_pool.json"
+    cached = out.parent / "teacher_pool.json"  # the teacher's answers do not depend on the configuration
     base = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
     if cached.is_file():
         answers = read_json(cached, what="teacher answers")["answers"]
@@ -377,8 +388,10 @@ def _attacks_at(
     keep_sets = _keep_sets(moe, attribution, criterion, keep)
     log.info("[%s] keep %d: adaptive attacks with the best configuration %s", name, keep, configuration_label(labels.best))
     adaptive = {
-        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings, out / "adaptive" / "distillation"),
-        "router_reinit": _router_reinit(moe, keep_sets, lr, reference, settings, out / "adaptive" / "router_reinit"),
+        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings,
+                                      adaptive_dir(out, "distillation", labels.best)),
+        "router_reinit": _router_reinit(moe, keep_sets, lr, reference, settings,
+                                        adaptive_dir(out, "router_reinit", (criterion, "all", lr))),
     }
     histories = [str(_attack_dir(out, criterion, scope, lr, seed) / HISTORY_NAME) for seed in settings.seeds]
     return KeepAttacks(keep, runs, labels, steps, adaptive, histories)
