@@ -22,20 +22,23 @@ def _mean_band(runs: Sequence[RealignResult], measure) -> tuple[list[int], list[
 
 
 def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | Path, *, title: str | None = None) -> Path:
-    """Two panels vs labels used: the target task's retention, and the other tasks' mean retention.
+    """Two panels vs labels used: the target task's retention, and the other tasks' mean retention
+    (the second only when other tasks were measured).
 
     ``results`` maps a label (an acquisition function) to runs that differ only by
     seed; each line is their mean with a min-max band. The dotted line marks the
     target retention (90% by default); label 0 is the pruned model before training.
     """
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     first = next(iter(results.values()))[0]
+    # Without other tasks every run's other retention is NaN: draw the target panel alone.
+    has_others = any(not math.isnan(r.other_retention) for runs in results.values() for run in runs for r in run.rounds)
+    figure, axes = plt.subplots(1, 2 if has_others else 1, figsize=(11 if has_others else 6, 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
     target = first.config.get("target_retention", 0.9)
-    panels = [
-        (axes[0], lambda r: r.retention, f"target task: {first.task}"),
-        (axes[1], lambda r: r.other_retention, "other tasks (mean retention)"),
-    ]
+    panels = [(axes[0], lambda r: r.retention, f"target task: {first.task}")]
+    if has_others:
+        panels.append((axes[1], lambda r: r.other_retention, "other tasks (mean retention)"))
     for axis, measure, panel_title in panels:
         for label, runs in results.items():
             labels, mean, low, high = _mean_band(runs, measure)
