@@ -222,7 +222,7 @@ def no_model_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("moeguard.audit.run.load_moe", forbidden)
+    monkeypatch.setattr("moeguard.models.loading.load_moe", forbidden)
     monkeypatch.setattr("moeguard.zoo.demo_model_path", forbidden)
 
 
@@ -230,12 +230,12 @@ def no_model_loading(monkeypatch):
     "argv, message",
     [
         (["--task", "reverse,nosuchtask"], "unknown built-in task 'nosuchtask'; valid tasks: addition"),
-        (["--model", "/nonexistent/model"], "no such model directory"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: model path /nonexistent/model does not exist"),
         (["--budget", "2"], "--budget 2 is too small"),
         (["--budget", "100000"], "budget (100000) is larger than the pool"),
         (["--data", "/nonexistent.jsonl"], "no such file"),
         (["--acquisition", "psychic"], "unknown acquisition function 'psychic'"),
-        (["--compare", "/nonexistent/defended"], "--compare /nonexistent/defended: no such model directory"),
+        (["--compare", "/nonexistent/defended"], "--compare /nonexistent/defended: model path /nonexistent/defended does not exist"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_long_work(argv, message, tmp_path, capsys, no_model_loading):

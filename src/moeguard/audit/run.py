@@ -31,9 +31,9 @@ from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, Re
 from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, file_audit_tasks
 from moeguard.data import batches, data_signature
 from moeguard.defense.costs import cost_multiplier
-from moeguard.errors import InputError
+from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate_tasks
-from moeguard.models import MoEModel, load_moe
+from moeguard.models import MoEModel, loading
 from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignConfig, RealignResult, realign
@@ -99,17 +99,13 @@ def realign_config(config: AuditConfig, acquisition: str) -> RealignConfig:
 
 
 def check_model_source(source: str, flag: str) -> None:
-    """Refuse a model that cannot exist before any long work starts: a local path must be a model directory."""
+    """Refuse a model that cannot exist (a missing path, a directory that is not a model) before any long work."""
     if source == DEMO_MODEL:
         return
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise InputError(f"{flag} {source}: the directory has no config.json; give a transformers model directory.")
-        return
-    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise InputError(f"{flag} {source}: no such model directory (and not a hub id of the form owner/name).")
+    try:
+        loading.check_model_source(source)
+    except ModelError as error:
+        raise InputError(f"{flag} {source}: {error}") from None
 
 
 def resolve_model_source(source: str, progress: bool) -> str:
@@ -121,13 +117,8 @@ def resolve_model_source(source: str, progress: bool) -> str:
 
 
 def load_audited(source: str, config: AuditConfig) -> MoEModel:
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    kwargs["dtype"] = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
-    if config.device_map:
-        kwargs["device_map"] = config.device_map
-    moe = load_moe(source, **kwargs)
-    if not config.device_map:
-        moe.model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    moe = loading.load_moe_on(source, dtype=config.dtype, device=config.device, device_map=config.device_map,
+                              trust_remote_code=config.trust_remote_code)
     if moe.tokenizer is None:
         raise InputError(f"the model {source} has no tokenizer saved with it; the audit needs one to build and score tasks.")
     return moe

@@ -26,40 +26,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, flag: str = "--model
         parser.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repository (off by default)")
 
 
-def loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for :func:`moeguard.models.load_moe` from the shared options."""
-    import torch
-
-    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
-    kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.device_map:
-        kwargs["device_map"] = args.device_map
-    return kwargs
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name} was asked for, but CUDA is not available on this machine; use --device cpu.")
-    return name
-
-
 def load_model(args: argparse.Namespace, source: str | None = None):
     """Load the model named by ``--model`` (or ``source``) with the shared options."""
-    from moeguard.models import load_moe
+    from moeguard.models.loading import load_moe_on
 
     source = source or args.model
     if source == "demo":
         from moeguard.zoo import demo_model_path
 
         source = str(demo_model_path())
-    moe = load_moe(source, **loading_kwargs(args))
-    if not args.device_map:
-        moe.model.to(resolve_device(args.device))
-    return moe
+    return load_moe_on(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                       trust_remote_code=args.trust_remote_code)
 
 
 def print_json(obj: Any) -> None:

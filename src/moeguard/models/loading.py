@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moeguard.errors import ModelError, UnsupportedModelError
+from moeguard.errors import InputError, ModelError, UnsupportedModelError
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.moe_model import MoEModel
 
@@ -85,3 +85,40 @@ def load_moe(
     manifest = PruneManifest.load(manifest_path) if is_local and manifest_path.is_file() else None
     model.eval()
     return MoEModel.from_model(model, tokenizer, source=name, manifest=manifest)
+
+
+def resolve_device(name: str | None) -> str:
+    """``name``, or cuda when it is available and cpu otherwise; a CUDA device without CUDA is refused."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name} was asked for, but CUDA is not available on this machine; use cpu.")
+    return name
+
+
+def load_moe_on(
+    source: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> MoEModel:
+    """:func:`load_moe` with the loading options every command shares, by name.
+
+    ``dtype`` is a torch dtype name or "auto" (the checkpoint's own); the model is
+    either spread by accelerate's ``device_map`` or moved to one ``device`` (default:
+    cuda if available, else cpu). The device is checked before anything is loaded.
+    """
+    import torch
+
+    target = None if device_map else resolve_device(device)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    moe = load_moe(source, **kwargs)
+    if target is not None:
+        moe.model.to(target)
+    return moe
