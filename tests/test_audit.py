@@ -183,6 +183,9 @@ def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_m
     assert saved["compare"]["fingerprint"] == saved["model"]["fingerprint"]
     assert "defense" in saved["figures"]
     assert "id='defense'" in (out / "report.html").read_text()
+    if shutil.which("chromium") or shutil.which("chromium-browser"):  # the wider page still fits the window
+        values, _ = render_in_chromium(out / "report.html", tmp_path)
+        assert values["broken"] == "0" and int(values["width"]) <= 1280
 
 
 def test_user_data_files_are_audited_like_builtin_tasks(trained_tiny, tmp_path, one_thread):
@@ -265,24 +268,29 @@ window.addEventListener('load', () => {
 """
 
 
-def test_the_report_renders_in_headless_chromium(audited, tmp_path):
+def render_in_chromium(report_html: Path, tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """What headless Chromium saw of the page (image counts, summary rows, page width) and a screenshot."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
-    report, out = audited
     page = tmp_path / "checked.html"
-    page.write_text((out / "report.html").read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    page.write_text(report_html.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000",
              "--virtual-time-budget=5000"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     mark = dom.split('id="render-check">', 1)[1].split("<", 1)[0]
-    values = dict(part.split("=") for part in mark.split())
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    return dict(part.split("=") for part in mark.split()), shot
+
+
+def test_the_report_renders_in_headless_chromium(audited, tmp_path):
+    report, out = audited
+    values, shot = render_in_chromium(out / "report.html", tmp_path)
     expected_images = 1 + sum(len(t.figures) for t in report.model.tasks.values())
     assert int(values["images"]) == expected_images and values["broken"] == "0"
     assert int(values["summary_rows"]) == 1 + len(TASKS)
     assert int(values["width"]) <= 1280  # nothing forces horizontal scrolling
-    shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     from PIL import Image
 
     pixels = torch.tensor(list(Image.open(shot).convert("L").getdata()), dtype=torch.float32)

@@ -154,8 +154,7 @@ def _cell(value: Any, spec: str = "") -> str:
 def _summary_table(report: AuditReport) -> str:
     compare = bool(report.defense)
     head = ["task", "full-model accuracy", "experts kept, pruning alone", "experts kept, with re-alignment",
-            "labels", "optimizer steps", "tokens", "attack time (s)", "parameters (total)", "parameters (active/token)",
-            "compression"]
+            "re-alignment cost", "carved model: parameters total / active per token"]
     if compare:
         head += ["defense cost multiplier", "utility cost"]
     rows = []
@@ -169,9 +168,10 @@ def _summary_table(report: AuditReport) -> str:
             html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
             f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])} per layer)" if row["keep_without"] else "100% (no prune kept it)",
             f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])} per layer)" if row["keep_with"] else "100%",
-            _cell(row["labels"]), _cell(row["steps"]), _cell(row["tokens"], ","), _cell(row["seconds"], ".1f"),
-            _cell(row["parameters_total"], ","), _cell(row["parameters_active"], ","),
-            f"{_cell(row['compression_ratio'], '.2f')}x",
+            "-" if row["labels"] is None else (f"{row['labels']} labels, {row['steps']} steps<br><span class='meta'>"
+                                               f"{_cell(row['tokens'], ',')} tokens, {_cell(row['seconds'], '.1f')} s</span>"),
+            f"{_cell(row['parameters_total'], ',')} / {_cell(row['parameters_active'], ',')}<br>"
+            f"<span class='meta'>{_cell(row['compression_ratio'], '.2f')}x smaller</span>",
         ]
         if compare and row["task"] in report.defense:
             comparison = report.defense[row["task"]]
