@@ -125,7 +125,7 @@ def test_a_rerun_recomputes_nothing(audited, trained_tiny, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr("moeguard.audit.run.evaluate_tasks", forbidden)
+    monkeypatch.setattr("moeguard.audit.run.evaluate", forbidden)
     monkeypatch.setattr("moeguard.audit.run.collect_attribution", forbidden)
     monkeypatch.setattr("moeguard.pruning.sweep.evaluate_point", forbidden)
     monkeypatch.setattr("moeguard.realign.loop._Run.train_round", forbidden)

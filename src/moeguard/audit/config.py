@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeguard.attribution.scores import check_criterion
 from moeguard.errors import InputError
-from moeguard.realign.pool import check_acquisition
-from moeguard.realign.scopes import check_scope
+from moeguard.realign.result import RealignConfig
 
 DEMO_MODEL = "demo"
 
@@ -94,11 +92,7 @@ class AuditConfig:
                 check_criterion(criterion)
                 if criterion == "random":
                     raise InputError("random is the sweep's baseline, not an attack criterion; name a real criterion.")
-        check_acquisition(self.acquisition)
-        check_acquisition(self.baseline_acquisition)
-        check_scope(self.scope)
-        for name in ("budget", "rounds", "steps_per_round", "batch_size", "max_realign_keeps", "test_size",
-                     "pool_size", "attribution_examples", "eval_batch_size"):
+        for name in ("budget", "rounds", "max_realign_keeps", "test_size", "pool_size", "attribution_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
@@ -109,17 +103,22 @@ class AuditConfig:
                 f"--budget {self.budget} is too small for {self.rounds} re-alignment rounds (each round labels at least "
                 f"one example); give --budget {self.rounds} or more."
             )
-        if not 0 < self.target_retention <= 1:
-            raise InputError(f"target retention must be in (0, 1], got {self.target_retention!r}.")
-        if not self.lr > 0:
-            raise InputError(f"lr must be positive, got {self.lr!r}.")
+        # Acquisitions, scope, steps, batch sizes, lr and target: as every re-alignment run checks them
+        # (the pool is checked against the budget once the tasks are loaded).
+        for acquisition in (self.acquisition, self.baseline_acquisition):
+            self.realign_config(acquisition).check(pool_size=self.budget)
         if self.keeps is not None and (not self.keeps or any(k < 1 for k in self.keeps)):
             raise InputError(f"--keep must list positive expert counts, got {self.keeps!r}.")
         if self.compare is not None and self.compare == self.model:
             raise InputError(f"--compare names the audited model itself ({self.model}); give the defended model.")
 
-    def with_overrides(self, **changes: Any) -> "AuditConfig":
-        return dataclasses.replace(self, **changes)
+    def realign_config(self, acquisition: str) -> RealignConfig:
+        """The settings of one re-alignment run of this audit's attacker."""
+        return RealignConfig(
+            budget=self.budget, rounds=self.rounds, acquisition=acquisition, scope=self.scope, lr=self.lr,
+            steps_per_round=self.steps_per_round, batch_size=self.batch_size, seed=self.seed,
+            eval_batch_size=self.eval_batch_size, target_retention=self.target_retention,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,20 +23,20 @@ from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, collect_attribution, scores
 from moeguard.attribution.figures import CRITERION_LABELS, file_stem, score_heatmap
-from moeguard.attribution.summary import specialisation
+from moeguard.attribution.summary import Specialisation, specialisation
 from moeguard.audit.cache import StageCache, inputs_key
 from moeguard.audit.config import DEMO_MODEL, AuditConfig
 from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
 from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, RealignRun, TaskAudit
 from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, file_audit_tasks
-from moeguard.data import batches, data_signature
+from moeguard.data import TaskData, batches, data_signature
 from moeguard.defense.costs import cost_multiplier
 from moeguard.errors import InputError, ModelError
-from moeguard.eval import evaluate_tasks
+from moeguard.eval import evaluate
 from moeguard.models import MoEModel, loading
 from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
-from moeguard.realign import RealignConfig, RealignResult, realign
+from moeguard.realign import RealignResult, realign
 from moeguard.realign.figures import recovery_figure
 
 if TYPE_CHECKING:
@@ -84,18 +84,8 @@ def audit_tasks(config: AuditConfig) -> list[AuditTask]:
     else:
         tasks = builtin_audit_tasks(config.tasks, pool_size=config.pool_size, test_size=config.test_size, seed=config.seed)
     for task in tasks:
-        realign_config(config, config.acquisition).check(len(task.pool))
-        if len(task.pool) < config.budget:
-            raise InputError(f"task {task.name}: its pool has {len(task.pool)} examples, fewer than --budget {config.budget}.")
+        config.realign_config(config.acquisition).check(len(task.pool))
     return tasks
-
-
-def realign_config(config: AuditConfig, acquisition: str) -> RealignConfig:
-    return RealignConfig(
-        budget=config.budget, rounds=config.rounds, acquisition=acquisition, scope=config.scope, lr=config.lr,
-        steps_per_round=config.steps_per_round, batch_size=config.batch_size, seed=config.seed,
-        eval_batch_size=config.eval_batch_size, target_retention=config.target_retention,
-    )
 
 
 def check_model_source(source: str, flag: str) -> None:
@@ -169,8 +159,8 @@ class ModelAuditor:
 
         def compute() -> dict[str, Any]:
             bar = tqdm(tasks, desc="evaluate", unit="task", disable=None if self.progress else True)
-            return {task.name: evaluate_tasks(self.moe, self.moe.tokenizer, [task.test],
-                                              batch_size=self.config.eval_batch_size)[task.name].to_dict() for task in bar}
+            return {task.name: evaluate(self.moe, None, task.test, batch_size=self.config.eval_batch_size).to_dict()
+                    for task in bar}
 
         with stage("evaluate", self.seconds):
             result, cached = self.cache.get_or_compute("evaluate", inputs, compute)
@@ -179,7 +169,8 @@ class ModelAuditor:
                  ", ".join(f"{n} {r['value']:.3f}" for n, r in result.items()), mean, " [cached]" if cached else "")
         return result
 
-    def attribute(self, task: AuditTask) -> Path:
+    def attribute(self, task: AuditTask) -> tuple[Path, Attribution, Specialisation]:
+        """The task's attribution (computed once, then read from the cache), where it is, and its specialisation."""
         data = task.pool.head(self.config.attribution_examples)
         collected = ATTRIBUTION_CRITERIA + (("ablation",) if "ablation" in self.criteria else ())
         directory = self.cache_dir / "attribution-{}".format(
@@ -198,11 +189,10 @@ class ModelAuditor:
         record = Attribution.load(path)
         summary = specialisation(record, ["frequency"])
         log.info("[%s] attribution %s: %s%s", self.role, task.name, summary.describe(), " [cached]" if cached else "")
-        return path
+        return path, record, summary
 
-    def sweep(self, task: AuditTask, attribution: Path, others: list[AuditTask]) -> SweepResult:
+    def sweep(self, task: AuditTask, attribution: Path, other_tests: list[TaskData]) -> SweepResult:
         config = self.config
-        other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
         directory = self.cache_dir / "sweep-{}".format(self.key(
             task=task.name, data=task.signature(), others=data_signature(("other", t) for t in other_tests),
             attribution=attribution.parent.name, criteria=list(self.criteria), keeps=config.keeps,
@@ -215,10 +205,8 @@ class ModelAuditor:
             )
         return result
 
-    def realign_run(self, task: AuditTask, plan: BestPlan, acquisition: str, others: list[AuditTask]) -> RealignRun:
-        config = self.config
-        rc = realign_config(config, acquisition)
-        other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
+    def realign_run(self, task: AuditTask, plan: BestPlan, acquisition: str, other_tests: list[TaskData]) -> RealignRun:
+        rc = self.config.realign_config(acquisition)
         data = task.realign_data(other_tests)
         directory = self.cache_dir / "realign-{}".format(self.key(
             task=task.name, data=data.signature(), keep=plan.kept, realign=rc.to_dict(),
@@ -237,10 +225,10 @@ class ModelAuditor:
             audit.skipped = "the full model answers none of the test examples: there is no task knowledge to carve out"
             log.warning("[%s] %s: skipped (%s)", self.role, task.name, audit.skipped)
             return audit
-        attribution = self.attribute(task)
-        record = Attribution.load(attribution)
-        audit.specialisation = specialisation(record, ["frequency"]).to_dict()
-        swept = self.sweep(task, attribution, others)
+        attribution, record, summary = self.attribute(task)
+        audit.specialisation = summary.to_dict()
+        other_tests = [t.test.head(config.other_size) for t in others] if config.other_size else []
+        swept = self.sweep(task, attribution, other_tests)
         audit.sweep = swept.rows()
         plans = best_plans(swept)
         without = smallest_retaining(plans, config.target_retention)
@@ -250,7 +238,7 @@ class ModelAuditor:
                  task.name, 100 * config.target_retention,
                  without.keep if without else "none of the swept", without.criterion if without else "no plan retains it")
 
-        runs = self.realign_search(task, plans, others, required_keeps)
+        runs = self.realign_search(task, plans, without, other_tests, required_keeps)
         audit.realign_runs = runs
         reached = [r for r in runs if r.reached]
         best = min(reached, key=lambda r: (r.fraction_kept, r.labels, r.steps)) if reached else None
@@ -270,30 +258,29 @@ class ModelAuditor:
         audit.figures = self.task_figures(task, record, swept, runs)
         return audit
 
-    def realign_search(self, task: AuditTask, plans: list[BestPlan], others: list[AuditTask],
-                       required_keeps: list[int]) -> list[RealignRun]:
+    def realign_search(self, task: AuditTask, plans: list[BestPlan], without: BestPlan | None,
+                       other_tests: list[TaskData], required_keeps: list[int]) -> list[RealignRun]:
         """Re-align the best plan at each keep count below what pruning alone survives, largest first, while
         re-alignment still reaches the target (the baseline acquisition runs beside it at the first one);
         then any ``required_keeps`` not yet tried (the undefended attack's keep count, for a comparison)."""
         config = self.config
         runs: list[RealignRun] = []
         for index, plan in enumerate(realign_candidates(plans, config.target_retention)[: config.max_realign_keeps]):
-            run = self.realign_run(task, plan, config.acquisition, others)
+            run = self.realign_run(task, plan, config.acquisition, other_tests)
             runs.append(run)
             if index == 0 and config.baseline_acquisition != config.acquisition:
-                runs.append(self.realign_run(task, plan, config.baseline_acquisition, others))
+                runs.append(self.realign_run(task, plan, config.baseline_acquisition, other_tests))
             log.info("[%s] realign %s keep %d (%s): %s", self.role, task.name, plan.keep, config.acquisition,
                      f"{config.target_retention:.0%} retention at {run.labels} labels, {run.steps} steps" if run.reached
                      else f"not reached within {config.budget} labels (final retention {run.final_retention:.2f})")
             if not any(r.reached for r in runs if r.keep == plan.keep):
                 break
         tried = {r.keep for r in runs}
-        without = smallest_retaining(plans, config.target_retention)
         for keep in required_keeps:
             plan = next((p for p in plans if p.keep == keep), None)
             needs_realignment = without is None or keep < without.keep
             if plan is not None and keep not in tried and needs_realignment:
-                runs.append(self.realign_run(task, plan, config.acquisition, others))
+                runs.append(self.realign_run(task, plan, config.acquisition, other_tests))
         return runs
 
     def forensics(self, task: AuditTask, kept: list[list[int]]) -> dict[str, Any]:

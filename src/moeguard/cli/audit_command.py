@@ -66,9 +66,7 @@ def config_from_args(args: argparse.Namespace):
         if not names:
             raise InputError(f"--criteria is empty ({args.criteria!r}); name at least one criterion, e.g. frequency.")
         overrides["criteria"] = names
-    config = AuditConfig.quick_preset(**overrides) if args.quick else AuditConfig(**overrides)
-    config.check()
-    return config
+    return AuditConfig.quick_preset(**overrides) if args.quick else AuditConfig(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
