@@ -226,7 +226,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr("moeguard.models.loading.load_moe", forbidden)
-    monkeypatch.setattr("moeguard.zoo.demo_model_path", forbidden)
+    monkeypatch.setattr("moeguard.zoo.cache.demo_model_path", forbidden)
 
 
 @pytest.mark.parametrize(

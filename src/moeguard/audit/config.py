@@ -9,8 +9,9 @@ from typing import Any
 from moeguard.attribution.scores import check_criterion
 from moeguard.errors import InputError
 from moeguard.realign.result import RealignConfig
+from moeguard.zoo.cache import DEMO_SOURCE
 
-DEMO_MODEL = "demo"
+DEMO_MODEL = DEMO_SOURCE
 
 
 @dataclass

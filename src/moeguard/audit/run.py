@@ -38,6 +38,7 @@ from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignResult, realign
 from moeguard.realign.figures import recovery_figure
+from moeguard.zoo.cache import resolve_model_source
 
 if TYPE_CHECKING:
     from moeguard.audit.report import AuditReport
@@ -96,14 +97,6 @@ def check_model_source(source: str, flag: str) -> None:
         loading.check_model_source(source)
     except ModelError as error:
         raise InputError(f"{flag} {source}: {error}") from None
-
-
-def resolve_model_source(source: str, progress: bool) -> str:
-    if source == DEMO_MODEL:
-        from moeguard.zoo import demo_model_path
-
-        return str(demo_model_path(progress=progress))
-    return source
 
 
 def load_audited(source: str, config: AuditConfig) -> MoEModel:
@@ -449,7 +442,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
     out.mkdir(parents=True, exist_ok=True)
     log.info("auditing %s on %d task(s): %s -> %s", config.model, len(tasks), ", ".join(t.name for t in tasks), out)
 
-    model_source = resolve_model_source(config.model, progress)
+    model_source = resolve_model_source(config.model, progress=progress)
     with stage_logs_quiet():
         audited = ModelAuditor(load_audited(model_source, config), "model", config, out, progress).run(tasks)
         compared, comparisons = None, {}
@@ -457,8 +450,8 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
             # The defended model is attacked where the undefended attack succeeded, with or without re-alignment.
             required = {name: [task.cost.keep if task.cost is not None else task.keep_without]
                         for name, task in audited.tasks.items() if task.cost is not None or task.keep_without}
-            defended = ModelAuditor(load_audited(resolve_model_source(config.compare, progress), config), "compare", config,
-                                    out, progress)
+            defended_source = resolve_model_source(config.compare, progress=progress)
+            defended = ModelAuditor(load_audited(defended_source, config), "compare", config, out, progress)
             compared = defended.run(tasks, required)
             comparisons = compare_models(audited, compared)
     figures = {"headline": str(Path(FIGURES_DIR) / headline_figure(

@@ -29,14 +29,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, flag: str = "--model
 def load_model(args: argparse.Namespace, source: str | None = None):
     """Load the model named by ``--model`` (or ``source``) with the shared options."""
     from moeguard.models.loading import load_moe_on
+    from moeguard.zoo import resolve_model_source
 
-    source = source or args.model
-    if source == "demo":
-        from moeguard.zoo import demo_model_path
-
-        source = str(demo_model_path())
-    return load_moe_on(source, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                       trust_remote_code=args.trust_remote_code)
+    return load_moe_on(resolve_model_source(source or args.model), dtype=args.dtype, device=args.device,
+                       device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
 def print_json(obj: Any) -> None:

@@ -66,3 +66,11 @@ def demo_model_path(config: DemoConfig | None = None, seed: int = 0, train_if_mi
             log.info("the demo model is not in the cache yet; training it once into %s", path)
             train_demo(path, config or DemoConfig(), seed=seed, progress=progress, overwrite=True)
     return path
+
+
+DEMO_SOURCE = "demo"
+
+
+def resolve_model_source(source: str, *, progress: bool = True) -> str:
+    """``source`` as given, or for ``"demo"`` the cached default demo model's directory (trained first if missing)."""
+    return str(demo_model_path(progress=progress)) if source == DEMO_SOURCE else source
