@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import torch
 
 from moeguard.attribution.record import Attribution
 from moeguard.attribution.scores import available_criteria, scores
-from moeguard.io import atomic_write_bytes
+from moeguard.plotting import file_stem, pyplot, save_figure
 
 CRITERION_LABELS = {
     "frequency": "routing frequency A_i",
@@ -23,29 +21,12 @@ CRITERION_LABELS = {
 }
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
 def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, diverging: bool = False) -> Path:
     """Draw ``values [layers, experts]`` as a heatmap; non-finite cells (padding) stay blank.
 
     ``diverging`` centres the colour scale on 0 (for scores that can be negative).
     """
-    plt = _pyplot()
+    plt = pyplot()
     data = values.to(torch.float64).clone()
     data[~torch.isfinite(data)] = float("nan")
     layers, experts = data.shape
@@ -63,12 +44,7 @@ def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, divergi
     axes.set_ylabel("MoE layer")
     axes.set_title(title)
     figure.colorbar(image, ax=axes)
-    return _save(figure, Path(path))
-
-
-def file_stem(text: str) -> str:
-    """A file-name-safe version of a task name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+    return save_figure(figure, Path(path))
 
 
 def save_heatmaps(attribution: Attribution, out_dir: str | Path, criteria: Sequence[str] | None = None) -> list[Path]:
@@ -85,7 +61,7 @@ def save_heatmaps(attribution: Attribution, out_dir: str | Path, criteria: Seque
 
 def overlap_heatmap(matrix: torch.Tensor, tasks: Sequence[str], title: str, path: str | Path) -> Path:
     """Draw a ``[T, T]`` task overlap matrix (e.g. mean Jaccard over layers) with its values written in."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(tasks)
     figure, axes = plt.subplots(figsize=(2 + 0.8 * n, 1.5 + 0.8 * n))
     image = axes.imshow(matrix.numpy(), cmap="magma", vmin=0, vmax=1)
@@ -97,4 +73,4 @@ def overlap_heatmap(matrix: torch.Tensor, tasks: Sequence[str], title: str, path
             axes.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
     axes.set_title(title)
     figure.colorbar(image, ax=axes)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

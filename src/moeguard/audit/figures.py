@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeguard.attribution.figures import _pyplot, _save
+from moeguard.plotting import pyplot, save_figure
 from moeguard.audit.results import ModelAudit
 
 
@@ -16,7 +16,7 @@ def _fractions(audit: ModelAudit) -> tuple[list[str], list[float], list[float]]:
 def headline_figure(audit: ModelAudit, target: float, path: str | Path, defended: ModelAudit | None = None) -> Path:
     """Per task: the share of experts an attacker must keep, without and with re-alignment
     (and, given ``defended``, the same on the defended model beside it). Lower is cheaper to steal."""
-    plt = _pyplot()
+    plt = pyplot()
     names, without, with_realign = _fractions(audit)
     series = [("pruning alone", without, "#9ecae1"), ("pruning + re-alignment", with_realign, "#08519c")]
     if defended is not None:
@@ -38,12 +38,12 @@ def headline_figure(audit: ModelAudit, target: float, path: str | Path, defended
                    fontsize=9)
     axis.legend(fontsize=8, loc="upper left", ncols=2)
     axis.grid(axis="y", alpha=0.3)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def defense_figure(comparisons: dict, path: str | Path) -> Path:
     """Labels the attacker needs per task, undefended vs defended, at the undefended attack's keep count."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [c for c in comparisons.values() if c.undefended_labels is not None and c.defended_labels is not None]
     figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.0))
     names = [c.task for c in rows]
@@ -56,4 +56,4 @@ def defense_figure(comparisons: dict, path: str | Path) -> Path:
     axis.set_title("Attack cost with and without the defense ('+': not reached within the budget, a lower bound)", fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, collect_attribution, scores
-from moeguard.attribution.figures import CRITERION_LABELS, file_stem, score_heatmap
+from moeguard.attribution.figures import CRITERION_LABELS, score_heatmap
+from moeguard.plotting import file_stem
 from moeguard.attribution.summary import Specialisation, specialisation
 from moeguard.audit.cache import StageCache, inputs_key
 from moeguard.audit.config import DEMO_MODEL, AuditConfig

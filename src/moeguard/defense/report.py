@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.attribution.figures import _pyplot, _save
+from moeguard.plotting import pyplot, save_figure
 from moeguard.defense.costs import GridCost, configuration_label
 from moeguard.defense.evaluation import RESULT_NAME, DefenseEvaluation
 from moeguard.io import atomic_write_text, read_json, write_json
@@ -121,7 +121,7 @@ def markdown_tables(evaluation: DefenseEvaluation) -> str:
 
 
 def utility_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     tasks = list(evaluation.settings["tasks"])
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(tasks)), 3.8))
     width = 0.8 / len(evaluation.models)
@@ -133,11 +133,11 @@ def utility_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
     axis.set_ylim(0, 1.05)
     axis.set_title("utility of the full model")
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def knowledge_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     keeps = list(evaluation.settings["keeps"])
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for model in evaluation.models:
@@ -148,12 +148,12 @@ def knowledge_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
     axis.set_ylabel("target accuracy retained")
     axis.set_title(f"knowledge loss on {evaluation.settings['target_task']} (attacker's best criterion)")
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def attack_cost_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
     """Worst-case and mean attack cost per model, in labels and steps, one row per attack keep count."""
-    plt = _pyplot()
+    plt = pyplot()
     keeps = [str(k) for k in evaluation.settings["attack_keeps"]]
     figure, axes = plt.subplots(len(keeps), 2, figsize=(10, 3.6 * len(keeps)), squeeze=False)
     names = [m.name for m in evaluation.models]
@@ -172,7 +172,7 @@ def attack_cost_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
             axis.set_ylabel(f"{unit} to {evaluation.settings['target_retention']:.0%} retention")
             axis.set_title(f"keep {keep}: attack cost in {unit}")
         row[0].legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def recovery_curves_figure(evaluation: DefenseEvaluation, keep: str, path: Path) -> Path | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.attribution.figures import _pyplot, _save
+from moeguard.plotting import pyplot, save_figure
 from moeguard.forensics.verdict import Verdict
 
 MAX_PANELS = 16
@@ -14,7 +14,7 @@ MAX_PANELS = 16
 def plot_verdict(verdict: Verdict, path: str | Path) -> Path:
     """One heatmap per compared layer (first :data:`MAX_PANELS`): response cosine of every
     (suspect expert, parent expert) pair, significant matches circled."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [lv for lv in verdict.layers if lv.status == "compared"][:MAX_PANELS]
     columns = min(4, max(1, len(layers)))
     rows = max(1, math.ceil(len(layers) / columns))
@@ -41,4 +41,4 @@ def plot_verdict(verdict: Verdict, path: str | Path) -> Path:
         figure.colorbar(image, ax=axes, shrink=0.8, label="response cosine")
     score = f"z = {verdict.z:.1f}, threshold {verdict.z_threshold:.2f}" if verdict.z is not None else "no score"
     figure.suptitle(f"{verdict.status} ({score})")
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.attribution.figures import _pyplot, _save
+from moeguard.plotting import pyplot, save_figure
 from moeguard.pruning.sweep import SweepResult
 
 BASELINE_STYLES = {
@@ -32,7 +32,7 @@ def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
     One line per criterion; the random (mean over seeds, min-max band) and
     least-used baselines are drawn grey and black, dashed and dotted.
     """
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     panels = [
         (axes[0], lambda p: result.retained(p), f"target task: {result.task}", "accuracy retained (pruned / full model)"),
@@ -68,4 +68,4 @@ def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
     name = Path(result.model).name if result.model else "model"
     figure.suptitle(f"Knowledge loss under expert pruning: {name}, full-model accuracy on {result.task} {full:.2f}",
                     fontsize=10)
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

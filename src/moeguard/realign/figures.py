@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from moeguard.attribution.figures import _pyplot, _save
+from moeguard.plotting import pyplot, save_figure
 from moeguard.realign.result import RealignResult
 
 RANDOM_STYLE = dict(color="0.35", linestyle="--", marker="x")
@@ -29,7 +29,7 @@ def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | 
     seed; each line is their mean with a min-max band. The dotted line marks the
     target retention (90% by default); label 0 is the pruned model before training.
     """
-    plt = _pyplot()
+    plt = pyplot()
     first = next(iter(results.values()))[0]
     # Without other tasks every run's other retention is NaN: draw the target panel alone.
     has_others = any(not math.isnan(r.other_retention) for runs in results.values() for run in runs for r in run.rounds)
@@ -59,4 +59,4 @@ def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | 
         f"pruned {first.pruned_accuracy:.2f}",
         fontsize=10,
     )
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
