@@ -159,9 +159,9 @@ def cache_dir(parent: MoEModel, args: argparse.Namespace) -> Path:
 
 def score_figure(rows: list[dict], threshold: float, path: Path) -> None:
     """Scores per group (derived by re-alignment setting; not derived by kind), threshold dashed."""
-    from moeguard.attribution.figures import _pyplot, _save
+    from moeguard.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, list[float]] = {}
     for row in rows:
         if not row["derived_truth"]:
@@ -187,7 +187,7 @@ def score_figure(rows: list[dict], threshold: float, path: Path) -> None:
     axes.text(threshold, -0.5, f" threshold z = {threshold:.2f}", fontsize=8, va="bottom")
     axes.set_xlabel("detection score z (symlog)")
     axes.set_title("moeguard detect: demo-model derivatives vs independent models")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def stable_seed(name: str) -> int:
