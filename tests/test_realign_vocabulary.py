@@ -81,7 +81,7 @@ def test_every_acquisition_reads_logits_only_at_answer_tokens_within_the_budget(
         values = pool_values(moe, pool, range(len(pool)), name, max_new_tokens=6, batch_size=64,
                              generator=torch.Generator().manual_seed(0))
     answer_tokens = sum(len(e.target) for e in encoded)
-    if name in pool_module.READS_LOGITS:
+    if ACQUISITIONS[name].reads_logits:
         # Exactly the answer-predicting positions, never a whole [B, T, V], in batches within the budget.
         assert sum(watch.positions) == answer_tokens < sum(len(e.prompt) + len(e.target) for e in encoded)
         assert len(watch.positions) > 1 and max(watch.positions) <= 40

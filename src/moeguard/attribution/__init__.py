@@ -6,10 +6,10 @@
 (effective experts, overlap between tasks, stability); ``figures`` draws heatmaps.
 """
 
-from moeguard.attribution.collect import DEFAULT_CRITERIA, collect_attribution
+from moeguard.attribution.collect import collect_attribution
 from moeguard.attribution.record import TOKEN_MODES, Attribution, check_fingerprint
 from moeguard.attribution.run import AttributionRun, attribute
-from moeguard.attribution.scores import CRITERIA, available_criteria, scores
+from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA, Criterion, available_criteria, scores
 from moeguard.attribution.summary import Specialisation, overlap, specialisation, stability
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TOKEN_MODES",
     "Attribution",
     "AttributionRun",
+    "Criterion",
     "Specialisation",
     "attribute",
     "available_criteria",

@@ -35,7 +35,7 @@ from moeguard.attribution.record import (
     Attribution,
     check_fingerprint,
 )
-from moeguard.attribution.scores import check_criterion
+from moeguard.attribution.scores import DEFAULT_CRITERIA, collected_statistics
 from moeguard.attribution.statistics import (
     PARTS,
     coactivation_counts,
@@ -51,7 +51,6 @@ from moeguard.models.fingerprint import checkpoint_fingerprint
 
 logger = logging.getLogger("moeguard.attribution")
 
-DEFAULT_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 CHECKPOINT_FILE = "attribution.json"
 
 
@@ -158,14 +157,6 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _wanted_statistics(criteria: Sequence[str]) -> tuple[bool, bool]:
-    if isinstance(criteria, str):
-        criteria = [criteria]
-    for criterion in criteria:
-        check_criterion(criterion)
-    return any(c in ("reap", "ean") for c in criteria), "ablation" in criteria
-
-
 def _resume(checkpoint: Path, accumulator: StatisticsAccumulator, moe: MoEModel, tokens: str, task: str | None) -> int:
     """Load a checkpoint into ``accumulator``; return the number of batches it covers."""
     state = Attribution.load(checkpoint / CHECKPOINT_FILE)
@@ -211,7 +202,7 @@ def collect_attribution(
     """
     if tokens not in TOKEN_MODES:
         raise InputError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}.")
-    norms, ablation = _wanted_statistics(criteria)
+    norms, ablation = collected_statistics([criteria] if isinstance(criteria, str) else criteria)
     units = ablation_units(moe) if ablation else []
     rank, world = distributed_world()
     accumulator = StatisticsAccumulator(moe, norms=norms, ablation=ablation)

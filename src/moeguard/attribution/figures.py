@@ -8,18 +8,8 @@ from pathlib import Path
 import torch
 
 from moeguard.attribution.record import Attribution
-from moeguard.attribution.scores import available_criteria, scores
+from moeguard.attribution.scores import CRITERIA, ranking_criteria, scores
 from moeguard.plotting import file_stem, pyplot, save_figure
-
-CRITERION_LABELS = {
-    "frequency": "routing frequency A_i",
-    "gate_mass": "gate mass per token",
-    "reap": "REAP (mean weight x output norm)",
-    "ean": "EAN (mean output norm)",
-    "ablation": "knowledge loss (loss rise when masked)",
-    "random": "random",
-}
-
 
 def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, diverging: bool = False) -> Path:
     """Draw ``values [layers, experts]`` as a heatmap; non-finite cells (padding) stay blank.
@@ -48,14 +38,14 @@ def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, divergi
 
 
 def save_heatmaps(attribution: Attribution, out_dir: str | Path, criteria: Sequence[str] | None = None) -> list[Path]:
-    """One heatmap per criterion (default: every collected one but random) as ``{task}_{criterion}.png``."""
-    names = [c for c in available_criteria(attribution) if c != "random"] if criteria is None else list(criteria)
+    """One heatmap per criterion (default: every collected one but the baselines) as ``{task}_{criterion}.png``."""
+    names = ranking_criteria(attribution) if criteria is None else list(criteria)
     task = attribution.task or "data"
     paths = []
     for criterion in names:
-        title = f"{task} ({attribution.tokens} tokens, {attribution.samples} samples): {CRITERION_LABELS[criterion]}"
+        title = f"{task} ({attribution.tokens} tokens, {attribution.samples} samples): {CRITERIA[criterion].help}"
         path = Path(out_dir) / f"{file_stem(task)}_{criterion}.png"
-        paths.append(score_heatmap(scores(attribution, criterion), title, path, diverging=criterion == "ablation"))
+        paths.append(score_heatmap(scores(attribution, criterion), title, path, diverging=CRITERIA[criterion].signed))
     return paths
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from moeguard.attribution.collect import DEFAULT_CRITERIA, collect_attribution, distributed_world, iterate_shard
+from moeguard.attribution.collect import collect_attribution, distributed_world, iterate_shard
 from moeguard.attribution.figures import overlap_heatmap, save_heatmaps
 from moeguard.attribution.record import Attribution, check_fingerprint, tensors_path
+from moeguard.attribution.scores import DEFAULT_CRITERIA
 from moeguard.attribution.summary import Specialisation, overlap, specialisation
 from moeguard.data import TaskData, batches
 from moeguard.errors import InputError

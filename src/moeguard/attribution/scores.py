@@ -8,21 +8,13 @@ routed to with weights ``w_{t,i}``, ``y_{t,i}`` expert ``i``'s output on token `
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 
-from moeguard.attribution.record import ABLATION_SUMS, Attribution
+from moeguard.attribution.record import ABLATION_SUMS, NORM_SUMS, Attribution
 from moeguard.errors import InputError
-
-CRITERIA = ("frequency", "gate_mass", "reap", "ean", "ablation", "random")
-# The sums each criterion is computed from.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "frequency": ("routed", "tokens"),
-    "gate_mass": ("gate_mass", "tokens"),
-    "reap": ("weighted_norm", "routed"),
-    "ean": ("output_norm", "routed"),
-    "ablation": ABLATION_SUMS,
-    "random": (),
-}
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -75,23 +67,79 @@ def random_scores(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
-def check_criterion(criterion: str, attribution: Attribution | None = None) -> None:
-    """Refuse an unknown criterion, or one whose statistics ``attribution`` was collected without."""
+# ---------------------------------------------------------------- the criteria, by name
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One attribution criterion: ``score(attribution, seed)`` gives ``[moe_layers, experts]`` scores
+    (higher = more needed by the task) from the sums named in ``needs``.
+
+    ``help`` is the one-line description shown in the command line help and in figure
+    titles; ``default`` criteria are collected when none are named; a ``baseline``
+    (random) ranks nothing and is never an attack criterion; ``signed`` scores can be
+    negative (their heatmaps are centred on 0).
+    """
+
+    name: str
+    help: str
+    needs: tuple[str, ...]
+    score: Callable[[Attribution, int], torch.Tensor]
+    default: bool = False
+    baseline: bool = False
+    signed: bool = False
+
+
+# Adding a criterion is one entry here: the sums it reads (moeguard.attribution.record)
+# and its score. What is collected, the command line's choices and help, and the
+# figures all follow this table.
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("frequency", "routing frequency A_i", ("routed", "tokens"),
+              lambda a, seed: frequency(a.total("routed"), a.total("tokens"), torch.tensor(a.top_k)), default=True),
+    Criterion("gate_mass", "gate mass per token", ("gate_mass", "tokens"),
+              lambda a, seed: gate_mass(a.total("gate_mass"), a.total("tokens")), default=True),
+    Criterion("reap", "REAP (mean weight x output norm)", ("weighted_norm", "routed"),
+              lambda a, seed: reap(a.total("weighted_norm"), a.total("routed")), default=True),
+    Criterion("ean", "EAN (mean output norm)", ("output_norm", "routed"),
+              lambda a, seed: ean(a.total("output_norm"), a.total("routed")), default=True),
+    Criterion("ablation", "knowledge loss (loss rise when masked)", ABLATION_SUMS,
+              lambda a, seed: ablation(a.total("masked_loss"), a.total("base_loss"), a.total("loss_tokens")), signed=True),
+    Criterion("random", "random", (), lambda a, seed: random_scores((a.num_layers, a.width), seed), baseline=True),
+)}
+# The criteria collected when none are named.
+DEFAULT_CRITERIA: tuple[str, ...] = tuple(name for name, c in CRITERIA.items() if c.default)
+
+
+def check_criterion(criterion: str, attribution: Attribution | None = None) -> Criterion:
+    """The criterion named ``criterion``; refuse an unknown one, or one whose statistics
+    ``attribution`` was collected without."""
     if criterion not in CRITERIA:
         raise InputError(f"unknown attribution criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}.")
+    entry = CRITERIA[criterion]
     if attribution is not None:
-        missing = [name for name in NEEDS[criterion] if name not in attribution.sums]
+        missing = [name for name in entry.needs if name not in attribution.sums]
         if missing:
-            flag = "--ablation" if criterion == "ablation" else f"--criteria {criterion}"
             raise InputError(
                 f"criterion {criterion!r} needs statistics {missing}, which this attribution was collected without; "
-                f"run `moeguard attribute` again with {flag}."
+                f"collect it again with criteria including {criterion!r}."
             )
+    return entry
+
+
+def collected_statistics(criteria: Sequence[str]) -> tuple[bool, bool]:
+    """``(norms, ablation)``: whether collecting for ``criteria`` needs expert output norms, and masked passes."""
+    needed = {name for criterion in criteria for name in check_criterion(criterion).needs}
+    return bool(needed & set(NORM_SUMS)), bool(needed & set(ABLATION_SUMS))
 
 
 def available_criteria(attribution: Attribution) -> list[str]:
     """The criteria whose statistics ``attribution`` holds, in :data:`CRITERIA` order."""
-    return [c for c in CRITERIA if all(name in attribution.sums for name in NEEDS[c])]
+    return [name for name, c in CRITERIA.items() if all(needed in attribution.sums for needed in c.needs)]
+
+
+def ranking_criteria(attribution: Attribution) -> list[str]:
+    """:func:`available_criteria` without the baselines (what heatmaps and stability are computed for)."""
+    return [name for name in available_criteria(attribution) if not CRITERIA[name].baseline]
 
 
 def scores(attribution: Attribution, criterion: str, *, seed: int = 0) -> torch.Tensor:
@@ -100,19 +148,5 @@ def scores(attribution: Attribution, criterion: str, *, seed: int = 0) -> torch.
     Padding slots (layers with fewer experts than the widest one) score ``-inf``.
     ``seed`` only affects ``random``.
     """
-    check_criterion(criterion, attribution)
-    total = attribution.total
-    top_k = torch.tensor(attribution.top_k)
-    if criterion == "frequency":
-        result = frequency(total("routed"), total("tokens"), top_k)
-    elif criterion == "gate_mass":
-        result = gate_mass(total("gate_mass"), total("tokens"))
-    elif criterion == "reap":
-        result = reap(total("weighted_norm"), total("routed"))
-    elif criterion == "ean":
-        result = ean(total("output_norm"), total("routed"))
-    elif criterion == "ablation":
-        result = ablation(total("masked_loss"), total("base_loss"), total("loss_tokens"))
-    else:
-        result = random_scores((attribution.num_layers, attribution.width), seed)
+    result = check_criterion(criterion, attribution).score(attribution, seed)
     return result.masked_fill(~attribution.valid(), float("-inf"))

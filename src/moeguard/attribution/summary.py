@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from moeguard.attribution.record import Attribution
-from moeguard.attribution.scores import available_criteria, check_criterion, scores
+from moeguard.attribution.scores import check_criterion, ranking_criteria, scores
 from moeguard.errors import FingerprintMismatchError, InputError
 from moeguard.models.fingerprint import short
 
@@ -143,10 +143,10 @@ class Specialisation:
 def specialisation(attribution: Attribution, criteria: Sequence[str] | None = None) -> Specialisation:
     """Effective experts per layer, and the half-sample stability of each criterion.
 
-    ``criteria`` defaults to every criterion the attribution holds except ``random``
-    (whose halves are identical by construction).
+    ``criteria`` defaults to every criterion the attribution holds except the baselines
+    (random's halves are identical by construction).
     """
-    names = [c for c in available_criteria(attribution) if c != "random"] if criteria is None else list(criteria)
+    names = ranking_criteria(attribution) if criteria is None else list(criteria)
     return Specialisation(
         task=attribution.task,
         num_experts=list(attribution.num_experts),

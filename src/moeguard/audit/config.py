@@ -90,9 +90,8 @@ class AuditConfig:
             if not self.criteria:
                 raise InputError("criteria is empty; name at least one attribution criterion (e.g. frequency).")
             for criterion in self.criteria:
-                check_criterion(criterion)
-                if criterion == "random":
-                    raise InputError("random is the sweep's baseline, not an attack criterion; name a real criterion.")
+                if check_criterion(criterion).baseline:
+                    raise InputError(f"{criterion} is the sweep's baseline, not an attack criterion; name a real criterion.")
         for name in ("budget", "rounds", "max_realign_keeps", "test_size", "pool_size", "attribution_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, collect_attribution, scores
-from moeguard.attribution.figures import CRITERION_LABELS, score_heatmap
+from moeguard.attribution.figures import score_heatmap
+from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA
 from moeguard.plotting import file_stem
 from moeguard.attribution.summary import Specialisation, specialisation
 from moeguard.audit.cache import StageCache, inputs_key
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moeguard.audit")
 
-ATTRIBUTION_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 # Ablation costs one masked pass per routed expert; by default it joins the attack up to this many.
 ABLATION_MAX_EXPERTS = 256
 FIGURES_DIR = "figures"
@@ -166,7 +166,7 @@ class ModelAuditor:
     def attribute(self, task: AuditTask) -> tuple[Path, Attribution, Specialisation]:
         """The task's attribution (computed once, then read from the cache), where it is, and its specialisation."""
         data = task.pool.head(self.config.attribution_examples)
-        collected = ATTRIBUTION_CRITERIA + (("ablation",) if "ablation" in self.criteria else ())
+        collected = DEFAULT_CRITERIA + (("ablation",) if "ablation" in self.criteria else ())
         directory = self.cache_dir / "attribution-{}".format(
             self.key(task=task.name, data=task.signature(), n=len(data), criteria=list(collected)))
         path = directory / "attribution.json"
@@ -310,7 +310,7 @@ class ModelAuditor:
         stem = self.prefix + file_stem(task.name)
         figures = {
             "attribution": score_heatmap(
-                scores(record, "frequency"), f"{task.name}: {CRITERION_LABELS['frequency']} ({record.samples} examples)",
+                scores(record, "frequency"), f"{task.name}: {CRITERIA['frequency'].help} ({record.samples} examples)",
                 self.figures / f"attribution_{stem}.png",
             ),
             "knowledge_loss": knowledge_loss_figure(swept, self.figures / f"knowledge_loss_{stem}.png"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, load_model, print_json
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
 from moeguard.errors import InputError
 
 
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="whose routing counts: every token, the prompt's, or the answer's (default: all)")
     parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                         help=f"criteria to collect statistics for (default: {','.join(DEFAULT_CRITERIA)}; "
-                        "frequency, gate_mass and co-activation are always collected)")
+                        "frequency, gate_mass and co-activation are always collected): " + describe_choices(CRITERIA))
     parser.add_argument("--ablation", action="store_true",
                         help="also measure the knowledge loss of masking each expert alone (one pass per expert: slow)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -35,6 +35,11 @@ def load_model(args: argparse.Namespace, source: str | None = None):
                        device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
+def describe_choices(table: dict[str, Any]) -> str:
+    """``"name: help; name: help"`` of a registry (criteria, acquisition functions, scopes, defenses)."""
+    return "; ".join(f"{name}: {entry.help}" for name, entry in table.items())
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, parse_name_list, print_json
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_int_list, parse_name_list, print_json
 from moeguard.defense.harden import HardenSettings
-from moeguard.defense.objective import ATTACKER_TRAINABLES, METHODS
+from moeguard.defense.attacker import ATTACKER_TRAINABLES
+from moeguard.defense.objective import METHODS
 from moeguard.defense.protocol import DEFAULT_PERMITTED
 
 
@@ -22,8 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--method", choices=list(METHODS), default="entangle",
-                        help="entangle = routing dispersion + contribution dispersion + subset failure; "
-                        "attacker = simulated prune-and-fine-tune attacker; dispersion / subset = one term alone")
+                        help="the defense (default entangle): " + describe_choices(METHODS))
     parser.add_argument("--tasks", default="all", help="built-in tasks the model must stay good at ('all' or a,b,c)")
     parser.add_argument("--data", action="append", default=[], metavar="JSONL",
                         help="a task of your own (JSONL, one task per file; repeatable), instead of --tasks")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeguard.attribution import CRITERIA
-from moeguard.cli.common import add_model_arguments, load_model, print_json
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
 from moeguard.errors import InputError
 
 
@@ -29,7 +29,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--coverage", type=float,
                       help="per layer, keep the fewest experts holding this fraction of the score mass (0-1]")
     size.add_argument("--budget", type=int, help="experts kept over all MoE layers together")
-    parser.add_argument("--criterion", choices=CRITERIA, default="frequency", help="attribution score ranking the experts")
+    parser.add_argument("--criterion", choices=list(CRITERIA), default="frequency",
+                        help="attribution score ranking the experts (default frequency): " + describe_choices(CRITERIA))
     parser.add_argument("--least-used", action="store_true", help="keep the lowest-ranked experts instead (a baseline)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     parser.add_argument("--protect", help="experts never dropped, as LAYER:EXPERT pairs (e.g. 0:3,1:5)")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, print_json
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from moeguard.realign.pool import ACQUISITIONS
-    from moeguard.realign.scopes import TRAIN_SCOPES
+    from moeguard.realign import ACQUISITIONS, TRAIN_SCOPES
 
     parser = subparsers.add_parser(
         "realign",
@@ -30,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed-size", type=int, help="random labels before the first round (default: budget / rounds)")
     parser.add_argument("--rounds", type=int, default=4, help="fine-tuning rounds (default 4)")
     parser.add_argument("--acquisition", choices=list(ACQUISITIONS), default="random",
-                        help="how the next examples are chosen: " + "; ".join(f"{k}: {v}" for k, v in ACQUISITIONS.items()))
-    parser.add_argument("--train", choices=TRAIN_SCOPES, default="all", dest="scope",
-                        help="what is fine-tuned: router, experts, attention, all, or LoRA adapters (default all)")
+                        help="how the next examples are chosen: " + describe_choices(ACQUISITIONS))
+    parser.add_argument("--train", choices=list(TRAIN_SCOPES), default="all", dest="scope",
+                        help="what is fine-tuned (default all): " + describe_choices(TRAIN_SCOPES))
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     parser.add_argument("--steps-per-round", type=int, default=40, help="optimizer steps per round (default 40)")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size (global, default 8)")

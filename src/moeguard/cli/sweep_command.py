@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moeguard.attribution import CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, print_json
+from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_int_list, print_json
 from moeguard.errors import InputError
 
 
@@ -31,13 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="built-in task name, or a JSONL file (then it is also the attribution data unless --attribution)")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
     parser.add_argument("--attribution", help="attribution JSON of --task on this model (default: computed on the task's train split)")
-    parser.add_argument("--criteria", default="frequency,gate_mass,reap,ean", help="criteria to sweep (comma-separated)")
+    parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
+                        help=f"criteria to sweep, comma-separated (default {','.join(DEFAULT_CRITERIA)}): "
+                        + describe_choices(CRITERIA))
     parser.add_argument("--tokens", choices=TOKEN_MODES, default="all",
                         help="tokens the attribution counts when it is computed here: all, prompt or answer")
     parser.add_argument("--attribution-samples", type=int, default=256,
                         help="training examples the attribution is computed on (default: 256)")
     parser.add_argument("--keep", help="experts kept per layer, comma-separated (default: 100/75/50/37.5/25%% of the experts)")
-    parser.add_argument("--baseline-criterion", choices=[c for c in CRITERIA if c != "random"], default="frequency",
+    parser.add_argument("--baseline-criterion", choices=[c for c, entry in CRITERIA.items() if not entry.baseline], default="frequency",
                         help="criterion whose least-used experts form the least-used baseline")
     parser.add_argument("--random-seeds", default="0", help="seeds of the random baseline, averaged (e.g. 0,1,2)")
     parser.add_argument("--other-tasks", default="all",

@@ -31,7 +31,11 @@ from moeguard.defense.regularizers import first_order_surrogate, subset_failure
 from moeguard.errors import InputError
 from moeguard.models import MoEModel
 from moeguard.models.keep_sets import KeepSets
+from moeguard.realign.scopes import scope_parameters
 from moeguard.training import lm_loss
+
+# The re-alignment scopes a simulated attacker may train.
+ATTACKER_TRAINABLES = ("router", "experts", "all")
 
 
 @dataclass
@@ -45,16 +49,11 @@ class SimulatedAttack:
 
 
 def attacker_parameters(moe: MoEModel, trainables: str) -> list[nn.Parameter]:
-    """What a re-aligning attacker trains: the routers, the routed experts, or everything."""
-    if trainables == "router":
-        params = [p for layer in moe.layers for p in layer.router_parameters()]
-    elif trainables == "experts":
-        params = [p for layer in moe.layers for p in layer.expert_parameters()]
-    elif trainables == "all":
-        params = list(moe.model.parameters())
-    else:
-        raise InputError(f"attacker trainables must be router, experts or all, got {trainables!r}.")
-    return [p for p in params if p.requires_grad]
+    """What a re-aligning attacker trains: the routers, the routed experts, or everything (the
+    re-alignment scopes of the same names)."""
+    if trainables not in ATTACKER_TRAINABLES:
+        raise InputError(f"attacker trainables must be {', '.join(ATTACKER_TRAINABLES)}, got {trainables!r}.")
+    return [p for p in scope_parameters(moe, trainables).values() if p.requires_grad]
 
 
 def _sign_step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None], lr: float) -> None:

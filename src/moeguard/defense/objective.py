@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moeguard.defense.attacker import simulated_attack
+from moeguard.defense.attacker import ATTACKER_TRAINABLES, simulated_attack
 from moeguard.defense.regularizers import contribution_dispersion, routing_dispersion, subset_failure
 from moeguard.errors import InputError, PlanError
 from moeguard.models import MoEModel, normalize_keep_sets
@@ -42,7 +42,6 @@ from moeguard.training import lm_loss, token_cross_entropy
 log = logging.getLogger("moeguard.defense")
 
 TERMS = ("dispersion", "contribution", "subset_failure", "attacker")
-ATTACKER_TRAINABLES = ("router", "experts", "all")
 
 
 @dataclass
@@ -95,15 +94,26 @@ class DefenseConfig:
         return {**asdict(self), "keep_counts": list(self.keep_counts)}
 
 
-# The defenses by name: entangled expert training and the simulated-attacker
-# (non-fine-tunable) training of the selective fine-tuning protocol.
-METHODS: dict[str, DefenseConfig] = {
-    "entangle": DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0),
-    "dispersion": DefenseConfig(dispersion=1.0),
-    "subset": DefenseConfig(subset_failure=1.0),
-    "attacker": DefenseConfig(attacker=1.0),
-    "entangle+attacker": DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0, attacker=1.0),
-}
+@dataclass(frozen=True)
+class DefenseMethod:
+    """A named defense: the objective's term weights (before ``strength`` scales them) and what it does."""
+
+    name: str
+    help: str
+    config: DefenseConfig
+
+
+# The defenses by name: entangled expert training and the simulated-attacker (non-fine-tunable)
+# training of the selective fine-tuning protocol. Adding a defense is one entry here.
+METHODS: dict[str, DefenseMethod] = {m.name: m for m in (
+    DefenseMethod("entangle", "routing dispersion + contribution dispersion + subset failure",
+                  DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0)),
+    DefenseMethod("dispersion", "routing dispersion alone", DefenseConfig(dispersion=1.0)),
+    DefenseMethod("subset", "subset failure alone", DefenseConfig(subset_failure=1.0)),
+    DefenseMethod("attacker", "the simulated prune-and-fine-tune attacker", DefenseConfig(attacker=1.0)),
+    DefenseMethod("entangle+attacker", "entangle and the simulated attacker together",
+                  DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0, attacker=1.0)),
+)}
 
 
 def defense_config(method: str, *, strength: float = 1.0, **overrides: Any) -> DefenseConfig:
@@ -112,7 +122,7 @@ def defense_config(method: str, *, strength: float = 1.0, **overrides: Any) -> D
         raise InputError(f"unknown defense method {method!r}; methods: {', '.join(METHODS)}.")
     if not strength > 0:
         raise InputError(f"strength must be positive, got {strength!r}.")
-    return replace(METHODS[method].scaled(strength), **overrides)
+    return replace(METHODS[method].config.scaled(strength), **overrides)
 
 
 def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, check_fingerprint, collect_attribution, scores
-from moeguard.attribution.scores import check_criterion
+from moeguard.attribution.scores import DEFAULT_CRITERIA, check_criterion
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches, encode_examples, load_task, mixture
 from moeguard.data.batching import pad_id_of
 from moeguard.errors import InputError, PlanError
@@ -40,7 +40,6 @@ from moeguard.pruning.plans import PrunePlan, make_plan
 
 logger = logging.getLogger("moeguard.pruning")
 
-DEFAULT_CRITERIA = ("frequency", "gate_mass", "reap", "ean")
 # Keep counts as fractions of the experts per layer (8 experts -> 8, 6, 4, 3, 2).
 DEFAULT_KEEP_FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25)
 SWEEP_FORMAT = 1

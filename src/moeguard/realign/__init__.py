@@ -10,16 +10,18 @@ from moeguard.realign.inputs import RealignData, builtin_data, file_data
 from moeguard.realign.loop import realign
 from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord, label_schedule
 from moeguard.realign.metrics import Threshold, labels_to_reach, recovery, retention
-from moeguard.realign.pool import ACQUISITIONS
-from moeguard.realign.scopes import TRAIN_SCOPES
+from moeguard.realign.acquisition import ACQUISITIONS, Acquisition
+from moeguard.realign.scopes import TRAIN_SCOPES, Scope
 
 __all__ = [
     "ACQUISITIONS",
+    "Acquisition",
     "TRAIN_SCOPES",
     "RealignConfig",
     "RealignData",
     "RealignResult",
     "RoundRecord",
+    "Scope",
     "Threshold",
     "builtin_data",
     "file_data",

@@ -21,6 +21,9 @@ on gradient embeddings).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -250,3 +253,84 @@ def top_scored(scores: torch.Tensor, k: int) -> list[int]:
     """Positions of the ``k`` highest ``scores [P]``; ties go to the lower position."""
     order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
     return order[:k].tolist()
+
+
+# ---------------------------------------------------------------- the acquisition functions, by name
+
+
+class Readout(NamedTuple):
+    """What the model produced on one scored batch of prompt + own answer."""
+
+    logits: torch.Tensor | None  # [B, T, V], or [N, V] at the answer-predicting positions
+    hidden: torch.Tensor | None  # [B, T, H] final hidden states (when the function reads them)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+    sketches: tuple[torch.Tensor | None, torch.Tensor | None]  # BADGE's vocabulary and hidden-size sketches
+
+
+class Choice(NamedTuple):
+    """A selection problem: pick ``k`` of ``candidates`` unlabelled examples."""
+
+    candidates: int
+    values: torch.Tensor | None  # [candidates] scores or [candidates, D] embeddings (None: nothing was scored)
+    labelled_values: torch.Tensor | None  # the labelled examples' rows (functions with reads_labelled)
+    k: int
+    generator: torch.Generator
+
+
+def highest(choice: Choice) -> list[int]:
+    """The ``k`` highest scores (ties to the lower position)."""
+    return top_scored(choice.values, choice.k)
+
+
+def uniformly(choice: Choice) -> list[int]:
+    """``k`` candidates uniformly at random."""
+    return torch.randperm(choice.candidates, generator=choice.generator)[: choice.k].tolist()
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One acquisition function.
+
+    ``value`` turns the model's :class:`Readout` on a batch of the pool into per-example
+    values (None: nothing is read from the model); ``choose`` picks the batch to label
+    from them. ``reads_logits`` / ``reads_hidden`` say what the model must return (logits
+    only at the answer-predicting positions); ``reads_labelled`` that the labelled
+    examples' values are needed too; ``sketched`` that BADGE's random sketches are drawn;
+    ``parent_routing`` that the values are the unpruned parent's routing shares,
+    measured once before the first round.
+    """
+
+    name: str
+    help: str
+    value: Callable[[Readout], torch.Tensor] | None = None
+    choose: Callable[[Choice], list[int]] = highest
+    reads_logits: bool = False
+    reads_hidden: bool = False
+    reads_labelled: bool = False
+    sketched: bool = False
+    parent_routing: bool = False
+
+
+# Adding an acquisition function is one entry here (and its pure function above).
+ACQUISITIONS: dict[str, Acquisition] = {a.name: a for a in (
+    Acquisition("random", "uniformly at random", choose=uniformly),
+    Acquisition("least_confidence", "lowest mean probability of the model's own answer tokens",
+                lambda r: least_confidence(r.logits, r.answer_mask), reads_logits=True),
+    Acquisition("margin", "smallest mean gap between the two most likely tokens",
+                lambda r: margin(r.logits, r.answer_mask), reads_logits=True),
+    Acquisition("entropy", "highest mean token entropy of the model's own answer",
+                lambda r: entropy(r.logits, r.answer_mask), reads_logits=True),
+    Acquisition("sequence_nll", "highest negative log-likelihood of the model's own answer",
+                lambda r: sequence_nll(r.logits, r.input_ids, r.answer_mask), reads_logits=True),
+    Acquisition("coreset", "k-center greedy over mean-pooled final hidden states (diversity)",
+                lambda r: mean_pooled(r.hidden.float(), r.attention_mask),
+                lambda c: k_center_greedy(c.values, c.labelled_values, c.k), reads_hidden=True, reads_labelled=True),
+    Acquisition("badge", "k-means++ seeding over sketched last-layer gradient embeddings (uncertainty + diversity)",
+                lambda r: badge_embeddings(r.logits, r.hidden, r.answer_mask, *r.sketches),
+                lambda c: kmeans_pp_seeding(c.values, c.k, c.generator), reads_logits=True, reads_hidden=True,
+                sketched=True),
+    Acquisition("routing", "largest share of the unpruned parent's routing mass that went to removed experts",
+                parent_routing=True),
+)}

@@ -37,6 +37,7 @@ from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
 from moeguard.io import read_json, write_json
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
+from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.inputs import RealignData
 from moeguard.realign.metrics import recovery, retention
 from moeguard.realign.pool import pool_values, removed_expert_masks, routing_shares, select
@@ -51,7 +52,7 @@ from moeguard.realign.processes import (
     sum_over_processes,
 )
 from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord
-from moeguard.realign.scopes import LoraAdapters, add_lora, frozen_digest, scope_parameters
+from moeguard.realign.scopes import TRAIN_SCOPES, LoraAdapters, add_lora, frozen_digest, scope_parameters
 from moeguard.realign.state import STATE_DIR, derive_seed, generator, load_latest_round, restore_trainable, save_round
 from moeguard.training import train
 
@@ -133,7 +134,7 @@ def _measure_reference(
 ) -> Reference:
     target, other = _accuracies(parent, data, config.eval_batch_size)
     shares = None
-    if config.acquisition == "routing":
+    if ACQUISITIONS[config.acquisition].parent_routing:
         shares = routing_shares(parent, data.pool, range(len(data.pool)), removed, batch_size=config.eval_batch_size).tolist()
     log.info("unpruned parent: accuracy %.3f on %s", target, data.task)
     return Reference(target, other, shares)
@@ -185,15 +186,15 @@ class _Run:
 
     def acquire(self, round_index: int, count: int) -> list[int]:
         config = self.config
+        entry = ACQUISITIONS[config.acquisition]
         rng = generator(config.seed, "acquire", round_index)
         chosen = set(self.labelled)
         candidates = [i for i in range(len(self.data.pool)) if i not in chosen]
         values: torch.Tensor | None = None
-        if config.acquisition == "routing":
+        if entry.parent_routing:
             values = torch.tensor(self.reference.routing_shares, dtype=torch.float64)
-        elif config.acquisition != "random":
-            # Only core-set reads the labelled examples' values (they are its first centres).
-            scored = candidates + (self.labelled if config.acquisition == "coreset" else [])
+        elif entry.value is not None:
+            scored = candidates + (self.labelled if entry.reads_labelled else [])
             rows = pool_values(
                 self.moe,
                 self.data.pool,
@@ -293,7 +294,7 @@ def _prune_record(moe: MoEModel, keep: dict[int, Sequence[int]] | None) -> tuple
 
 def _trainable(moe: MoEModel, config: RealignConfig) -> tuple[LoraAdapters | None, dict[str, nn.Parameter]]:
     """``(LoRA adapters or None, trainable parameters by name)`` of the configured scope."""
-    if config.scope != "lora":
+    if TRAIN_SCOPES[config.scope].parameters is not None:
         return None, scope_parameters(moe, config.scope)
     torch.manual_seed(derive_seed(config.seed, "lora"))  # the adapters' initial A matrices
     adapters = add_lora(moe, rank=config.lora_rank)

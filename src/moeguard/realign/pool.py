@@ -30,32 +30,21 @@ from moeguard.eval.evaluate import (
 from moeguard.models import MoEModel
 from moeguard.models.routing import RoutingEvent
 from moeguard.realign import acquisition as acq
+from moeguard.realign.acquisition import ACQUISITIONS, Acquisition, Choice, Readout
 from moeguard.realign.processes import gather_rows, shard
 
-ACQUISITIONS: dict[str, str] = {
-    "random": "uniformly at random",
-    "least_confidence": "lowest mean probability of the model's own answer tokens",
-    "margin": "smallest mean gap between the two most likely tokens",
-    "entropy": "highest mean token entropy of the model's own answer",
-    "sequence_nll": "highest negative log-likelihood of the model's own answer",
-    "coreset": "k-center greedy over mean-pooled final hidden states (diversity)",
-    "badge": "k-means++ seeding over sketched last-layer gradient embeddings (uncertainty + diversity)",
-    "routing": "largest share of the unpruned parent's routing mass that went to removed experts",
-}
 SKETCH_DIM = 32
 # The answer-token logits one scored batch may hold, as float32: with a real vocabulary
 # (150k tokens: 600 kB per token) a batch is cut to about 450 answer tokens, so the
 # log-softmax and its temporaries stay bounded whatever the batch size asked for.
 LOGIT_BYTES = 256 * 2**20
-# What each acquisition reads from the model: logits at the answer tokens, final hidden states.
-READS_LOGITS = {"least_confidence", "margin", "entropy", "sequence_nll", "badge"}
-READS_HIDDEN = {"coreset", "badge"}
 
 
-def check_acquisition(name: str) -> str:
+def check_acquisition(name: str) -> Acquisition:
+    """The acquisition function named ``name`` (refused when unknown)."""
     if name not in ACQUISITIONS:
         raise InputError(f"unknown acquisition function {name!r}; choose one of {', '.join(ACQUISITIONS)}.")
-    return name
+    return ACQUISITIONS[name]
 
 
 def own_answers(moe: MoEModel, data: TaskData, indices: Sequence[int], *, max_new_tokens: int, batch_size: int) -> list[EncodedExample]:
@@ -84,22 +73,12 @@ def own_answers(moe: MoEModel, data: TaskData, indices: Sequence[int], *, max_ne
 
 def batch_values(name: str, outputs: object, batch: dict[str, torch.Tensor], sketches: tuple) -> torch.Tensor:
     """The acquisition value of each example of one scored batch: ``[B]`` scores or ``[B, D]`` embeddings."""
-    logits = outputs.logits
-    mask = batch["answer_mask"]
-    if name == "least_confidence":
-        return acq.least_confidence(logits, mask)
-    if name == "margin":
-        return acq.margin(logits, mask)
-    if name == "entropy":
-        return acq.entropy(logits, mask)
-    if name == "sequence_nll":
-        return acq.sequence_nll(logits, batch["input_ids"], mask)
-    hidden = outputs.hidden_states[-1]
-    if name == "coreset":
-        return acq.mean_pooled(hidden.float(), batch["attention_mask"])
-    if name == "badge":
-        return acq.badge_embeddings(logits, hidden, mask, *sketches)
-    raise InputError(f"{name!r} is not computed from model outputs.")
+    entry = check_acquisition(name)
+    if entry.value is None:
+        raise InputError(f"{name!r} is not computed from model outputs.")
+    hidden = outputs.hidden_states[-1] if entry.reads_hidden else None
+    return entry.value(Readout(outputs.logits, hidden, batch["input_ids"], batch["attention_mask"], batch["answer_mask"],
+                               sketches))
 
 
 def accepts_logits_to_keep(lm: torch.nn.Module) -> bool:
@@ -155,7 +134,8 @@ def pool_values(
     that predict answer tokens; none for core-set), and batches are cut to
     :data:`LOGIT_BYTES` of answer-token logits.
     """
-    sketches = badge_sketches(moe, generator) if name == "badge" else (None, None)
+    entry = check_acquisition(name)
+    sketches = badge_sketches(moe, generator) if entry.sketched else (None, None)
     local = shard(indices)
     encoded = own_answers(moe, data, local, max_new_tokens=max_new_tokens, batch_size=batch_size)
     lm = causal_lm(moe)
@@ -164,7 +144,7 @@ def pool_values(
     restrict = accepts_logits_to_keep(lm)
     vocab = lm.get_output_embeddings().weight.shape[0]
     chunks = length_sorted_chunks([len(e.prompt) + len(e.target) for e in encoded], batch_size)
-    if name in READS_LOGITS:
+    if entry.reads_logits:
         # Without logits_to_keep the model returns logits at every position: budget those.
         counted = [len(e.target) if restrict else len(e.prompt) + len(e.target) for e in encoded]
         chunks = logit_budget_chunks(chunks, counted, vocab)
@@ -174,8 +154,8 @@ def pool_values(
             batch = to_device(collate([encoded[i] for i in chunk], chunk, pad_id), device)
             kwargs = {}
             if restrict:
-                kwargs["logits_to_keep"] = acq.answer_predictors(batch["answer_mask"]) if name in READS_LOGITS else 1
-            outputs = lm(**model_inputs(batch), output_hidden_states=name in READS_HIDDEN, **kwargs)
+                kwargs["logits_to_keep"] = acq.answer_predictors(batch["answer_mask"]) if entry.reads_logits else 1
+            outputs = lm(**model_inputs(batch), output_hidden_states=entry.reads_hidden, **kwargs)
             values = batch_values(name, outputs, batch, sketches).float().cpu()
             for row, i in enumerate(chunk):
                 rows[i] = values[row]
@@ -241,23 +221,21 @@ def select(
     k: int,
     generator: torch.Generator,
 ) -> list[int]:
-    """``k`` pool indices from ``candidates`` to label next.
+    """``k`` pool indices from ``candidates`` to label next, chosen by the acquisition function ``name``.
 
     ``values`` holds one row per pool example (scores ``[P]`` or embeddings
-    ``[P, D]``; None for random); only the candidates' rows (and, for core-set, the
-    labelled ones) are read. Score-based functions take the ``k`` highest
-    scores; core-set grows the labelled set's centres; BADGE seeds k-means++ on the
-    candidates' embeddings.
+    ``[P, D]``; None when the function reads no values); only the candidates' rows
+    (and, for functions that read them, the labelled ones') are read.
     """
     candidates = list(candidates)
     if k > len(candidates):
         raise InputError(f"cannot label {k} more examples: only {len(candidates)} unlabelled examples are left.")
-    if name == "random":
-        order = torch.randperm(len(candidates), generator=generator)[:k].tolist()
-    elif name == "coreset":
-        order = acq.k_center_greedy(values[candidates], values[list(labelled)], k)
-    elif name == "badge":
-        order = acq.kmeans_pp_seeding(values[candidates], k, generator)
-    else:
-        order = acq.top_scored(values[candidates], k)
-    return [candidates[i] for i in order]
+    entry = check_acquisition(name)
+    choice = Choice(
+        len(candidates),
+        values[candidates] if values is not None else None,
+        values[list(labelled)] if values is not None and entry.reads_labelled else None,
+        k,
+        generator,
+    )
+    return [candidates[i] for i in entry.choose(choice)]

@@ -27,7 +27,7 @@ after training proves it unchanged.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,14 +39,7 @@ from moeguard.eval.evaluate import causal_lm
 from moeguard.models import MoEModel
 from moeguard.models.fingerprint import update_with_tensor
 
-TRAIN_SCOPES = ("router", "experts", "attention", "all", "lora")
 PROBE_IMPLEMENTATION = "moeguard_attention_probe"
-
-
-def check_scope(scope: str) -> str:
-    if scope not in TRAIN_SCOPES:
-        raise InputError(f"unknown trainable scope {scope!r}; choose one of {', '.join(TRAIN_SCOPES)}.")
-    return scope
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -106,24 +99,56 @@ def _named(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[str, nn.Par
     return {name: p for name, p in model.named_parameters() if id(p) in wanted}
 
 
+def _router(moe: MoEModel, lm: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in moe.layers for p in layer.router_parameters()]
+
+
+def _experts(moe: MoEModel, lm: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in moe.layers for p in layer.expert_parameters()]
+
+
+def _attention(moe: MoEModel, lm: nn.Module) -> list[nn.Parameter]:
+    return [p for path in attention_modules(lm) for p in lm.get_submodule(path).parameters()]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one trainable scope trains: ``parameters(moe, causal_lm)`` picks existing parameters by module
+    role; a scope without it (LoRA) trains new adapter parameters instead (:func:`add_lora`)."""
+
+    name: str
+    help: str
+    parameters: Callable[[MoEModel, nn.Module], list[nn.Parameter]] | None
+
+
+# Adding a trainable scope is one entry here.
+TRAIN_SCOPES: dict[str, Scope] = {s.name: s for s in (
+    Scope("router", "each MoE layer's router", _router),
+    Scope("experts", "the routed experts (the kept ones)", _experts),
+    Scope("attention", "the attention modules", _attention),
+    Scope("all", "every parameter", lambda moe, lm: list(lm.parameters())),
+    Scope("lora", "LoRA adapters on attention and the fused experts (peft)", None),
+)}
+
+
+def check_scope(scope: str) -> Scope:
+    """The trainable scope named ``scope`` (refused when unknown)."""
+    if scope not in TRAIN_SCOPES:
+        raise InputError(f"unknown trainable scope {scope!r}; choose one of {', '.join(TRAIN_SCOPES)}.")
+    return TRAIN_SCOPES[scope]
+
+
 def scope_parameters(moe: MoEModel, scope: str) -> dict[str, nn.Parameter]:
     """The parameters ``scope`` trains (``router``, ``experts``, ``attention`` or ``all``), by name.
 
     Raises :class:`UnsupportedModelError` when the model has nothing in that role.
     ``lora`` adds new parameters: see :func:`add_lora`.
     """
-    check_scope(scope)
+    entry = check_scope(scope)
     lm = causal_lm(moe)
-    if scope == "lora":
-        raise InputError("the lora scope trains new adapter parameters; call add_lora(moe) to create them.")
-    if scope == "router":
-        params = [p for layer in moe.layers for p in layer.router_parameters()]
-    elif scope == "experts":
-        params = [p for layer in moe.layers for p in layer.expert_parameters()]
-    elif scope == "attention":
-        params = [p for path in attention_modules(lm) for p in lm.get_submodule(path).parameters()]
-    else:
-        params = list(lm.parameters())
+    if entry.parameters is None:
+        raise InputError(f"the {scope} scope trains new adapter parameters; call add_lora(moe) to create them.")
+    params = entry.parameters(moe, lm)
     named = _named(lm, params)
     if not named:
         raise UnsupportedModelError(_missing_role_message(moe, scope))
