@@ -53,7 +53,7 @@ from moeguard.defense.harden import (
 )
 from moeguard.defense.objective import DefenseObjective, defense_config
 from moeguard.cli.common import parse_int_list, parse_name_list
-from moeguard.defense.report import markdown_tables
+from moeguard.defense.report import markdown_tables, write_report
 from moeguard.io import atomic_dir, write_json
 from moeguard.models import load_moe
 from moeguard.training import token_cross_entropy, train
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_dir = out / f"eval-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     print(f"evaluation directory {eval_dir}", flush=True)
     result = evaluate_defenses(models, eval_settings, eval_dir)
+    write_report(result, eval_dir)
     print(markdown_tables(result))
     results = Path(args.results) if args.results else Path(__file__).parent / "results" / "defense" / args.demo
     shutil.rmtree(results, ignore_errors=True)

@@ -119,18 +119,12 @@ def test_the_report_numbers_are_the_stage_results(audited, trained_tiny):
         assert (out / name).stat().st_size > 0
 
 
-def test_a_rerun_recomputes_nothing(audited, trained_tiny, monkeypatch):
+def test_a_rerun_recomputes_nothing(audited, trained_tiny):
     report, out = audited
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a cached stage was recomputed")
-
-    monkeypatch.setattr("moeguard.audit.run.evaluate", forbidden)
-    monkeypatch.setattr("moeguard.audit.run.collect_attribution", forbidden)
-    monkeypatch.setattr("moeguard.pruning.sweep.evaluate_point", forbidden)
-    monkeypatch.setattr("moeguard.realign.loop._Run.train_round", forbidden)
     again = run_audit(quick_config(trained_tiny, out), progress=False)
     assert again.headline() == report.headline()
+    assert {"evaluate", "attribution", "sweep"} <= set(again.model.work)
+    assert all(work["computed"] == 0 and work["reused"] > 0 for work in again.model.work.values()), again.model.work
 
 
 def test_an_interrupted_audit_resumes_where_it_stopped(trained_tiny, tmp_path, monkeypatch, one_thread):
@@ -151,19 +145,12 @@ def test_an_interrupted_audit_resumes_where_it_stopped(trained_tiny, tmp_path, m
         run_audit(config, progress=False)
     assert not (tmp_path / "report.json").exists()
 
-    counted = {"n": 0}
-
-    def counting(*args, **kwargs):
-        counted["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "evaluate_point", counting)
-    monkeypatch.setattr("moeguard.audit.run.collect_attribution",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the attribution was recomputed")))
+    monkeypatch.undo()
     report = run_audit(config, progress=False)
+    assert report.model.work["attribution"] == {"reused": 1, "computed": 0}
     sweep = load_sweep(next((tmp_path / ".cache").glob("*/sweep-*")))
     evaluated = 1 + sum(1 for p in sweep.points if p.keep < 8)  # the full model and every point that masks something
-    assert counted["n"] == evaluated - 3
+    assert report.model.work["sweep"]["computed"] == evaluated - 3
     assert report.model.tasks["upper"].sweep == sweep.rows()
 
 

@@ -70,7 +70,7 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     import json
 
     from moeguard.defense.evaluation import evaluate_defenses
-    from moeguard.defense.report import TABLE_NAME
+    from moeguard.defense.report import TABLE_NAME, write_report
 
     settings = DefenseEvalSettings(
         target_task="reverse", tasks=("reverse", "upper"), keeps=(6, 4), attack_keeps=(4,), criteria=("frequency",),
@@ -79,6 +79,7 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     )
     models = {"undefended": trained_tiny, "same": trained_tiny}
     result = evaluate_defenses(models, settings, tmp_path, progress=False)
+    write_report(result, tmp_path)  # the tables and figures are drawn from the result, at the edge
     base, same = result.models
     assert base.utility == same.utility and base.utility["reverse"] > 0.9
     assert result.multipliers(same, "4") == {"labels_worst_case": 1.0, "labels_mean": 1.0, "steps_worst_case": 1.0, "steps_mean": 1.0}

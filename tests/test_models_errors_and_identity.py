@@ -138,3 +138,19 @@ def test_parameter_counts_split_total_and_active():
     assert counts.total - counts.active_per_token == sum((8 - 2) * per_expert for _ in moe.layers)
     moe.prune({0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
     assert moe.parameter_counts().total == counts.total - sum(4 * (per_expert + moe.config.hidden_size) for _ in moe.layers)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_a_weight_sharing_copy_costs_only_the_experts_carved_out_of_it(family):
+    from moeguard.forensics.derivatives import reindex_experts
+
+    moe = tiny_moe(family)
+    before = moe.fingerprint()
+    storage = {name: p.data_ptr() for name, p in moe.model.named_parameters()}
+    carved = moe.weight_sharing_copy()
+    assert all(p.data_ptr() == storage[name] for name, p in carved.model.named_parameters())
+    reindex_experts(carved, [[0, 1, 4, 5]] * moe.num_layers)  # two per group for the grouped router
+    assert moe.fingerprint() == before and carved.num_experts == [4] * moe.num_layers
+    new = [p for name, p in carved.model.named_parameters() if p.data_ptr() != storage[name]]
+    expert_indexed = {id(t.get()) for layer in carved.layers for t in layer.expert_tensors}
+    assert new and all(id(p) in expert_indexed for p in new)  # everything not sliced is still the original tensor

@@ -14,7 +14,8 @@ from moeguard.errors import InputError, PlanError
 from moeguard.models import GroupRouting, load_moe
 from moeguard.pruning.plans import LayerLimits
 from moeguard.pruning import sweep as sweep_module
-from moeguard.pruning.sweep import SweepPoint, default_keeps, evaluate_point, load_sweep, run_sweep, text_of_tasks
+from moeguard.pruning.figures import knowledge_loss_figure
+from moeguard.pruning.sweep import SweepPoint, default_keeps, evaluate_point, load_sweep, rows_to_csv, run_sweep, text_of_tasks
 
 TARGET, OTHER = "reverse", "sort"  # both learned by the tiny model
 SETTINGS = dict(criteria=["frequency", "reap"], keeps=[4], other_tasks=[OTHER], limit=24, attribution_limit=96,
@@ -34,6 +35,9 @@ def swept(tiny, tmp_path_factory):
     result = run_sweep(tiny, TARGET, out_dir=out, **SETTINGS)
     assert tiny.fingerprint() == fingerprint
     assert weights == {name: (p.data_ptr(), p._version) for name, p in tiny.model.named_parameters()}
+    # The table and the figure are drawn from the result, at the edge (as `moeguard sweep` does).
+    (out / "sweep.csv").write_text(rows_to_csv(result.rows()))
+    knowledge_loss_figure(result, out / "knowledge_loss.png")
     return result
 
 
@@ -76,24 +80,16 @@ def test_sweep_writes_json_csv_and_the_knowledge_loss_figure(swept):
     assert "least_used:frequency" in text and "answer loss" in text
 
 
-def test_a_rerun_only_evaluates_missing_points_and_other_settings_are_refused(swept, tiny, tmp_path, monkeypatch):
+def test_a_rerun_only_evaluates_missing_points_and_other_settings_are_refused(swept, tiny, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(swept.out_dir, out)
     data = json.loads((out / "sweep.json").read_text())
     data["points"] = data["points"][:3]  # as if interrupted after three of five points
     (out / "sweep.json").write_text(json.dumps(data))
-    evaluated = []
-    real = sweep_module.evaluate_point
-
-    def counting(moe, point, *args):
-        evaluated.append(point.key)
-        return real(moe, point, *args)
-
-    monkeypatch.setattr(sweep_module, "evaluate_point", counting)
     resumed = run_sweep(tiny, TARGET, out_dir=out, **SETTINGS)
-    assert evaluated == [p.key for p in swept.points[3:]]
+    assert resumed.evaluated == [p.key for p in swept.points[3:]]
     assert [p.accuracy for p in resumed.points] == [p.accuracy for p in swept.points]
-    with pytest.raises(InputError, match="another model, task or settings"):
+    with pytest.raises(InputError, match=r"started with other settings: limit=24 \(now 10\)"):
         run_sweep(tiny, TARGET, out_dir=out, **{**SETTINGS, "limit": 10})
 
 

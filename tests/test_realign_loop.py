@@ -15,6 +15,7 @@ from moeguard.data import Example, TaskData, build_char_tokenizer, save_jsonl
 from moeguard.errors import DataError, FingerprintMismatchError, InputError, ModelError
 from moeguard.models import MANIFEST_NAME, load_moe
 from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
+from moeguard.realign.figures import recovery_figure
 from moeguard.realign.result import RoundRecord
 
 KEEP = {0: [0, 2, 5], 1: [1, 3, 4]}
@@ -125,6 +126,7 @@ def test_routing_acquisition_picks_the_prompts_whose_parent_routing_lost_most_to
 def test_a_pruned_directory_run_writes_the_realigned_model_history_and_figure(pruned_dir, tmp_path):
     out = tmp_path / "run"
     result = realign(pruned_dir, small_data(), config(), out=out, progress=False)
+    recovery_figure({"entropy": [result]}, out / "recovery.png")  # drawn from the result, at the edge
     assert result.mode == "pruned" and result.kept == [KEEP[0], KEEP[1]]
     assert (out / "recovery.png").stat().st_size > 0 and not (out / "state").exists()
     history = json.loads((out / "history.json").read_text())
@@ -160,7 +162,7 @@ def test_resuming_an_interrupted_run_ends_exactly_like_an_uninterrupted_one(prun
     with pytest.raises(Interrupted):
         realign(pruned_dir, small_data(12), settings, out=tmp_path / "parts", on_round=stop_after_round_two, progress=False)
     assert (tmp_path / "parts" / "state" / "round_0002").is_dir() and not (tmp_path / "parts" / "model").exists()
-    with pytest.raises(InputError, match="already holds a re-alignment run; pass --resume"):
+    with pytest.raises(InputError, match="already holds a re-alignment run; pass resume=True"):
         realign(pruned_dir, small_data(12), settings, out=tmp_path / "parts", progress=False)
     resumed = realign(pruned_dir, small_data(12), settings, out=tmp_path / "parts", resume=True, progress=False)
     whole = json.loads((tmp_path / "whole" / "history.json").read_text())

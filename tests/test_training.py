@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_moe
 from moeguard.data import batches, build_char_tokenizer, load_task
-from moeguard.errors import InputError
+from moeguard.errors import InputError, TrainingDivergedError
 from moeguard.training import learning_rate, lm_loss, token_cross_entropy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +107,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     reference = fresh_model()
     reference_result = train(reference, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False)
 
-    checkpoint = tmp_path / "run.pt"
+    checkpoint = tmp_path / "run"
     interrupted = fresh_model()
 
     def stop_at_step_7(model, batch, outputs):
@@ -120,7 +120,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False,
               extra_loss=stop_at_step_7, checkpoint=checkpoint, checkpoint_every=3)
-    assert checkpoint.is_file()
+    assert checkpoint.is_dir()
     resumed = fresh_model()
     result = train(resumed, task_batches(), steps=10, lr=1e-3, warmup=2, progress=False, checkpoint=checkpoint, checkpoint_every=3)
     assert result.resumed_from == 6 and result.steps == 10 and len(result.losses) == 10
@@ -143,5 +143,5 @@ def test_bad_training_arguments_are_refused():
         train(moe, task_batches(), steps=1, lr=0.0)
     with pytest.raises(InputError, match="nothing to train"):
         train(moe, task_batches(), steps=1, lr=1e-3, parameters=[])
-    with pytest.raises(InputError, match="loss became nan .* lower the learning rate"):
+    with pytest.raises(TrainingDivergedError, match="loss became nan .* lower the learning rate"):
         train(moe, task_batches(), steps=1, lr=1e-3, extra_loss=lambda m, b, o: torch.tensor(float("nan")), progress=False)

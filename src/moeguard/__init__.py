@@ -11,9 +11,12 @@ from moeguard.errors import (  # noqa: E402
     DataError,
     FingerprintMismatchError,
     InputError,
+    InternalError,
     ModelError,
     MoeGuardError,
     PlanError,
+    ResumeError,
+    TrainingDivergedError,
     UnsupportedModelError,
 )
 
@@ -22,8 +25,11 @@ __all__ = [
     "DataError",
     "FingerprintMismatchError",
     "InputError",
+    "InternalError",
     "ModelError",
     "MoeGuardError",
     "PlanError",
+    "ResumeError",
+    "TrainingDivergedError",
     "UnsupportedModelError",
 ]

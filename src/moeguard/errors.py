@@ -34,3 +34,16 @@ class PlanError(InputError):
 
 class FingerprintMismatchError(MoeGuardError):
     """A file produced for one model is being used with a different one."""
+
+
+class ResumeError(InputError):
+    """Saved work cannot be continued: it was started with other settings, data, weights or code."""
+
+
+class TrainingDivergedError(MoeGuardError):
+    """A training run diverged (a non-finite loss or weights): not bad input, but settings to change (the
+    learning rate, usually). The run's unfinished state is discarded, so a rerun starts afresh."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of moeguard itself was broken: a bug to report, never the user's input."""

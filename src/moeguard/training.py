@@ -2,18 +2,21 @@
 
 ``train`` runs AdamW on ``lm_loss`` (token cross-entropy on the labelled tokens) plus
 the model's router load-balancing loss and an optional ``extra_loss``, with linear
-warm-up, cosine decay and gradient clipping. With a ``checkpoint`` path it saves its
-state every ``checkpoint_every`` steps and an interrupted run resumes from there with
-the same result as an uninterrupted one.
+warm-up, cosine decay and gradient clipping. With a ``checkpoint`` directory (a
+:class:`moeguard.runs.Run`) it saves its state every ``checkpoint_every`` steps as
+safetensors + JSON (the trained parameters, the optimizer state, the RNG state, the
+losses so far) and an interrupted run resumes from there with the same result as an
+uninterrupted one; a checkpoint made with other settings is refused, and one of a
+run that diverged is discarded.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,9 @@ import torch
 from torch import nn
 
 from moeguard.data.batching import IGNORE_INDEX, model_inputs, to_device
-from moeguard.errors import InputError
+from moeguard.errors import InputError, TrainingDivergedError
 from moeguard.eval.evaluate import causal_lm, device_of
-from moeguard.io import atomic_write_bytes
+from moeguard.runs import Run
 
 log = logging.getLogger("moeguard.training")
 
@@ -84,16 +87,73 @@ def _decay_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(
-    path: Path, lm: nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list[float], counts: list[int], elapsed: list[float]
-) -> None:
-    buffer = io.BytesIO()
-    torch.save(
-        {"step": step, "model": lm.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
-         "counts": counts, "elapsed": elapsed, "rng": torch.get_rng_state()},
-        buffer,
-    )
-    atomic_write_bytes(path, buffer.getvalue())
+TRAINER_STATE, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
+
+
+def optimizer_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer ``state_dict()`` as ``(tensors, json)``: every tensor under ``optimizer.<param>.<key>``."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"state": plain, "param_groups": state["param_groups"]}
+
+
+def optimizer_state_from_tensors(tensors: Mapping[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_to_tensors`."""
+    state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in saved["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _parameters_signature(named: Mapping[str, nn.Parameter]) -> str:
+    """A hash of the trained parameters' names, shapes and dtypes (which model part a checkpoint belongs to)."""
+    text = "\n".join(f"{name}|{tuple(p.shape)}|{p.dtype}" for name, p in named.items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Checkpoint:
+    """The training state of one run in its :class:`~moeguard.runs.Run` directory."""
+
+    def __init__(self, run: Run, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.run, self.named, self.optimizer = run, named, optimizer
+
+    def load(self) -> dict[str, Any] | None:
+        """Restore parameters, optimizer and RNG state; the step, losses, counts and times saved, or None."""
+        saved = self.run.load_json(TRAINER_STATE)
+        tensors = self.run.load_tensors(TRAINER_TENSORS)
+        if saved is None or tensors is None:
+            return None
+        with torch.no_grad():
+            for name, param in self.named.items():
+                param.copy_(tensors[f"param.{name}"].to(device=param.device, dtype=param.dtype))
+        # load_state_dict moves the moment estimates to their parameter's device and keeps "step" where it belongs.
+        self.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, saved["optimizer"]))
+        torch.set_rng_state(tensors["rng.cpu"])
+        return saved
+
+    def save(self, step: int, losses: list[float], counts: list[int], elapsed: list[float]) -> None:
+        tensors, plain = optimizer_state_to_tensors(self.optimizer.state_dict())
+        tensors.update({f"param.{name}": param for name, param in self.named.items()})
+        tensors["rng.cpu"] = torch.get_rng_state()
+        # The tensors first: a state file always describes tensors that are complete on disk.
+        self.run.save_tensors(TRAINER_TENSORS, tensors)
+        self.run.save_json(TRAINER_STATE, {"step": step, "losses": losses, "counts": counts, "elapsed": elapsed,
+                                           "optimizer": plain})
+
+
+def _diverged(message: str, checkpoint: _Checkpoint | None, lr: float) -> TrainingDivergedError:
+    if checkpoint is not None:
+        checkpoint.run.remove()  # a diverged state would only diverge again: a rerun starts afresh
+    return TrainingDivergedError(f"{message}; training diverged, lower the learning rate (lr={lr}).")
 
 
 def _progress_bar(steps: int, start: int, enabled: bool):
@@ -119,6 +179,7 @@ def train(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 200,
+    checkpoint_settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (one batch per step).
 
@@ -128,6 +189,12 @@ def train(
     outputs)``, where ``aux_loss`` is the load-balancing loss the model returns with
     ``output_router_logits=True``. Fewer steps are run if ``batches`` runs out.
     The model is left in eval mode.
+
+    ``checkpoint`` is the directory of the run's saved state (see the module
+    docstring). It is keyed by the optimisation settings, the trained parameters'
+    names and shapes, and ``checkpoint_settings``: what the caller knows identifies
+    the run (its model, data and options). A non-finite loss, or non-finite weights
+    at a checkpoint, raise :class:`TrainingDivergedError` and discard the saved state.
     """
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}.")
@@ -141,16 +208,26 @@ def train(
     chosen = {id(p) for p in trainable}
     frozen = [p for p in lm.parameters() if p.requires_grad and id(p) not in chosen]
     optimizer = torch.optim.AdamW(_decay_groups(trainable, weight_decay), lr=lr, betas=(0.9, 0.95))
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    names = {id(p): name for name, p in lm.named_parameters()}
+    named = {names.get(id(p), f"unnamed.{i}"): p for i, p in enumerate(trainable)}
+    saved_state: _Checkpoint | None = None
+    if checkpoint is not None:
+        settings = {
+            "optimisation": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+                             "min_lr_ratio": min_lr_ratio, "max_grad_norm": max_grad_norm,
+                             "router_aux_loss_coef": router_aux_loss_coef, "seed": seed},
+            "parameters": _parameters_signature(named),
+            **(checkpoint_settings or {}),
+        }
+        run = Run.open(checkpoint, "training run", settings,
+                       labels={"optimisation": "optimisation settings", "parameters": "trained parameters"})
+        saved_state = _Checkpoint(run, named, optimizer)
 
     torch.manual_seed(seed)
     start_step, losses, counts, earlier = 0, [], [0, 0], [0.0, 0.0]  # earlier: wall and CPU seconds before a resume
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        lm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = saved_state.load() if saved_state is not None else None
+    if state is not None:
         start_step, losses, counts, earlier = state["step"], state["losses"], state["counts"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
         log.info("resuming training from step %d (%s)", start_step, checkpoint)
     iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
     for _ in range(start_step):  # the batches of the finished steps, so the data order is unchanged
@@ -185,7 +262,7 @@ def train(
             if extra_loss is not None:
                 loss = loss + extra_loss(model, batch, outputs)
             if not torch.isfinite(loss):
-                raise InputError(f"the training loss became {loss.item()} at step {step}; lower the learning rate (lr={lr}).")
+                raise _diverged(f"the training loss became {loss.item()} at step {step}", saved_state, lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
@@ -198,9 +275,11 @@ def train(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if bar.disable and progress and (step + 1) % max(1, steps // 10) == 0:
                 log.info("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
-            if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            if saved_state is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                    raise _diverged(f"the weights became non-finite at step {step}", saved_state, lr)
                 elapsed = [earlier[0] + time.perf_counter() - wall, earlier[1] + time.process_time() - cpu]
-                _save_checkpoint(checkpoint, lm, optimizer, step + 1, losses, counts, elapsed)
+                saved_state.save(step + 1, losses, counts, elapsed)
         else:
             step = steps
     finally:
@@ -208,8 +287,8 @@ def train(
         lm.eval()
         for p in frozen:
             p.requires_grad_(True)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+    if saved_state is not None:
+        saved_state.run.remove()
     tail = losses[-min(len(losses), 20) :]
     result = TrainResult(
         steps=step,

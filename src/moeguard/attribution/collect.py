@@ -15,7 +15,6 @@ directory and resumes from it when run again over the same batches.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,7 +32,6 @@ from moeguard.attribution.record import (
     SUM_SHAPES,
     TOKEN_MODES,
     Attribution,
-    check_fingerprint,
 )
 from moeguard.attribution.scores import DEFAULT_CRITERIA, collected_statistics
 from moeguard.attribution.statistics import (
@@ -46,12 +44,13 @@ from moeguard.attribution.statistics import (
 from moeguard.data import model_inputs, to_device
 from moeguard.errors import DataError, InputError
 from moeguard.io import atomic_dir
+from moeguard.runs import Run
 from moeguard.models import MoEModel, RoutingEvent
 from moeguard.models.fingerprint import checkpoint_fingerprint
 
 logger = logging.getLogger("moeguard.attribution")
 
-CHECKPOINT_FILE = "attribution.json"
+STATE_DIR, CHECKPOINT_FILE = "state", "attribution.json"  # replaced whole at every save
 
 
 def select_tokens(batch: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:
@@ -157,20 +156,6 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _resume(checkpoint: Path, accumulator: StatisticsAccumulator, moe: MoEModel, tokens: str, task: str | None) -> int:
-    """Load a checkpoint into ``accumulator``; return the number of batches it covers."""
-    state = Attribution.load(checkpoint / CHECKPOINT_FILE)
-    check_fingerprint(state, moe, what=f"the interrupted collection in {checkpoint}")
-    if state.tokens != tokens or state.task != task or set(state.sums) != set(accumulator.sums):
-        raise InputError(
-            f"{checkpoint} holds an interrupted collection with other settings (task {state.task!r}, tokens "
-            f"{state.tokens!r}, statistics {sorted(state.sums)}); rerun with the same options, or delete it to start over."
-        )
-    accumulator.restore(state)
-    logger.info("resuming the attribution from %s after %d batches", checkpoint, state.batches)
-    return state.batches
-
-
 def collect_attribution(
     moe: MoEModel,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -194,9 +179,10 @@ def collect_attribution(
     collected; ``criteria`` containing ``reap`` or ``ean`` adds expert output
     norms, ``ablation`` adds one masked pass per expert.
 
-    ``checkpoint`` names a directory where the sums are saved every
-    ``checkpoint_seconds``; a collection started again with the same checkpoint and
-    the same batches skips the batches already counted. It is removed at the end.
+    ``checkpoint`` names a directory (a :class:`moeguard.runs.Run`) where the sums are
+    saved every ``checkpoint_seconds``; a collection started again with the same
+    checkpoint, model, settings and batches skips the batches already counted (other
+    settings are refused). It is removed at the end.
     Under ``torch.distributed`` pass each process its own shard of the batches;
     the returned attribution holds the sums over all processes.
     """
@@ -207,12 +193,19 @@ def collect_attribution(
     rank, world = distributed_world()
     accumulator = StatisticsAccumulator(moe, norms=norms, ablation=ablation)
     done = 0
+    run = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if world > 1:
             checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}")
-        if (checkpoint / CHECKPOINT_FILE).is_file():
-            done = _resume(checkpoint, accumulator, moe, tokens, task)
+        settings = {"model_fingerprint": moe.fingerprint(), "settings": {
+            "task": task, "tokens": tokens, "statistics": sorted(accumulator.sums), "shard": [rank, world]}}
+        run = Run.open(checkpoint, "attribution collection", settings, labels={"model_fingerprint": "model weights"})
+        if (checkpoint / STATE_DIR / CHECKPOINT_FILE).is_file():
+            state = Attribution.load(checkpoint / STATE_DIR / CHECKPOINT_FILE)
+            accumulator.restore(state)
+            done = state.batches
+            logger.info("resuming the attribution from %s after %d batches", checkpoint, done)
 
     stored_fingerprint = checkpoint_fingerprint(moe.source) if moe.source and Path(moe.source).is_dir() else ""
 
@@ -234,7 +227,7 @@ def collect_attribution(
         )
 
     def save_checkpoint() -> None:
-        with atomic_dir(checkpoint, overwrite=True) as tmp:
+        with atomic_dir(checkpoint / STATE_DIR, overwrite=True) as tmp:
             make(accumulator.sums, accumulator.coactivation, accumulator.batches).save(tmp / CHECKPOINT_FILE)
 
     was_training = moe.model.training
@@ -260,8 +253,8 @@ def collect_attribution(
         accumulator.all_reduce()
     attribution = make(accumulator.sums, accumulator.coactivation, accumulator.batches)
     _check_not_empty(attribution, tokens)
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    if run is not None:
+        run.remove()
     logger.info(
         "attribution of %s: %d samples, %d tokens (%s), %d batches in %.1fs",
         task or "the data", attribution.samples, attribution.token_counts[0], tokens, attribution.batches,

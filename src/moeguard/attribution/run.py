@@ -16,6 +16,7 @@ from moeguard.attribution.summary import Specialisation, overlap, specialisation
 from moeguard.data import TaskData, batches
 from moeguard.errors import InputError
 from moeguard.models import MoEModel
+from moeguard.runs import partial_path
 
 
 @dataclass
@@ -55,11 +56,6 @@ def check_data(data: TaskData, tokens: str) -> None:
             f"--tokens {tokens} selects the {tokens} part of prompt/answer examples, but {data.name!r} "
             f"({data.source or 'in memory'}) is plain text (lm); use --tokens all."
         )
-
-
-def checkpoint_path(out: Path) -> Path:
-    """Where an interrupted collection for ``out`` keeps its sums."""
-    return out.with_name(f".{out.name}.partial")
 
 
 def attribute(
@@ -104,7 +100,7 @@ def attribute(
         task=data.name,
         task_source=data.source,
         total_batches=-(-(total - rank) // world),
-        checkpoint=checkpoint_path(out) if out is not None else None,
+        checkpoint=partial_path(out) if out is not None else None,
         progress=progress and rank == 0,
     )
     run = AttributionRun(attribution, specialisation(attribution))

@@ -124,6 +124,9 @@ class ModelAudit:
     criteria: list[str]
     tasks: dict[str, TaskAudit]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Per stage, the units of work found in the stage cache ("reused": evaluations, attributions, sweep
+    # points, re-alignment rounds, forensic checks) and those this run computed ("computed").
+    work: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,16 +1,16 @@
 """The audit pipeline: evaluate -> attribute -> sweep -> re-align -> (compare) -> report.
 
-Every stage's result lives under ``<out>/.cache/<model fingerprint>/`` in a directory
+Every stage's result lives under ``<out>/.cache/<model fingerprint>/`` in an entry
 named by a hash of the stage's inputs (the model's weights fingerprint, the data, the
-settings), and each stage resumes from what is there: an attribution is reused whole,
-a sweep continues from its last evaluated point, a re-alignment from its last round.
-A rerun of the same audit therefore recomputes nothing; a changed setting recomputes
-only the stages it feeds.
+settings) and of the code version (a :class:`moeguard.runs.RunCache`), and each stage
+resumes from what is there: an attribution is reused whole, a sweep continues from its
+last evaluated point, a re-alignment from its last round. A rerun of the same audit
+therefore recomputes nothing (``ModelAudit.work`` counts it); a changed setting
+recomputes only the stages it feeds, and new code recomputes everything.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -26,7 +26,6 @@ from moeguard.attribution.figures import score_heatmap
 from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA
 from moeguard.plotting import file_stem
 from moeguard.attribution.summary import Specialisation, specialisation
-from moeguard.audit.cache import StageCache, inputs_key
 from moeguard.audit.config import DEMO_MODEL, AuditConfig
 from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
 from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, RealignRun, TaskAudit
@@ -40,6 +39,7 @@ from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignResult, realign
 from moeguard.realign.figures import recovery_figure
+from moeguard.runs import RunCache
 from moeguard.zoo.cache import resolve_model_source
 
 if TYPE_CHECKING:
@@ -138,14 +138,15 @@ class ModelAuditor:
         self.fingerprint = moe.fingerprint()
         self.criteria = attack_criteria(config, moe)
         self.cache_dir = out / ".cache" / self.fingerprint[:16]
-        self.cache = StageCache(self.cache_dir)
+        self.cache = RunCache(self.cache_dir)
         self.figures = out / FIGURES_DIR
         self.prefix = "" if role == "model" else "defended_"
         self.seconds: dict[str, float] = {}
         self.realigned: dict[str, RealignResult] = {}  # by history path: full results for the figures
 
-    def key(self, **inputs: Any) -> str:
-        return inputs_key({"fingerprint": self.fingerprint, **inputs})
+    def directory(self, stage: str, **inputs: Any) -> Path:
+        """Where ``stage`` keeps its own run for these inputs (of this model)."""
+        return self.cache.directory_for(stage, {"fingerprint": self.fingerprint, **inputs})
 
     # ------------------------------------------------------------------ stages
     def evaluate(self, tasks: list[AuditTask]) -> dict[str, dict[str, Any]]:
@@ -167,11 +168,12 @@ class ModelAuditor:
         """The task's attribution (computed once, then read from the cache), where it is, and its specialisation."""
         data = task.pool.head(self.config.attribution_examples)
         collected = DEFAULT_CRITERIA + (("ablation",) if "ablation" in self.criteria else ())
-        directory = self.cache_dir / "attribution-{}".format(
-            self.key(task=task.name, data=task.signature(), n=len(data), criteria=list(collected)))
+        directory = self.directory("attribution", task=task.name, data=task.signature(), n=len(data),
+                                   criteria=list(collected))
         path = directory / "attribution.json"
         with stage("attribution", self.seconds):
             cached = path.is_file()
+            self.cache.count("attribution", reused=int(cached), computed=int(not cached))
             if not cached:
                 record = collect_attribution(
                     self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.eval_batch_size),
@@ -187,26 +189,26 @@ class ModelAuditor:
 
     def sweep(self, task: AuditTask, attribution: Path, other_tests: list[TaskData]) -> SweepResult:
         config = self.config
-        directory = self.cache_dir / "sweep-{}".format(self.key(
-            task=task.name, data=task.signature(), others=data_signature(("other", t) for t in other_tests),
+        directory = self.directory(
+            "sweep", task=task.name, data=task.signature(), others=data_signature(("other", t) for t in other_tests),
             attribution=attribution.parent.name, criteria=list(self.criteria), keeps=config.keeps,
-        ))
+        )
         with stage("sweep", self.seconds):
             result = run_sweep(
                 self.moe, task.test, out_dir=directory, attribution=attribution, criteria=self.criteria,
                 keeps=config.keeps, random_seeds=(config.seed,), other_tasks=other_tests, limit=None,
                 batch_size=config.eval_batch_size, progress=self.progress,
             )
+        self.cache.count("sweep", reused=len(result.points) + 1 - len(result.evaluated), computed=len(result.evaluated))
         return result
 
     def realign_run(self, task: AuditTask, plan: BestPlan, acquisition: str, other_tests: list[TaskData]) -> RealignRun:
         rc = self.config.realign_config(acquisition)
         data = task.realign_data(other_tests)
-        directory = self.cache_dir / "realign-{}".format(self.key(
-            task=task.name, data=data.signature(), keep=plan.kept, realign=rc.to_dict(),
-        ))
+        directory = self.directory("realign", task=task.name, data=data.signature(), keep=plan.kept, realign=rc.to_dict())
         with stage("realign", self.seconds):
             result = realign(self.moe, data, rc, keep=plan.keep_sets(), out=directory, resume=True, progress=self.progress)
+        self.cache.count("realign", reused=len(result.rounds) - 1 - result.trained_rounds, computed=result.trained_rounds)
         run = RealignRun.of(result, plan.keep, plan.criterion, plan.fraction_kept, str(directory / "history.json"))
         self.realigned[run.history] = result
         return run
@@ -288,7 +290,9 @@ class ModelAuditor:
         inputs = {"fingerprint": self.fingerprint, "orders": orders}
 
         def compute() -> dict[str, Any]:
-            suspect = copy.deepcopy(self.moe)
+            # The carved model shares every weight it keeps with the audited one: only the kept experts'
+            # slices are new (no second copy of the model in memory).
+            suspect = self.moe.weight_sharing_copy()
             reindex_experts(suspect, orders)
             verdict = detect(self.moe, suspect, seed=self.config.seed, progress=self.progress)
             recovered = [layer.order == order for layer, order in zip(verdict.layers, orders)]
@@ -344,7 +348,7 @@ class ModelAuditor:
             criteria=list(self.criteria),
             num_experts=list(self.moe.num_experts), top_k=list(self.moe.top_k),
             parameters={"total": counts.total, "active_per_token": counts.active_per_token}, tasks=audits,
-            stage_seconds=dict(self.seconds),
+            stage_seconds=dict(self.seconds), work=self.cache.work(),
         )
 
 

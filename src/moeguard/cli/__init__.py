@@ -1,7 +1,9 @@
 """The ``moeguard`` command line: a thin layer over the Python API.
 
 Each command lives in its own module with a ``register(subparsers)`` function that
-adds its parser and sets ``run`` (``args -> exit code``). Errors a user can fix
+adds its parser and sets ``run`` (``args -> exit code``) and, for a command whose
+interrupted work can be continued, ``resume_with``: "" when running the same command
+again resumes it, or the flag that must be added (``--resume``). Errors a user can fix
 (:class:`moeguard.errors.MoeGuardError`) are printed without a traceback.
 """
 
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 
 from moeguard import __version__
@@ -61,11 +64,23 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     hf_logging.set_verbosity_error() if not verbose else hf_logging.set_verbosity_warning()
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """What to do after Ctrl-C: the command that continues the interrupted work, when there is one."""
+    resume_with = getattr(args, "resume_with", None)
+    if resume_with is None:
+        return "interrupted."
+    words = ["moeguard", *argv]
+    if resume_with and resume_with not in argv:
+        words.append(resume_with)
+    return f"interrupted; finished work is kept. To resume, run: {shlex.join(words)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning (before torch loads): on a machine
     # shared with other work, spinning threads stall every parallel region, which made
     # evaluation and training steps 10x slower on a busy 2-core machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeguard {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"moeguard {args.command}: interrupted; finished work is kept, rerun the same command to resume.", file=sys.stderr)
+        print(f"moeguard {args.command}: {resume_hint(args, argv)}", file=sys.stderr)
         return 130
 
 

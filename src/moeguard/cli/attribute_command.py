@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="attributions of other tasks on this model: report the overlap of top expert sets")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="")
 
 
 def load_data(args: argparse.Namespace):

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", type=float, help="accuracy share the attacker must keep (default 0.9)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the seed sets and the random baselines")
     parser.add_argument("--json", action="store_true", help="print report.json's headline rows as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, parse_int_list, parse_name_list, print_json
+from moeguard.cli.common import add_model_arguments, parse_int_list, parse_name_list, print_json
 from moeguard.defense.evaluation import DefenseEvalSettings
 from moeguard.errors import InputError
 
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--permit", default=",".join(DEFAULTS.permitted), help="groups the authorised fine-tune trains")
     parser.add_argument("--authorised-steps", type=int, default=DEFAULTS.authorised_steps)
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the tables")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="")
 
 
 def settings_from(args: argparse.Namespace) -> DefenseEvalSettings:
@@ -82,7 +82,9 @@ def settings_from(args: argparse.Namespace) -> DefenseEvalSettings:
 
 def run(args: argparse.Namespace) -> int:
     from moeguard.defense.evaluation import evaluate_defenses
-    from moeguard.defense.report import markdown_tables
+    from moeguard.defense.report import markdown_tables, write_report
+    from moeguard.models.options import LoadOptions
+    from moeguard.zoo import resolve_model_source
 
     models = {"undefended": args.model}
     for entry in args.defended:
@@ -92,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         models[name] = path
     settings = settings_from(args)
     settings.check()
-    result = evaluate_defenses({name: load_model(args, path) for name, path in models.items()}, settings, args.out,
-                               progress=not args.quiet)
+    loading = LoadOptions(dtype=args.dtype, device=args.device, device_map=args.device_map,
+                          trust_remote_code=args.trust_remote_code)
+    sources = {name: resolve_model_source(path, progress=not args.quiet) for name, path in models.items()}
+    result = evaluate_defenses(sources, settings, args.out, loading=loading, progress=not args.quiet)
+    write_report(result, args.out)
     print_json(result.to_dict()) if args.json else print(markdown_tables(result))
     return 0

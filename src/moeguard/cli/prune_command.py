@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="prune a local safetensors checkpoint shard by shard without loading it (for models larger than memory)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
+
+
+FIGURE_NAME = "recovery.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="--resume")
 
 
 def realign_data(args: argparse.Namespace):
@@ -71,6 +75,7 @@ def realign_data(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from moeguard.attribution.collect import distributed_world
     from moeguard.realign import RealignConfig, realign
+    from moeguard.realign.figures import recovery_figure
 
     data = realign_data(args)
     config = RealignConfig(
@@ -87,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     result = realign(load_model(args), data, config, parent=parent, out=args.out, resume=args.resume, progress=not args.quiet)
     if distributed_world()[0] != 0:
         return 0  # under a multi-process launcher the first process reports
+    recovery_figure({config.acquisition: [result]}, Path(args.out) / FIGURE_NAME)
     if args.json:
         print_json(result.to_dict())
     else:
         print(result.describe())
-        print(f"written to {args.out}: {'model/, ' if result.model_dir else ''}history.json, recovery.png")
+        print(f"written to {args.out}: {'model/, ' if result.model_dir else ''}history.json, {FIGURE_NAME}")
     return 0

@@ -10,6 +10,9 @@ from moeguard.cli.common import add_model_arguments, describe_choices, load_mode
 from moeguard.errors import InputError
 
 
+TABLE_NAME, FIGURE_NAME = "sweep.csv", "knowledge_loss.png"
+
+
 def criteria_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in CRITERIA]
@@ -48,12 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perplexity-data", help="JSONL of {\"text\": ...} lines (default: the evaluated tasks' text)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, resume_with="")
 
 
 def run(args: argparse.Namespace) -> int:
     from moeguard.data import BUILTIN_TASKS, load_jsonl, resolve_task_names
-    from moeguard.pruning.sweep import run_sweep
+    from moeguard.io import atomic_write_text
+    from moeguard.pruning.figures import knowledge_loss_figure
+    from moeguard.pruning.sweep import RESULT_NAME, rows_to_csv, run_sweep
 
     task = args.task if args.task in BUILTIN_TASKS or not Path(args.task).suffix else load_jsonl(args.task)
     if args.other_tasks.strip() == "none":
@@ -79,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
+    out = Path(args.out)
+    atomic_write_text(out / TABLE_NAME, rows_to_csv(result.rows()))
+    knowledge_loss_figure(result, out / FIGURE_NAME)
     if args.json:
         print_json(result.to_dict())
     else:
         print(result.describe())
+        print(f"wrote {out / RESULT_NAME}, {out / TABLE_NAME}, {out / FIGURE_NAME}")
     return 0

@@ -23,11 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.add_argument("--defense", help="train defended from scratch with this `moeguard harden` method (e.g. entangle)")
     train.add_argument("--defense-strength", type=float, default=1.0, help="multiply the defense terms' weights (default: 1)")
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, resume_with="")
 
     path = commands.add_parser("path", help="print the cached default demo model's directory, training it first if needed")
     path.add_argument("--seed", type=int, default=0, help="seed of the demo model (default: 0)")
-    path.set_defaults(run=run_path)
+    path.set_defaults(run=run_path, resume_with="")
 
 
 def config_from_args(args: argparse.Namespace):

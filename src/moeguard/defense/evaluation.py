@@ -18,14 +18,17 @@ attacker's target task:
 
 Every unit of work (a sweep point, an attack run, an adaptive attack, the
 authorised fine-tune) is saved when it finishes under ``out/runs/<model>/``; a
-rerun of the same command skips what is done, so the evaluation can be stopped and
-continued at will. One log line is printed per attack run.
+rerun with the same settings and models skips what is done, so the evaluation can be
+stopped and continued at will (other settings, or another model under a name already
+evaluated, are refused: :class:`moeguard.runs.Run`). One log line is printed per
+attack run. Models are loaded one at a time. The result is returned; its tables and
+figures are written by :func:`moeguard.defense.report.write_report`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import gc
 import logging
 import random
 import string
@@ -46,13 +49,13 @@ from moeguard.defense.protocol import make_protocol
 from moeguard.defense.verify import verify_fine_tune
 from moeguard.errors import InputError
 from moeguard.eval import evaluate
-from moeguard.io import read_json, write_json
 from moeguard.models import MoEModel
+from moeguard.models.options import LoadOptions
 from moeguard.pruning.plans import make_plan
-from moeguard.pruning.sweep import ATTRIBUTION_NAME, SweepResult, run_sweep
+from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
-from moeguard.realign.loop import HISTORY_NAME
 from moeguard.realign.metrics import labels_to_reach, retention
+from moeguard.runs import Run
 from moeguard.realign.pool import check_acquisition
 from moeguard.realign.scopes import check_scope
 from moeguard.training import train
@@ -60,7 +63,6 @@ from moeguard.training import train
 log = logging.getLogger("moeguard.defense")
 
 EVALUATION_FORMAT = 1
-RESULT_NAME = "defense_eval.json"
 
 
 @dataclass
@@ -138,8 +140,9 @@ def authorised_task(split: str, size: int, seed: int = 0) -> TaskData:
 class KeepAttacks:
     """The attacks on a model pruned to ``keep`` experts per layer.
 
-    ``best_histories`` are the history files of the attacker's best configuration
-    (one per seed); ``adaptive`` the adaptive attacks run with that configuration.
+    ``best_runs`` are the re-alignment runs of the attacker's best configuration (one
+    per seed; ``best_histories`` their history files); ``adaptive`` the adaptive
+    attacks run with that configuration.
     """
 
     keep: int
@@ -148,9 +151,11 @@ class KeepAttacks:
     steps: GridCost
     adaptive: dict[str, dict[str, Any]] = field(default_factory=dict)
     best_histories: list[str] = field(default_factory=list)
+    best_runs: list[RealignResult] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["best_runs"]
         for unit in ("labels", "steps"):
             best = getattr(self, unit).best
             data[unit]["best"] = configuration_label(best) if best else None
@@ -278,35 +283,33 @@ def _keep_sets(moe: MoEModel, attribution: Attribution, criterion: str, keep: in
 
 def _attack_grid(
     name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings, out: Path
-) -> list[AttackRun]:
+) -> tuple[list[AttackRun], dict[tuple[str, str, float, int], RealignResult]]:
     data = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
     plans = {c: _keep_sets(moe, attribution, c, keep) for c in settings.criteria}
     grid = [(c, s, lr, seed) for c in settings.criteria for s in settings.scopes for lr in settings.lrs for seed in settings.seeds]
-    runs = []
+    runs, results = [], {}
     for number, (criterion, scope, lr, seed) in enumerate(grid, start=1):
         start = time.perf_counter()
         result = _run_realign(moe, data, _realign_config(settings, scope, lr, seed), plans[criterion],
                               _attack_dir(out, criterion, scope, lr, seed))
+        results[(criterion, scope, lr, seed)] = result
         run = _attack_run(result, reference, criterion, scope, lr, seed, settings.target_retention)
         runs.append(run)
         cost = f"{run.labels} labels, {run.steps} steps" if run.reached else f"not reached (> {run.budget_labels} labels)"
         log.info("[%s] keep %d: attack %d/%d %s/%s/lr=%g/seed %d: %s; final retention %.3f (%.0fs)", name, keep, number,
                  len(grid), criterion, scope, lr, seed, cost, run.final_retention, time.perf_counter() - start)
-    return runs
+    return runs, results
 
 
 def _distillation(
     moe: MoEModel, keep: dict[int, list[int]], scope: str, lr: float, reference: float, settings: DefenseEvalSettings,
-    out: Path,
+    run: Run, out: Path,
 ) -> dict[str, Any]:
     """The pruned student learns the full model's own greedy answers on the pool: no human label is used."""
-    cached = out.parent / "teacher_pool.json"  # the teacher's answers do not depend on the configuration
     base = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
-    if cached.is_file():
-        answers = read_json(cached, what="teacher answers")["answers"]
-    else:
-        answers = evaluate(moe, moe.tokenizer, base.pool).predictions
-        write_json(cached, {"answers": answers})
+    # The teacher's answers do not depend on the configuration: one saved unit per keep count.
+    teacher = (out.parent / "teacher_pool.json").relative_to(run.path).as_posix()
+    answers = run.get_or_compute(teacher, lambda: evaluate(moe, moe.tokenizer, base.pool).predictions)
     pool = TaskData(base.pool.name, "generate", [Example(prompt=e.prompt, answer=a) for e, a in zip(base.pool, answers)],
                     f"teacher answers of {moe.source}")
     runs = []
@@ -349,11 +352,8 @@ def _adaptive_summary(runs: list[AttackRun], **extra: Any) -> dict[str, Any]:
     }
 
 
-def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings, out: Path) -> dict[str, Any]:
+def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings) -> dict[str, Any]:
     """Fine-tune only the permitted groups on a task no model has seen; check the protocol passes it."""
-    cached = out / "authorised.json"
-    if cached.is_file():
-        return read_json(cached, what="authorised-use result")
     train_data = authorised_task("train", settings.authorised_examples)
     test_data = authorised_task("test", settings.test_size)
     tuned = copy.deepcopy(moe)
@@ -373,52 +373,52 @@ def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings, out: Path) -> 
         "compliant": report.compliant,
         "violations": [v.message for v in report.violations],
     }
-    write_json(cached, result)
     return result
 
 
 def _attacks_at(
     name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings,
-    out: Path,
+    run: Run, out: Path,
 ) -> KeepAttacks:
     """The grid at one keep count, then the adaptive attacks with its best configuration."""
-    runs = _attack_grid(name, moe, attribution, keep, reference, settings, out)
+    runs, results = _attack_grid(name, moe, attribution, keep, reference, settings, out)
     labels, steps = grid_cost(runs, "labels"), grid_cost(runs, "steps")
     criterion, scope, lr = labels.best
     keep_sets = _keep_sets(moe, attribution, criterion, keep)
     log.info("[%s] keep %d: adaptive attacks with the best configuration %s", name, keep, configuration_label(labels.best))
     adaptive = {
-        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings,
+        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings, run,
                                       adaptive_dir(out, "distillation", labels.best)),
         "router_reinit": _router_reinit(moe, keep_sets, lr, reference, settings,
                                         adaptive_dir(out, "router_reinit", (criterion, "all", lr))),
     }
-    histories = [str(_attack_dir(out, criterion, scope, lr, seed) / HISTORY_NAME) for seed in settings.seeds]
-    return KeepAttacks(keep, runs, labels, steps, adaptive, histories)
+    best = [results[(criterion, scope, lr, seed)] for seed in settings.seeds]
+    return KeepAttacks(keep, runs, labels, steps, adaptive, [r.history_path for r in best if r.history_path], best)
 
 
 def evaluate_model(
     name: str, moe: MoEModel, settings: DefenseEvalSettings, out: str | Path, *, progress: bool = True
 ) -> ModelEvaluation:
-    """Run every measurement of the module docstring on one model (resuming from ``out``)."""
+    """Run every measurement of the module docstring on one model (resuming from ``out``, a run of this model)."""
     if moe.tokenizer is None:
         raise InputError(f"model {name} ({moe.source}) has no tokenizer; the evaluation needs one.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = moe.fingerprint()
+    run = Run.open(out, "defense evaluation of one model", {"name": name, "model_fingerprint": fingerprint},
+                   labels={"model_fingerprint": "model weights"})
+    out = run.path
     start = time.perf_counter()
     log.info("[%s] utility and knowledge loss (sweep of %s)", name, settings.target_task)
     sweep = _sweep(moe, settings, out, progress)
     knowledge, best_knowledge = _knowledge(sweep, settings)
-    attribution = Attribution.load(out / "sweep" / ATTRIBUTION_NAME)
     reference = sweep.full.accuracy[settings.target_task]  # the realign test set is the sweep's test set
-    attacks = {str(keep): _attacks_at(name, moe, attribution, keep, reference, settings, out / f"keep{keep}")
+    attacks = {str(keep): _attacks_at(name, moe, sweep.attribution, keep, reference, settings, run, out / f"keep{keep}")
                for keep in settings.attack_keeps}
     log.info("[%s] authorised fine-tune of %s on a new task", name, ", ".join(settings.permitted))
-    authorised = _authorised_use(moe, settings, out)
+    authorised = run.get_or_compute("authorised.json", lambda: _authorised_use(moe, settings))
     return ModelEvaluation(
         name=name,
         source=moe.source,
-        fingerprint=moe.fingerprint(),
+        fingerprint=fingerprint,
         utility={task: sweep.full.accuracy[task] for task in settings.tasks},
         knowledge=knowledge,
         best_knowledge=best_knowledge,
@@ -433,33 +433,26 @@ def evaluate_defenses(
     settings: DefenseEvalSettings,
     out: str | Path,
     *,
+    loading: LoadOptions = LoadOptions(),
     progress: bool = True,
 ) -> DefenseEvaluation:
-    """Evaluate every model (the first one is the undefended baseline) and write JSON, table and figures to ``out``."""
-    from moeguard.defense.report import write_report
-    from moeguard.models import load_moe
+    """Evaluate every model (the first one is the undefended baseline), resuming from ``out``.
 
+    A model given by path or hub id is loaded with ``loading`` when its turn comes and
+    released after it, so one model is in memory at a time.
+    """
     settings.check()
     if len(models) < 2:
         raise InputError("give the undefended model and at least one defended model to compare.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "settings.json"
-    wanted = json.loads(json.dumps(settings.to_dict()))  # tuples as JSON lists, as saved
-    if saved.is_file() and read_json(saved, what="evaluation settings") != wanted:
-        raise InputError(
-            f"{out} holds an evaluation with other settings ({saved}); use the same settings to continue it, "
-            "or choose a new output directory."
-        )
-    write_json(saved, settings.to_dict())
+    names = {name: _safe(name) for name in models}
+    run = Run.open(out, "defense evaluation", {"settings": settings.to_dict()})
     evaluations = []
     for name, model in models.items():
-        moe = model if isinstance(model, MoEModel) else load_moe(model)
-        evaluations.append(evaluate_model(name, moe, settings, out / "runs" / _safe(name), progress=progress))
+        moe = model if isinstance(model, MoEModel) else loading.load(model)
+        evaluations.append(evaluate_model(name, moe, settings, run.path / "runs" / names[name], progress=progress))
         del moe
-    result = DefenseEvaluation(settings.to_dict(), evaluations)
-    write_report(result, out)
-    return result
+        gc.collect()
+    return DefenseEvaluation(settings.to_dict(), evaluations)
 
 
 def _safe(name: str) -> str:

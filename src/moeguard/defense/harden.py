@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moeguard.data import TaskData, batches, mixture
+from moeguard.data import TaskData, batches, data_signature, mixture
 from moeguard.defense.objective import DefenseConfig, DefenseObjective
 from moeguard.defense.parameter_groups import check_group_names
 from moeguard.errors import InputError
@@ -78,9 +78,9 @@ def harden(
     """Fine-tune ``moe`` in place on ``tasks`` with the defense objective ``config``.
 
     All parameters are trained (the task loss keeps the full model good while the
-    terms reshape routing and experts). With ``checkpoint`` an interrupted run
-    resumes; the running attribution of the subset terms is rebuilt from the
-    following batches.
+    terms reshape routing and experts). With ``checkpoint`` (a directory) an
+    interrupted run resumes, only with the same model, tasks, defense and settings;
+    the running attribution of the subset terms is rebuilt from the following batches.
     """
     if moe.tokenizer is None:
         raise InputError(f"{moe.source}: the model has no tokenizer, so the task data cannot be encoded; save one with it.")
@@ -91,10 +91,14 @@ def harden(
         seed=settings.seed, epochs=None,
     )
     wall, cpu = time.perf_counter(), time.process_time()
+    identity = None
+    if checkpoint is not None:
+        identity = {"model": moe.fingerprint(), "tasks": data_signature(("task", task) for task in tasks),
+                    "defense": config.to_dict(), "batches": {"batch_size": settings.batch_size, "max_length": settings.max_length}}
     with objective.attached():
         result = train(
             moe, stream, steps=settings.steps, lr=settings.lr, warmup=settings.warmup, extra_loss=objective,
-            seed=settings.seed, progress=progress, checkpoint=checkpoint,
+            seed=settings.seed, progress=progress, checkpoint=checkpoint, checkpoint_settings=identity,
         )
     terms = objective.log.means()
     log.info("hardened with %s: %s", ", ".join(config.active_terms), ", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
@@ -158,19 +162,20 @@ def harden_to_directory(
     """Evaluate, harden, evaluate again, and write model + protocol + report to ``out`` atomically.
 
     The written protocol pins the *hardened* model (the one that is released). An
-    interrupted run resumes from ``.<out>.harden-checkpoint.pt`` beside ``out``.
+    interrupted run resumes from its state in ``.<out>.partial`` beside ``out``
+    (:func:`moeguard.runs.partial_path`), only when run again with the same settings.
     """
     from moeguard.defense.protocol import PROTOCOL_NAME, make_protocol
     from moeguard.eval import evaluate_tasks
     from moeguard.io import atomic_dir, write_json
+    from moeguard.runs import partial_path
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another --out or pass --overwrite.")
     check_group_names(permitted, what="permitted group")
     before = evaluate_tasks(moe, None, test_tasks)
-    result = harden(moe, train_tasks, config, settings, checkpoint=out.parent / f".{out.name}.harden-checkpoint.pt",
-                    progress=progress)
+    result = harden(moe, train_tasks, config, settings, checkpoint=partial_path(out), progress=progress)
     after = evaluate_tasks(moe, None, test_tasks)
     protocol = make_protocol(moe, permitted)
     protocol.parent_model = str(out)

@@ -396,6 +396,10 @@ class DefenseLoss:
         self.seed = seed
         self.objective: DefenseObjective | None = None
 
+    def settings(self) -> dict[str, Any]:
+        """What this loss is (recorded with a training run's checkpoint)."""
+        return {"defense": self.config.to_dict(), "tasks": self.num_tasks, "seed": self.seed}
+
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         if self.objective is None:
             if not isinstance(model, MoEModel):

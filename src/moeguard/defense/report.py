@@ -1,4 +1,5 @@
-"""The defense evaluation's outputs: ``defense_eval.json``, ``defense_eval.md`` and ``figures/*.png``."""
+"""The defense evaluation's outputs, drawn from its result: ``defense_eval.json``, ``defense_eval.md`` and
+``figures/*.png`` (:func:`write_report`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 from moeguard.plotting import pyplot, save_figure
 from moeguard.defense.costs import GridCost, configuration_label
-from moeguard.defense.evaluation import RESULT_NAME, DefenseEvaluation
-from moeguard.io import atomic_write_text, read_json, write_json
+from moeguard.defense.evaluation import DefenseEvaluation
+from moeguard.io import atomic_write_text, write_json
+from moeguard.realign.figures import recovery_figure
 
-TABLE_NAME = "defense_eval.md"
+RESULT_NAME, TABLE_NAME, FIGURES_DIR = "defense_eval.json", "defense_eval.md", "figures"
 
 
 def _cost(cost: GridCost, budget_note: bool = True) -> str:
@@ -177,16 +179,11 @@ def attack_cost_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
 
 def recovery_curves_figure(evaluation: DefenseEvaluation, keep: str, path: Path) -> Path | None:
     """Recovery curves of each model's best attack configuration at ``keep`` (mean and range over seeds)."""
-    from moeguard.realign import RealignResult
-    from moeguard.realign.figures import recovery_figure
-
     curves = {}
     for model in evaluation.models:
         attacks = model.attacks[keep]
-        runs = [RealignResult.from_dict(read_json(h, what="re-alignment history")) for h in attacks.best_histories
-                if Path(h).is_file()]
-        if runs:
-            curves[f"{model.name} ({configuration_label(attacks.labels.best)})"] = runs
+        if attacks.best_runs:
+            curves[f"{model.name} ({configuration_label(attacks.labels.best)})"] = attacks.best_runs
     if not curves:
         return None
     return recovery_figure(curves, path, title=f"keep {keep}: recovery under the attacker's best configuration")
@@ -194,7 +191,8 @@ def recovery_curves_figure(evaluation: DefenseEvaluation, keep: str, path: Path)
 
 def write_report(evaluation: DefenseEvaluation, out: Path) -> None:
     """Write the figures, then ``defense_eval.json`` and ``defense_eval.md``, into ``out``."""
-    figures = out / "figures"
+    out = Path(out)
+    figures = out / FIGURES_DIR
     figures.mkdir(parents=True, exist_ok=True)
     paths = {
         "utility": utility_figure(evaluation, figures / "utility.png"),

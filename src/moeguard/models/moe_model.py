@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,6 +135,19 @@ class MoEModel:
             suffix = f"  [{'; '.join(extras)}]" if extras else ""
             lines.append(f"  layer {layer.index:>2}  {layer.path}: {layer.num_experts} experts, top-{layer.top_k}{suffix}")
         return "\n".join(lines)
+
+    def weight_sharing_copy(self) -> "MoEModel":
+        """A second model over the same weights: its modules, config and layer view are copies, its
+        parameters and buffers are this model's own tensors, so it costs no weight memory.
+
+        Slicing experts out of the copy (:meth:`prune`, ``reindex_experts``) gives it new,
+        smaller tensors and leaves this model untouched. Writing into a shared tensor
+        (training the copy) would change both: copy what you train.
+        """
+        shared: dict[int, Any] = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        if self.tokenizer is not None:
+            shared[id(self.tokenizer)] = self.tokenizer
+        return copy.deepcopy(self, shared)
 
     # ------------------------------------------------------------ identity
     def fingerprint(self) -> str:

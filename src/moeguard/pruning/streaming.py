@@ -21,7 +21,9 @@ maps to nothing known, missing expert indices, a conversion other than stacking)
 is refused rather than guessed.
 
 Peak memory is one input shard plus its pruned copy. Finished shards are kept in
-``.NAME.partial`` beside the output, so an interrupted run resumes where it stopped.
+``.NAME.partial`` beside the output (a :class:`moeguard.runs.Run` keyed by the input
+files and the planned writes), so an interrupted run of the same job resumes where it
+stopped; another job for the same output is refused until that state is deleted.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,13 +44,14 @@ from tqdm.auto import tqdm
 
 import moeguard
 from moeguard.errors import FingerprintMismatchError, InputError, ModelError, MoeGuardError, UnsupportedModelError
-from moeguard.io import atomic_dir, read_json, write_json
+from moeguard.io import atomic_dir, write_json
 from moeguard.models.fingerprint import checkpoint_files, combine_digests, short, tensor_digest
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.loading import check_model_source, load_tokenizer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.moe_model import MoEModel, ParameterCounts
 from moeguard.models.surgery import prune_in_place, shape_mismatches
+from moeguard.runs import Run, partial_path
 
 logger = logging.getLogger("moeguard.pruning")
 
@@ -441,10 +443,13 @@ def streaming_prune(
 
     non_empty = [shard for shard in shards if writes[shard.file]]
     out_names = dict(zip((s.file for s in non_empty), output_file_names(len(non_empty))))
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    run_key = _run_key(shards, writes, model_dir)
-    state = _load_progress(partial, run_key)
+    partial = partial_path(out_dir)
+    run = Run.open(partial, "streaming prune", {"job": _run_key(shards, writes, model_dir)},
+                   labels={"job": "input files or kept experts"})
+    state = run.load_json(PROGRESS_NAME) or {"shards": {}}
     resumed = len(state["shards"])
+    if resumed:
+        logger.info("resuming the streaming prune: %d shard(s) already written", resumed)
     try:
         bar = tqdm(shards, desc="streaming prune", unit="shard", disable=None if progress else True)
         for shard in bar:
@@ -453,7 +458,7 @@ def streaming_prune(
                 continue
             digests = _prune_shard(model_dir / shard.file, writes[shard.file], partial / (out_name or "unused"), shard.metadata)
             state["shards"][shard.file] = digests
-            write_json(partial / PROGRESS_NAME, state)
+            run.save_json(PROGRESS_NAME, state)
             logger.debug("pruned %s -> %s", shard.file, out_name)
         bar.close()
 
@@ -480,9 +485,9 @@ def streaming_prune(
             _save_side_files(model_dir, tmp, trust_remote_code)
             write_json(tmp / MANIFEST_NAME, manifest.to_dict())
     except MoeGuardError:
-        shutil.rmtree(partial, ignore_errors=True)
+        run.remove()
         raise
-    shutil.rmtree(partial, ignore_errors=True)
+    run.remove()
     logger.info("streaming prune of %s: %d shards, %.1f MB written to %s", model_dir, len(non_empty), bytes_written / 1e6, out_dir)
     return StreamingPruneResult(out_dir, manifest, before, after, len(non_empty), bytes_written, resumed)
 
@@ -518,17 +523,3 @@ def _write_index(path: Path, weight_map: dict[str, str], planned: Sequence[Store
 def _pairs(tensors: Sequence[StoredTensor], writes: Sequence[TensorWrite]) -> list[tuple[StoredTensor, TensorWrite]]:
     by_name = {t.name: t for t in tensors}
     return [(by_name[w.source], w) for w in writes]
-
-
-def _load_progress(partial: Path, run_key: str) -> dict[str, Any]:
-    """The finished shards of an interrupted run of the same job; a fresh state otherwise."""
-    progress = partial / PROGRESS_NAME
-    if progress.is_file():
-        state = read_json(progress, what="streaming prune progress")
-        if state.get("run") == run_key:
-            done = {f: d for f, d in state.get("shards", {}).items()}
-            logger.info("resuming the streaming prune: %d shard(s) already written", len(done))
-            return {"run": run_key, "shards": done}
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return {"run": run_key, "shards": {}}

@@ -8,8 +8,11 @@ always included: ``random`` experts, and the least used ones by
 ``baseline_criterion``. Accuracy *retained* is a point's accuracy over the full
 model's.
 
-Results go to ``sweep.json`` (after every point, atomically: a rerun with the same
-settings continues where it stopped), ``sweep.csv`` and ``knowledge_loss.png``.
+With an output directory the sweep is a resumable run (:class:`moeguard.runs.Run`):
+``sweep.json`` is rewritten after every point and a rerun with the same model, task
+and settings evaluates only the missing points. The table (:func:`rows_to_csv`) and
+the figure (:func:`moeguard.pruning.figures.knowledge_loss_figure`) are drawn from the
+result by whoever wants them.
 """
 
 from __future__ import annotations
@@ -28,22 +31,23 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.attribution import Attribution, check_fingerprint, collect_attribution, scores
-from moeguard.attribution.scores import DEFAULT_CRITERIA, check_criterion
+from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA, check_criterion
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches, encode_examples, load_task, mixture
 from moeguard.data.batching import pad_id_of
 from moeguard.errors import InputError, PlanError
 from moeguard.eval import evaluate, evaluate_tasks
 from moeguard.eval.evaluate import eval_mode, scored_sequences
-from moeguard.io import atomic_write_text, read_json, write_json
+from moeguard.io import read_json
 from moeguard.models import MoEModel
 from moeguard.pruning.plans import PrunePlan, make_plan
+from moeguard.runs import Run
 
 logger = logging.getLogger("moeguard.pruning")
 
 # Keep counts as fractions of the experts per layer (8 experts -> 8, 6, 4, 3, 2).
 DEFAULT_KEEP_FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25)
 SWEEP_FORMAT = 1
-RESULT_NAME, TABLE_NAME, FIGURE_NAME, ATTRIBUTION_NAME = "sweep.json", "sweep.csv", "knowledge_loss.png", "attribution.json"
+RESULT_NAME, ATTRIBUTION_NAME = "sweep.json", "attribution.json"
 
 
 @dataclass
@@ -67,7 +71,9 @@ class SweepPoint:
 
 @dataclass
 class SweepResult:
-    """A finished sweep: the full model, every point, and where the files went."""
+    """A finished sweep: the full model, every point, the attribution the plans came from, and where
+    the files went. ``evaluated`` are the keys of the points this call evaluated (the others were
+    resumed from ``out_dir``)."""
 
     task: str
     model: str | None
@@ -77,7 +83,9 @@ class SweepResult:
     points: list[SweepPoint]
     settings: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
-    figure: Path | None = None
+    attribution: Attribution | None = None
+    attribution_path: Path | None = None
+    evaluated: list[str] = field(default_factory=list)
 
     @property
     def other_tasks(self) -> list[str]:
@@ -157,9 +165,6 @@ class SweepResult:
             lines.append(f"  {'criterion':<24}" + "".join(f"{k:>8}" for k in keeps))
             for label in labels:
                 lines.append(f"  {label:<24}" + "".join(f"{self.mean_over_seeds(label, k, measure):>8.3f}" for k in keeps))
-        if self.out_dir is not None:
-            lines.append(f"wrote {self.out_dir / RESULT_NAME}, {self.out_dir / TABLE_NAME}"
-                         + (f", {self.figure}" if self.figure else ""))
         return "\n".join(lines)
 
 
@@ -209,14 +214,18 @@ def _attribution_for(
     tokens: str,
     batch_size: int,
     progress: bool,
-) -> Attribution:
-    """The given attribution, the one saved by an interrupted run, or a new one on the task's training split."""
+) -> tuple[Attribution, Path | None]:
+    """The given attribution, the one saved by an interrupted run, or a new one on the task's training split,
+    and the file it is in (None for one given in memory and not saved)."""
+    path: Path | None = None
     if isinstance(attribution, Attribution):
         record = attribution
     elif attribution is not None:
-        record = Attribution.load(attribution)
+        path = Path(attribution)
+        record = Attribution.load(path)
     elif out_dir is not None and (out_dir / ATTRIBUTION_NAME).is_file():
-        record = Attribution.load(out_dir / ATTRIBUTION_NAME)
+        path = out_dir / ATTRIBUTION_NAME
+        record = Attribution.load(path)
     else:
         data = attribution_data or (task if isinstance(task, TaskData) else load_task(task, "train", limit=attribution_limit))
         logger.info("attributing %s on %d examples", data.name, len(data))
@@ -225,9 +234,9 @@ def _attribution_for(
             task_source=data.source, total_batches=-(-len(data) // batch_size), progress=progress,
         )
         if out_dir is not None:
-            record.save(out_dir / ATTRIBUTION_NAME)
+            path = record.save(out_dir / ATTRIBUTION_NAME)
     check_fingerprint(record, moe)
-    return record
+    return record, path
 
 
 def _plans(
@@ -308,8 +317,6 @@ def run_sweep(
     for criterion in [*criteria, baseline_criterion]:
         check_criterion(criterion)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     target = _task_data(task, limit)
     others = [_task_data(t, limit) for t in (other_tasks if other_tasks is not None else BUILTIN_TASKS)]
     datas = [target] + [d for d in others if d.name != target.name]
@@ -321,8 +328,8 @@ def run_sweep(
     if text.kind != "lm":
         raise InputError(f"perplexity data {text.name!r} holds {text.kind} examples; give lm data ({{\"text\": ...}} lines).")
     keeps = list(keeps) if keeps is not None else default_keeps(moe.layers)
-    needed = [c for c in dict.fromkeys([*criteria, baseline_criterion]) if c != "random"]
-    record = _attribution_for(moe, task, attribution, needed, out, attribution_data=attribution_data,
+    needed = [c for c in dict.fromkeys([*criteria, baseline_criterion]) if not CRITERIA[c].baseline]
+    record, record_path = _attribution_for(moe, task, attribution, needed, out, attribution_data=attribution_data,
                               attribution_limit=attribution_limit, tokens=tokens, batch_size=batch_size,
                               progress=progress)
     plans = _plans(record, moe, criteria, keeps, baseline_criterion, random_seeds)
@@ -335,13 +342,19 @@ def run_sweep(
         "perplexity_data": text.source or text.name,
         "baseline_criterion": baseline_criterion,
     }
-    done = _finished_points(out, fingerprint, target.name, settings)
+    run = None
+    if out is not None:
+        run = Run.open(out, "sweep", {"model_fingerprint": fingerprint, "task": target.name, "settings": settings},
+                       labels={"model_fingerprint": "model weights", "task": "task"})
+    done = _finished_points(run)
     total_experts = sum(moe.num_experts)
+    evaluated: list[str] = []
 
     def save(full: SweepPoint, points: list[SweepPoint]) -> SweepResult:
-        result = SweepResult(target.name, moe.source, fingerprint, moe.num_experts, full, points, settings, out)
-        if out is not None:
-            write_json(out / RESULT_NAME, result.to_dict())
+        result = SweepResult(target.name, moe.source, fingerprint, moe.num_experts, full, points, settings, out, record,
+                             record_path, evaluated)
+        if run is not None:
+            run.save_json(RESULT_NAME, result.to_dict())
         return result
 
     bar = tqdm(total=len(plans) + 1, desc=f"sweep {target.name}", unit="point", disable=None if progress else True)
@@ -349,6 +362,7 @@ def run_sweep(
     if full is None:
         full = SweepPoint("full", max(moe.num_experts), None, 1.0, [list(range(e)) for e in moe.num_experts], {}, None, 0.0)
         evaluate_point(moe, full, datas, text, batch_size)
+        evaluated.append(full.key)
         save(full, [])
     bar.update(1)
     points: list[SweepPoint] = []
@@ -361,6 +375,7 @@ def run_sweep(
         else:
             with moe.mask_experts(plan.keep_sets()):
                 evaluate_point(moe, point, datas, text, batch_size)
+            evaluated.append(point.key)
             logger.info("%s keep=%d: %s accuracy %.3f (retained %.3f)", point.criterion, point.keep, target.name,
                         point.accuracy[target.name], point.accuracy[target.name] / full.accuracy[target.name]
                         if full.accuracy[target.name] else math.nan)
@@ -368,16 +383,11 @@ def run_sweep(
         save(full, points)
         bar.update(1)
     bar.close()
-    result = save(full, points)
-    if out is not None:
-        from moeguard.pruning.figures import knowledge_loss_figure
-
-        atomic_write_text(out / TABLE_NAME, rows_to_csv(result.rows()))
-        result.figure = knowledge_loss_figure(result, out / FIGURE_NAME)
-    return result
+    return save(full, points)
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows (:meth:`SweepResult.rows`) as CSV text, one column per key of the first row."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -385,19 +395,13 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _finished_points(out: Path | None, fingerprint: str, task: str, settings: dict[str, Any]) -> dict[str, SweepPoint]:
-    """Points of an earlier run in ``out`` with the same model, task and settings (empty if none)."""
-    if out is None or not (out / RESULT_NAME).is_file():
+def _finished_points(run: Run | None) -> dict[str, SweepPoint]:
+    """The points an interrupted run of this sweep saved, by key (none for a new run)."""
+    data = run.load_json(RESULT_NAME) if run is not None and run.resumed else None
+    if data is None:
         return {}
-    data = read_json(out / RESULT_NAME, what="sweep results")
-    same = data.get("format") == SWEEP_FORMAT and data.get("model_fingerprint") == fingerprint
-    if not (same and data.get("task") == task and data.get("settings") == settings):
-        raise InputError(
-            f"{out} holds a sweep of another model, task or settings ({out / RESULT_NAME}); choose another --out "
-            "directory or delete it to start over."
-        )
     points = [SweepPoint(**p) for p in data.get("points", [])] + [SweepPoint(**data["full"])]
-    logger.info("resuming the sweep in %s: %d point(s) already evaluated", out, len(points) - 1)
+    logger.info("resuming the sweep in %s: %d point(s) already evaluated", run.path, len(points) - 1)
     return {p.key: p for p in points}
 
 

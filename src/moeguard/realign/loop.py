@@ -32,9 +32,10 @@ import moeguard
 from moeguard.attribution.collect import distributed_world
 from moeguard.attribution.run import init_distributed_from_environment
 from moeguard.data.batching import batches, encode_continuations
-from moeguard.errors import FingerprintMismatchError, InputError, ModelError
+from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, ResumeError
 from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
 from moeguard.io import read_json, write_json
+from moeguard.runs import Run
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
 from moeguard.realign.acquisition import ACQUISITIONS
@@ -59,7 +60,6 @@ from moeguard.training import train
 log = logging.getLogger("moeguard.realign")
 
 HISTORY_NAME = "history.json"
-FIGURE_NAME = "recovery.png"
 MODEL_DIR = "model"
 
 
@@ -152,6 +152,7 @@ class _Run:
     reference: Reference
     labelled: list[int] = field(default_factory=list)
     history: list[RoundRecord] = field(default_factory=list)
+    trained_rounds: int = 0  # rounds trained by this call (the others were resumed)
 
     def record(self, round_index: int, trained: Any, train_seconds: float, acquire_seconds: float) -> RoundRecord:
         target, other = _accuracies(self.moe, self.data, self.config.eval_batch_size)
@@ -210,6 +211,7 @@ class _Run:
         return broadcast_from_first(select(config.acquisition, values, candidates, self.labelled, count, rng))
 
     def train_round(self, round_index: int, checkpoint: Path | None, progress: bool) -> Any:
+        """Fine-tune on every labelled example; the round's training state is kept in ``checkpoint``."""
         config = self.config
         world = distributed_world()[1]
         round_seed = derive_seed(config.seed, "train", round_index)
@@ -234,6 +236,7 @@ class _Run:
                 progress=progress,
                 checkpoint=checkpoint,
                 checkpoint_every=max(1, config.steps_per_round // 2),
+                checkpoint_settings={"round": round_index, "labelled": len(self.labelled)},
             )
 
     def state(self, model_fingerprint: str, mode: str) -> dict[str, Any]:
@@ -249,23 +252,22 @@ class _Run:
         }
 
 
-def _check_saved(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
-    """Refuse to resume a run that was started with another model, data or options."""
-    for key, new in expected.items():
-        old = saved.get(key)
-        if old == new:
-            continue
-        if key == "config":
-            what = "options: " + ", ".join(
-                f"{name}={old.get(name)!r} (now {value!r})" for name, value in new.items() if old.get(name) != value
-            )
-        else:
-            what = {"mode": f"mode ({old})", "task": f"target task ({old})", "data": "data (pool, test set or other tasks)",
-                    "model_fingerprint": "model weights"}[key]
-        raise InputError(
-            f"the run in {where} was started with other {what}; resume with the same model, data and "
-            "options, or choose a new --out."
-        )
+RUN_LABELS = {"config": "options", "mode": "mode", "task": "target task", "data": "data (pool, test set or other tasks)",
+              "model_fingerprint": "model weights"}
+
+
+def _open_run(out_dir: Path, settings: dict[str, Any], resume: bool) -> Run:
+    """The run in ``out_dir``: a new one, or (with ``resume``) the interrupted or finished one started with
+    exactly these settings. Every process decides before any of them writes."""
+    existing = Run.record(out_dir) is not None or (out_dir / HISTORY_NAME).exists() or (out_dir / STATE_DIR).exists()
+    barrier()
+    if existing and not resume:
+        raise InputError(f"{out_dir} already holds a re-alignment run; pass resume=True to continue it, or choose "
+                         "another output directory.")
+    if existing and Run.record(out_dir) is None:
+        raise ResumeError(f"{out_dir} holds a re-alignment run of an earlier moeguard that did not record its "
+                          "settings; delete it or choose another output directory.")
+    return Run.open(out_dir, "re-alignment run", settings, labels=RUN_LABELS)
 
 
 def _log_round(record: RoundRecord, rounds: int) -> None:
@@ -330,9 +332,11 @@ def realign(
     ``model`` is a pruned model (directory or :class:`MoEModel` with its prune
     manifest; its ``parent``, by default the manifest's, gives the unpruned
     accuracy), or with ``keep`` the unpruned model, restricted to those experts by
-    a mask. With ``out``, state is saved after every round (``resume=True`` picks an
-    interrupted run up) and the history JSON, the recovery-curve figure and, for a
-    pruned model, the re-aligned model directory are written there.
+    a mask. With ``out``, the run's settings are recorded first and its state is saved
+    after every round (``resume=True`` picks an interrupted or finished run up, only
+    with the same model, data and options) and the history JSON and, for a pruned
+    model, the re-aligned model directory are written there; the recovery curves are
+    drawn from the result (:func:`moeguard.realign.figures.recovery_figure`).
     ``on_round`` is called with each round's record after its state is saved.
     In pruned mode the model's manifest gains a :class:`RealignRecord` of the run
     (written with the model to ``out/model``).
@@ -346,22 +350,19 @@ def realign(
     mode = "mask" if keep is not None else "pruned"
     keep_sets, kept, removed = _prune_record(moe, keep)
     out_dir = Path(out) if out is not None else None
-    history_path = out_dir / HISTORY_NAME if out_dir else None
-    if out_dir is not None and not resume and (history_path.exists() or (out_dir / STATE_DIR).exists()):
-        raise InputError(f"{out_dir} already holds a re-alignment run; pass --resume to continue it or choose a new --out.")
     model_fingerprint = moe.fingerprint()
-    expected = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(), "model_fingerprint": model_fingerprint}
-    if history_path is not None and resume and history_path.is_file():
-        finished = read_json(history_path, what="re-alignment history")
-        if finished.get("complete"):
-            # A finished run is returned as it is only if it is the run asked for.
-            _check_saved({**finished, "data": finished.get("data_signature")}, expected, out_dir)
-            log.info("%s holds a finished run; nothing to do", out_dir)
+    settings = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(),
+                "model_fingerprint": model_fingerprint}
+    state_dir = out_dir / STATE_DIR if out_dir else None
+    if out_dir is not None:
+        _open_run(out_dir, settings, resume)
+        finished = read_json(out_dir / HISTORY_NAME, what="re-alignment history") if (out_dir / HISTORY_NAME).is_file() else None
+        if finished is not None and finished.get("complete"):
+            log.info("%s holds this finished run; nothing to do", out_dir)
             return RealignResult.from_dict(finished)
 
-    saved = load_latest_round(out_dir / STATE_DIR) if out_dir is not None and resume else None
+    saved = load_latest_round(state_dir) if state_dir is not None else None
     if saved is not None:
-        _check_saved(saved.data, expected, out_dir)
         reference = Reference(**saved.data["reference"])
         log.info("resuming from round %d of %s", saved.round, out_dir)
     elif mode == "mask":
@@ -379,7 +380,6 @@ def realign(
     masked = moe.mask_experts(keep) if keep is not None else contextlib.nullcontext()
     run = _Run(moe, data, config, trainable, reference)
     schedule = config.schedule()
-    state_dir = out_dir / STATE_DIR if out_dir else None
     try:
         with restore, masked:
             if saved is not None:
@@ -396,20 +396,21 @@ def realign(
                 if round_index > 1:
                     run.labelled += run.acquire(round_index, schedule[round_index - 1] - len(run.labelled))
                 acquire_seconds = time.perf_counter() - start
-                checkpoint = state_dir / f"train-rank{distributed_world()[0]}.pt" if state_dir else None
+                checkpoint = state_dir / f"train-rank{distributed_world()[0]}" if state_dir else None
                 start = time.perf_counter()
                 trained = run.train_round(round_index, checkpoint, progress)
+                run.trained_rounds += 1
                 record = run.record(round_index, trained, time.perf_counter() - start, acquire_seconds)
                 _log_round(record, config.rounds)
                 if state_dir is not None:
                     if is_main():
                         save_round(state_dir, round_index, run.state(model_fingerprint, mode), trainable)
-                        write_json(history_path, _result(run, mode, kept, model_fingerprint, False, False).to_dict())
+                        write_json(out_dir / HISTORY_NAME, _result(run, mode, kept, model_fingerprint, False, False).to_dict())
                     barrier()
                 if on_round is not None:
                     on_round(record)
             if frozen_digest(moe, trainable, keep_sets) != digest:
-                raise ModelError("parameters outside the trainable scope changed during re-alignment; this is a bug in moeguard.")
+                raise InternalError("parameters outside the trainable scope changed during re-alignment; this is a bug in moeguard.")
             check_replicas_agree(trainable)
             if lora is not None and mode == "pruned":
                 lora.merge(moe)
@@ -441,6 +442,7 @@ def _result(run: _Run, mode: str, kept: list[list[int]], fingerprint: str, verif
         pool_size=len(run.data.pool),
         complete=complete,
         data_signature=run.data.signature(),
+        trained_rounds=run.trained_rounds,
     )
 
 
@@ -471,17 +473,13 @@ def realign_record(moe: MoEModel, run: _Run, result: RealignResult) -> RealignRe
 
 
 def _finish(moe: MoEModel, run: _Run, result: RealignResult, out_dir: Path) -> None:
-    """Write the re-aligned model (pruned mode), the figure and the final history; drop the state."""
-    from moeguard.realign.figures import recovery_figure
-
+    """Write the re-aligned model (pruned mode) and the final history; drop the state."""
     if result.mode == "pruned":
         if is_main():
             moe.save(out_dir / MODEL_DIR, overwrite=True)
         result.model_dir = str(out_dir / MODEL_DIR)
     result.history_path = str(out_dir / HISTORY_NAME)
-    result.figure_path = str(out_dir / FIGURE_NAME)
     if is_main():
-        recovery_figure({run.config.acquisition: [result]}, out_dir / FIGURE_NAME)
         write_json(out_dir / HISTORY_NAME, result.to_dict())
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
     barrier()

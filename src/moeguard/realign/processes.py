@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeguard.attribution.collect import distributed_world, iterate_shard
-from moeguard.errors import ModelError
+from moeguard.errors import InternalError
 from moeguard.eval.evaluate import causal_lm
 from moeguard.models import MoEModel
 from moeguard.models.fingerprint import short, update_with_tensor
@@ -109,7 +109,7 @@ def check_replicas_agree(trainable: dict[str, nn.Parameter]) -> None:
     digests: list = [None] * world
     dist.all_gather_object(digests, digest.hexdigest())
     if len(set(digests)) != 1:
-        raise ModelError(f"the {world} processes ended with different weights ({[short(d) for d in digests]}); "
+        raise InternalError(f"the {world} processes ended with different weights ({[short(d) for d in digests]}); "
                          "their gradients were not averaged. This is a bug in moeguard.")
 
 

@@ -124,9 +124,9 @@ class RealignResult:
     pool_size: int
     model_dir: str | None = None
     history_path: str | None = None
-    figure_path: str | None = None
     complete: bool = True
     data_signature: str = ""  # RealignData.signature() of the pool, test set and other tasks
+    trained_rounds: int = 0  # rounds this call trained; the others were resumed (not saved in the history)
 
     @property
     def pruned_accuracy(self) -> float:
@@ -148,6 +148,7 @@ class RealignResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["trained_rounds"]
         data["threshold"] = asdict(self.threshold)
         data["pruned_accuracy"] = self.pruned_accuracy
         data["moeguard_version"] = moeguard.__version__

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeguard.errors import InputError
+from moeguard.errors import InputError, TrainingDivergedError
 from moeguard.io import atomic_dir, read_json, write_json
 
 STATE_DIR = "state"
@@ -60,9 +60,13 @@ def _round_dirs(state_dir: Path) -> list[Path]:
 
 
 def save_round(state_dir: Path, round_index: int, data: dict[str, Any], trainable: dict[str, nn.Parameter]) -> Path:
-    """Write round ``round_index`` atomically, then remove the rounds before it."""
+    """Write round ``round_index`` atomically, then remove the rounds before it (never non-finite weights)."""
     from safetensors.torch import save_file
 
+    if not all(bool(torch.isfinite(p).all()) for p in trainable.values()):
+        raise TrainingDivergedError(
+            f"the weights became non-finite in round {round_index}; training diverged, lower the learning rate."
+        )
     path = state_dir / f"{ROUND_PREFIX}{round_index:04d}"
     with atomic_dir(path, overwrite=True) as tmp:
         save_file({name: p.detach().cpu().contiguous() for name, p in trainable.items()}, str(tmp / "trainable.safetensors"))
@@ -94,7 +98,7 @@ def restore_trainable(trainable: dict[str, nn.Parameter], tensors: dict[str, tor
         extra = sorted(set(tensors) - set(trainable))[:3]
         raise InputError(
             f"{source} holds other trained parameters than this run trains (missing {missing}, unexpected {extra}); "
-            "resume with the same model and --train scope, or start again with a new --out."
+            "resume with the same model and trainable scope, or start again in another output directory."
         )
     for name, param in trainable.items():
         saved = tensors[name]

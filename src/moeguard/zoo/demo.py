@@ -19,6 +19,7 @@ from moeguard.eval import evaluate_tasks
 from moeguard.io import atomic_dir, atomic_write_text, write_json
 from moeguard.models import MoEModel
 from moeguard.models.random_init import random_moe
+from moeguard.runs import partial_path
 from moeguard.training import ExtraLoss, TrainResult, train
 from moeguard.zoo.card import CARD_JSON, render_card
 from moeguard.zoo.config import DemoConfig
@@ -104,7 +105,7 @@ def train_demo(
     ``out_dir`` becomes an HF model directory (config.json, safetensors, tokenizer)
     with a model card (README.md) and ``demo_card.json``: data, seed, steps, wall and
     CPU time, per-task test accuracy and routing specialisation. It appears only when
-    complete; an interrupted run resumes from its checkpoint beside ``out_dir``.
+    complete; an interrupted run resumes from its state beside ``out_dir`` (``.<name>.partial``).
     ``extra_loss`` is added to the training loss (see :func:`moeguard.training.train`).
     Training runs on one intra-op thread (faster for a model this small).
     """
@@ -136,7 +137,8 @@ def _train_demo(out_dir: Path, config: DemoConfig, *, seed: int, extra_loss: Ext
         extra_loss=extra_loss,
         seed=seed,
         progress=progress,
-        checkpoint=out_dir.with_name(f".{out_dir.name}.training.pt"),
+        checkpoint=partial_path(out_dir),
+        checkpoint_settings={"demo": config.to_dict(), "seed": seed, "extra_loss": _describe(extra_loss)},
     )
     card = demo_card(moe, tokenizer, config, seed=seed, result=result, load_start=load_start)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -147,6 +149,14 @@ def _train_demo(out_dir: Path, config: DemoConfig, *, seed: int, extra_loss: Ext
     accuracy = ", ".join(f"{task} {r['value']:.3f}" for task, r in card["accuracy"].items())
     log.info("demo model written to %s (test exact match: %s)", out_dir, accuracy)
     return out_dir
+
+
+def _describe(extra_loss: ExtraLoss | None) -> Any:
+    """What identifies an extra loss in a checkpoint's settings: its own settings, or its name."""
+    if extra_loss is None:
+        return None
+    settings = getattr(extra_loss, "settings", None)
+    return settings() if callable(settings) else getattr(extra_loss, "__qualname__", type(extra_loss).__name__)
 
 
 def demo_card(moe: MoEModel, tokenizer: Any, config: DemoConfig, *, seed: int, result: TrainResult, load_start: float) -> dict[str, Any]:
