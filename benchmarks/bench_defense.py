@@ -52,7 +52,7 @@ from moeguard.defense.harden import (
     task_of_examples,
 )
 from moeguard.defense.objective import DefenseObjective, defense_config
-from moeguard.cli.common import parse_int_list, parse_name_list
+from moeguard.cli.common import add_config_arguments, config_from_args
 from moeguard.defense.report import markdown_tables, write_report
 from moeguard.io import atomic_dir, write_json
 from moeguard.models import load_moe
@@ -137,13 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (one seed, two learning rates) to try things")
     parser.add_argument("--harden-steps", type=int, default=HardenSettings.steps, help="fine-tuning steps of hardening "
                         "and of the control")
-    defaults = DefenseEvalSettings()
     grid = parser.add_argument_group("evaluation grid and budgets (default: DefenseEvalSettings)")
-    for name in ("attack_keeps", "criteria", "scopes", "lrs", "seeds"):
-        grid.add_argument(f"--{name.replace('_', '-')}", default=",".join(f"{v:g}" if isinstance(v, float) else str(v)
-                                                                         for v in getattr(defaults, name)))
-    for name in ("budget", "rounds", "steps_per_round", "test_size", "authorised_steps"):
-        grid.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    add_config_arguments(grid, DefenseEvalSettings, flags={"permitted": "--permit", "target_retention": "--target"},
+                         exclude=("target_task", "tasks", "scope", "lr", "seed"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("moeguard").setLevel(logging.INFO)
@@ -170,15 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<20} {row['median_ms']:8.1f} ms   x{row['ratio_to_plain']:.2f}")
 
     target = "reverse" if "reverse" in tasks else tasks[0]
-    eval_settings = DefenseEvalSettings(
-        target_task=target, tasks=tuple(tasks),
-        attack_keeps=tuple(parse_int_list(args.attack_keeps, what="--attack-keeps")),
-        criteria=tuple(parse_name_list(args.criteria)), scopes=tuple(parse_name_list(args.scopes)),
-        lrs=tuple(float(lr) for lr in parse_name_list(args.lrs)),
-        seeds=tuple(parse_int_list(args.seeds, what="--seeds")),
-        budget=args.budget, rounds=args.rounds, steps_per_round=args.steps_per_round, test_size=args.test_size,
-        authorised_steps=args.authorised_steps,
-    )
+    eval_settings = dataclasses.replace(config_from_args(args, DefenseEvalSettings), target_task=target, tasks=tuple(tasks))
     if args.quick:
         eval_settings = dataclasses.replace(eval_settings, lrs=(3e-4, 3e-3), seeds=(0,))
     eval_settings.check()

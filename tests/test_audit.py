@@ -18,7 +18,7 @@ from moeguard.cli import main
 from moeguard.errors import InputError
 from moeguard.models import load_moe
 from moeguard.pruning.sweep import SweepPoint, SweepResult, load_sweep
-from moeguard.realign import RealignResult
+from moeguard.realign import RealignConfig, RealignResult
 
 from conftest import tiny_moe
 
@@ -27,7 +27,7 @@ TASKS = ["reverse", "upper"]
 
 def quick_config(model: Path, out: Path, **overrides) -> AuditConfig:
     settings = dict(model=str(model), tasks=TASKS, out=str(out), test_size=24, other_size=8, pool_size=48,
-                    attribution_examples=32, budget=12, rounds=2, steps_per_round=8)
+                    attribution_examples=32, realign=RealignConfig(budget=12, rounds=2, steps_per_round=8))
     settings.update(overrides)
     return AuditConfig.quick_preset(**settings)
 

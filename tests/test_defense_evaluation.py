@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from moeguard.data import BUILTIN_TASKS, load_task
 from moeguard.defense.costs import AttackRun, cost_multiplier, grid_cost
 from moeguard.defense.evaluation import DefenseEvalSettings, authorised_task
 from moeguard.errors import InputError
+from moeguard.realign import RealignConfig
 
 
 def run(criterion, scope, lr, seed, labels, steps, budget=(100, 40)):
@@ -74,8 +76,9 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
 
     settings = DefenseEvalSettings(
         target_task="reverse", tasks=("reverse", "upper"), keeps=(6, 4), attack_keeps=(4,), criteria=("frequency",),
-        scopes=("all",), lrs=(1e-3,), seeds=(0,), budget=32, rounds=2, steps_per_round=3, pool_size=64, test_size=16,
-        attribution_samples=32, authorised_steps=3, authorised_examples=64,
+        scopes=("all",), lrs=(1e-3,), seeds=(0,),
+        attack=RealignConfig(budget=32, rounds=2, steps_per_round=3, batch_size=16, acquisition="random"), pool_size=64,
+        test_size=16, attribution_samples=32, authorised_steps=3, authorised_examples=64,
     )
     models = {"undefended": trained_tiny, "same": trained_tiny}
     result = evaluate_defenses(models, settings, tmp_path, progress=False)
@@ -102,7 +105,8 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     assert "Attack cost at keep 4" in (tmp_path / TABLE_NAME).read_text()
     assert {"utility", "knowledge_loss", "attack_cost", "recovery_keep4"} <= set(saved["figures"])
     with pytest.raises(InputError, match="other settings"):
-        evaluate_defenses(models, DefenseEvalSettings(**{**settings.to_dict(), "budget": 16}), tmp_path, progress=False)
+        evaluate_defenses(models, dataclasses.replace(settings, attack=dataclasses.replace(settings.attack, budget=16)),
+                          tmp_path, progress=False)
 
 
 def test_adaptive_attacks_of_different_best_configurations_never_share_a_cache(tmp_path):

@@ -217,7 +217,7 @@ def test_a_model_without_prune_record_or_with_the_wrong_parent_is_refused(pruned
     other.save(tmp_path / "other")
     with pytest.raises(FingerprintMismatchError, match="pass the exact model it was pruned from"):
         realign(pruned_dir, small_data(), config(), parent=tmp_path / "other", progress=False)
-    with pytest.raises(ModelError, match="cannot load the unpruned parent.*pass it with --parent PATH"):
+    with pytest.raises(ModelError, match="cannot load the unpruned parent.*pass it as `parent`"):
         realign(pruned_dir, small_data(), config(), parent=tmp_path / "moved", progress=False)
 
 
@@ -249,7 +249,8 @@ def test_realignment_wins_back_most_of_what_pruning_took_from_a_trained_model(tr
     attribution = attribute(moe, load_task("upper", "train", limit=128), criteria=["frequency"], progress=False).attribution
     plan = make_plan(scores(attribution, "frequency"), moe.layers, keep=2)
     data = builtin_data("upper", pool_size=64, test_size=48, other_size=24, other_tasks=["reverse"])
-    settings = RealignConfig(budget=32, rounds=2, seed_size=16, scope="experts", lr=3e-3, steps_per_round=30, batch_size=8)
+    settings = RealignConfig(budget=32, rounds=2, seed_size=16, acquisition="random", scope="experts", lr=3e-3,
+                             steps_per_round=30, batch_size=8)
     result = realign(moe, data, settings, keep=dict(enumerate(plan.kept)), progress=False)
     assert result.unpruned_accuracy >= 0.9 and result.pruned_accuracy <= 0.6  # 2 of 8 experts lose the task
     assert result.final.accuracy >= result.pruned_accuracy + 0.3

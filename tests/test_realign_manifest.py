@@ -86,7 +86,8 @@ def test_realign_records_scope_labels_steps_acquisition_and_both_fingerprints(pr
 def test_mask_mode_writes_no_model_and_records_nothing():
     moe = tiny_moe("qwen3_moe")
     moe.tokenizer = build_char_tokenizer()
-    config = RealignConfig(budget=4, rounds=2, seed_size=2, scope="experts", steps_per_round=1, batch_size=4)
+    config = RealignConfig(budget=4, rounds=2, seed_size=2, acquisition="random", scope="experts", steps_per_round=1,
+                           batch_size=4)
     realign(moe, data(), config, keep=KEEP, progress=False)
     assert moe.manifest is None
 

@@ -139,7 +139,7 @@ def test_a_scope_the_model_does_not_have_is_refused_clearly():
         linear_key_head_dim=8, linear_value_head_dim=8,
     )
     moe = MoEModel.from_model(AutoModelForCausalLM.from_config(config))
-    with pytest.raises(UnsupportedModelError, match="cannot find its attention layers.*--train router, experts"):
+    with pytest.raises(UnsupportedModelError, match="cannot find its attention layers.*choose another `scope`: router, experts"):
         scope_parameters(moe, "attention")
     with pytest.raises(InputError, match="unknown trainable scope 'gates'.*router, experts, attention, all, lora"):
         scope_parameters(moe, "gates")
@@ -153,7 +153,7 @@ def test_lora_without_peft_or_with_a_module_peft_refuses_gives_a_clear_error(mon
         raise ValueError("Target module Qwen3MoeExperts() is not supported.")
 
     monkeypatch.setattr(peft, "get_peft_model", refuse)
-    with pytest.raises(UnsupportedModelError, match="peft cannot add LoRA.*is not supported.*--train router"):
+    with pytest.raises(UnsupportedModelError, match="peft cannot add LoRA.*is not supported.*choose another `scope`: router"):
         add_lora(moe)
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(InputError, match="needs the peft package: pip install 'moeguard\\[lora\\]'"):

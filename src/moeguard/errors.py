@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class MoeGuardError(Exception):
-    """Base class: a problem with the user's input, model or environment."""
+    """Base class: a problem with the user's input, model or environment.
+
+    ``arguments`` names the function arguments the message speaks of, written there as
+    ``name=value`` or `` `name` ``; the command line shows them as its own flags.
+    """
+
+    def __init__(self, message: str = "", *, arguments: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.arguments = tuple(arguments)
 
 
 class InputError(MoeGuardError, ValueError):

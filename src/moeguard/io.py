@@ -32,7 +32,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; choose another output path or pass overwrite=True (--overwrite).")
+        raise InputError(f"{path} already exists; choose another output path or pass overwrite=True.", arguments=("overwrite",))
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a directory; remove it or choose another output path.")
     tmp = _temporary_sibling(path, ".tmp")

@@ -299,10 +299,10 @@ def _check_not_empty(attribution: Attribution, tokens: str) -> None:
     if attribution.samples == 0:
         raise DataError("the data is empty: no batches reached the model; give at least one example.")
     if max(attribution.token_counts) == 0:
-        hint = "" if tokens == "all" else f" this data has no {tokens} tokens; use tokens='all' (--tokens all)."
+        hint = "" if tokens == "all" else f" this data has no {tokens} tokens; use tokens='all'."
         raise InputError(
             f"no tokens were selected (tokens={tokens!r}) in {attribution.samples} samples, so there is nothing "
-            f"to attribute;{hint or ' every token is padding.'}"
+            f"to attribute;{hint or ' every token is padding.'}", arguments=("tokens",),
         )
 
 

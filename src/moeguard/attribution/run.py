@@ -53,8 +53,8 @@ def check_data(data: TaskData, tokens: str) -> None:
     """Refuse a token selection the data cannot have (before any forward pass)."""
     if tokens != "all" and data.kind == "lm":
         raise InputError(
-            f"--tokens {tokens} selects the {tokens} part of prompt/answer examples, but {data.name!r} "
-            f"({data.source or 'in memory'}) is plain text (lm); use --tokens all."
+            f"tokens={tokens!r} selects the {tokens} part of prompt/answer examples, but {data.name!r} "
+            f"({data.source or 'in memory'}) is plain text (lm); use tokens='all'.", arguments=("tokens",),
         )
 
 
@@ -88,7 +88,7 @@ def attribute(
         check_fingerprint(other, moe, what=f"the attribution {path}")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another --out or pass --overwrite.")
+        raise InputError(f"{out} already exists; choose another `out` or pass overwrite=True.", arguments=("out", "overwrite"))
     rank, world = distributed_world()
     total = -(-len(data) // batch_size)
     shard = iterate_shard(batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length), rank, world)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from moeguard.attribution.scores import check_criterion
+from moeguard.attribution.scores import CRITERIA, check_criterion
 from moeguard.errors import InputError
+from moeguard.fields import setting
+from moeguard.models.options import LoadOptions
+from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.result import RealignConfig
 from moeguard.zoo.cache import DEMO_SOURCE
 
 DEMO_MODEL = DEMO_SOURCE
+# What --quick changes: fewer examples, one criterion, one re-alignment keep count, a small label budget.
+QUICK_REALIGN = RealignConfig(budget=24, rounds=3, steps_per_round=12)
+QUICK = dict(quick=True, criteria=("frequency",), max_realign_keeps=1, forensics=False, test_size=40, other_size=12,
+             pool_size=96, attribution_examples=48)
 
 
 @dataclass
@@ -26,99 +33,98 @@ class AuditConfig:
     causal ablation criterion where it is affordable, see
     :func:`moeguard.audit.run.attack_criteria`) over ``attribution_examples`` pool
     examples, a mask-mode sweep over ``keeps`` (default: 100/75/50/37.5/25% of the
-    experts), then re-alignment of the best plan at the keep counts where pruning alone
-    loses more than ``1 - target_retention`` of the task, with ``acquisition`` against
-    ``baseline_acquisition`` and a budget of ``budget`` labels in ``rounds`` rounds of
-    ``steps_per_round`` steps. The search goes to smaller keep counts while re-alignment
+    experts), then re-alignment (``realign``: budget, rounds, acquisition, scope, learning
+    rate, seed, target retention) of the best plan at the keep counts where pruning alone
+    loses more than ``1 - realign.target_retention`` of the task, against
+    ``baseline_acquisition``. The search goes to smaller keep counts while re-alignment
     still reaches the target, at most ``max_realign_keeps`` of them. With ``forensics``
     the attacker's smallest plan is carved out of a copy (pruned, experts shuffled) and
     ``moeguard detect`` must recognise it and recover its kept experts.
+    ``realign.seed`` seeds everything (the data, the seed sets, the random baselines) and
+    ``realign.eval_batch_size`` is the batch of every evaluation.
     """
 
-    model: str = DEMO_MODEL
-    tasks: list[str] | None = None
-    data: list[str] = field(default_factory=list)
-    compare: str | None = None
-    out: str = "audit"
-    quick: bool = False
-    budget: int = 64
-    rounds: int = 4
-    steps_per_round: int = 25
-    batch_size: int = 8
-    lr: float = 1e-3
-    scope: str = "all"
-    acquisition: str = "entropy"
-    baseline_acquisition: str = "random"
-    criteria: tuple[str, ...] | None = None
-    keeps: list[int] | None = None
-    target_retention: float = 0.9
-    max_realign_keeps: int = 3
-    forensics: bool = True
-    test_size: int = 100
-    other_size: int = 30
-    pool_size: int = 256
-    attribution_examples: int = 128
-    test_fraction: float = 0.2
-    eval_batch_size: int = 64
-    seed: int = 0
-    dtype: str = "float32"
-    device: str | None = None
-    device_map: str | None = None
-    trust_remote_code: bool = False
+    model: str = setting(DEMO_MODEL, "model directory or hub id ('demo': the built-in demo model)")
+    tasks: list[str] | None = setting(None, "built-in tasks, or 'all' (default: every built-in task)")
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "JSONL task file (prompt/answer or choice lines; repeat for several tasks); a held-out share is the "
+                "test set, the rest the attacker's pool"})
+    compare: str | None = setting(None, "a defended version of the model, audited the same way side by side")
+    out: str = setting("audit", "output directory")
+    quick: bool = setting(False, "a smaller, faster audit (about 3 minutes on the demo model)")
+    realign: RealignConfig = field(default_factory=RealignConfig, metadata={"help": "the attacker's re-alignment"})
+    baseline_acquisition: str = setting("random", "acquisition function active learning is compared against",
+                                        choices=ACQUISITIONS)
+    criteria: tuple[str, ...] | None = setting(None, "attribution criteria to attack with (default: frequency,reap, plus "
+                                               "ablation for models with at most 256 routed experts)", choices=CRITERIA)
+    keeps: list[int] | None = setting(None, "experts per layer to sweep (default: 100/75/50/37.5/25% of them)")
+    max_realign_keeps: int = setting(3, "keep counts re-aligned at most, from the largest that needs it down")
+    forensics: bool = setting(True, "carve the attacker's model and check that `moeguard detect` recognises it")
+    test_size: int = setting(100, "test examples per task")
+    other_size: int = setting(30, "test examples per other task (what re-alignment costs elsewhere)")
+    pool_size: int = setting(256, "pool examples per built-in task (the attacker's data)")
+    attribution_examples: int = setting(128, "pool examples the attribution runs on")
+    test_fraction: float = setting(0.2, "share of a data file held out as its test set")
+    loading: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the models are loaded"})
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> "AuditConfig":
         """A small audit for a first look (about 3 minutes on the demo model, 2 CPU cores): fewer
         examples, one criterion, one re-alignment keep count, a small label budget."""
-        settings: dict[str, Any] = dict(
-            quick=True, budget=24, rounds=3, steps_per_round=12, criteria=("frequency",), max_realign_keeps=1, forensics=False,
-            test_size=40, other_size=12, pool_size=96, attribution_examples=48,
-        )
-        settings.update(overrides)
-        return cls(**settings)
+        return cls(**{**QUICK, "realign": QUICK_REALIGN, **overrides})
+
+    @property
+    def target(self) -> float:
+        """The share of each task's accuracy the attacker must keep (``realign.target_retention``)."""
+        return self.realign.target_retention
+
+    @property
+    def seed(self) -> int:
+        return self.realign.seed
 
     def check(self) -> None:
         """Refuse what cannot run, before any model is loaded."""
         if self.tasks is not None and self.data:
-            raise InputError("give built-in tasks (--task) or data files (--data), not both.")
+            raise InputError("give built-in tasks (`tasks`) or data files (`data`), not both.", arguments=("tasks", "data"))
         if self.tasks is not None and not self.tasks:
-            raise InputError("no task given; name at least one built-in task or use --data.")
+            raise InputError("no task given; name at least one built-in task (`tasks`) or give `data`.",
+                             arguments=("tasks", "data"))
         for path in self.data:
             if not Path(path).is_file():
-                raise InputError(f"--data {path}: no such file (expected a JSONL file of prompt/answer or choice examples).")
+                raise InputError(f"data={path}: no such file (expected a JSONL file of prompt/answer or choice examples).",
+                                 arguments=("data",))
         if self.criteria is not None:
             if not self.criteria:
-                raise InputError("criteria is empty; name at least one attribution criterion (e.g. frequency).")
+                raise InputError("`criteria` is empty; name at least one attribution criterion (e.g. frequency).",
+                                 arguments=("criteria",))
             for criterion in self.criteria:
                 if check_criterion(criterion).baseline:
                     raise InputError(f"{criterion} is the sweep's baseline, not an attack criterion; name a real criterion.")
-        for name in ("budget", "rounds", "max_realign_keeps", "test_size", "pool_size", "attribution_examples"):
+        for name in ("max_realign_keeps", "test_size", "pool_size", "attribution_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+                raise InputError(f"`{name}` must be a positive integer, got {value!r}.", arguments=(name,))
         if self.other_size < 0:
-            raise InputError(f"other-size must be 0 or more, got {self.other_size!r}.")
-        if self.budget < self.rounds:
+            raise InputError(f"`other_size` must be 0 or more, got {self.other_size!r}.", arguments=("other_size",))
+        realign = self.realign
+        if isinstance(realign.budget, int) and isinstance(realign.rounds, int) and realign.budget < realign.rounds:
             raise InputError(
-                f"--budget {self.budget} is too small for {self.rounds} re-alignment rounds (each round labels at least "
-                f"one example); give --budget {self.rounds} or more."
+                f"budget={realign.budget} is too small for {realign.rounds} re-alignment rounds (each round labels at least "
+                f"one example); give budget={realign.rounds} or more.", arguments=("budget",),
             )
         # Acquisitions, scope, steps, batch sizes, lr and target: as every re-alignment run checks them
         # (the pool is checked against the budget once the tasks are loaded).
-        for acquisition in (self.acquisition, self.baseline_acquisition):
-            self.realign_config(acquisition).check(pool_size=self.budget)
+        for acquisition in (realign.acquisition, self.baseline_acquisition):
+            self.realign_config(acquisition).check(pool_size=realign.budget)
         if self.keeps is not None and (not self.keeps or any(k < 1 for k in self.keeps)):
-            raise InputError(f"--keep must list positive expert counts, got {self.keeps!r}.")
+            raise InputError(f"`keeps` must list positive expert counts, got {self.keeps!r}.", arguments=("keeps",))
         if self.compare is not None and self.compare == self.model:
-            raise InputError(f"--compare names the audited model itself ({self.model}); give the defended model.")
+            raise InputError(f"compare={self.compare} names the audited model itself; give the defended model.",
+                             arguments=("compare",))
 
     def realign_config(self, acquisition: str) -> RealignConfig:
-        """The settings of one re-alignment run of this audit's attacker."""
-        return RealignConfig(
-            budget=self.budget, rounds=self.rounds, acquisition=acquisition, scope=self.scope, lr=self.lr,
-            steps_per_round=self.steps_per_round, batch_size=self.batch_size, seed=self.seed,
-            eval_batch_size=self.eval_batch_size, target_retention=self.target_retention,
-        )
+        """The settings of one re-alignment run of this audit's attacker, with ``acquisition``."""
+        return replace(self.realign, acquisition=acquisition)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -80,7 +80,7 @@ class AuditReport:
 
     def describe(self) -> str:
         """The summary table as text (what the command prints)."""
-        target = self.config["target_retention"]
+        target = self.config["realign"]["target_retention"]
         lines = [f"prunability audit of {self.model.source} (fingerprint {self.model.fingerprint[:12]}), target "
                  f"{target:.0%} of each task's accuracy:"]
         header = f"  {'task':<12}{'full acc':>9}{'keep w/o':>10}{'keep with':>11}{'labels':>8}{'steps':>7}{'params':>12}{'ratio':>7}"
@@ -254,11 +254,23 @@ def _tables_section(audits: list[ModelAudit], shown, table, heading: str) -> str
     return "".join(parts)
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted name, value)`` of every setting, nested settings (re-alignment, loading) included."""
+    items = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items += _flat(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
 def render_html(report: AuditReport, out: Path) -> str:
     """The report page, self-contained (figures read from ``out`` and embedded)."""
     config, model = report.config, report.model
+    attacker = config["realign"]
     audits = [model] + ([report.compare] if report.compare else [])
-    target = config["target_retention"]
+    target = attacker["target_retention"]
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -273,8 +285,8 @@ def render_html(report: AuditReport, out: Path) -> str:
         f"<p class='note'>How cheaply can a task model be carved out of this MoE? For each task: the smallest share of experts "
         f"an attacker (attribution by {esc(', '.join(model.criteria))}) must keep so that the pruned model still answers "
         f"{target:.0%} as well as the full model, by pruning alone "
-        f"and with re-alignment (fine-tuning the pruned model on at most {config['budget']} labelled examples chosen by "
-        f"{esc(config['acquisition'])} active learning, --train {esc(config['scope'])}); the labels, optimizer steps and tokens "
+        f"and with re-alignment (fine-tuning the pruned model on at most {attacker['budget']} labelled examples chosen by "
+        f"{esc(attacker['acquisition'])} active learning, scope {esc(attacker['scope'])}); the labels, optimizer steps and tokens "
         "that re-alignment needed; and the size of the model the attacker ends up with. Lower shares and fewer labels mean "
         "the model is cheaper to steal.</p>",
         _summary_table(report),
@@ -293,7 +305,7 @@ def render_html(report: AuditReport, out: Path) -> str:
     parts.append(_tables_section(audits, lambda task: bool(task.sweep), _sweep_table, ": accuracy retained (pruned / full)"))
     parts.append("<h2>Re-alignment: what fine-tuning wins back</h2>")
     parts.append(f"<p class='note'>Recovery curves of the best plan at the keep counts where pruning alone fell below "
-                 f"{target:.0%}: {esc(config['acquisition'])} active learning against {esc(config['baseline_acquisition'])} "
+                 f"{target:.0%}: {esc(attacker['acquisition'])} active learning against {esc(config['baseline_acquisition'])} "
                  "selection of the examples to label (same seed set, steps and learning rate).</p>")
     parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples", wide=True))
     parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, ""))
@@ -325,7 +337,7 @@ def render_html(report: AuditReport, out: Path) -> str:
             parts.append(_image(out, report.figures["defense"], "Labels to re-align, undefended vs defended"))
     parts.append("<h2>Configuration</h2>")
     parts.append("<table>" + "".join(f"<tr><td>{esc(str(k))}</td><td style='text-align:left'>{esc(str(v))}</td></tr>"
-                                     for k, v in config.items()) + "</table>")
+                                     for k, v in _flat(config)) + "</table>")
     parts.append("<table>" + "".join(f"<tr><td>{esc(k)}</td><td style='text-align:left'>{esc(v)}</td></tr>"
                                      for k, v in report.versions.items()) + "</table>")
     parts.append("<p class='meta'>Every number on this page is in report.json beside it.</p></body></html>")

@@ -86,23 +86,23 @@ def audit_tasks(config: AuditConfig) -> list[AuditTask]:
     else:
         tasks = builtin_audit_tasks(config.tasks, pool_size=config.pool_size, test_size=config.test_size, seed=config.seed)
     for task in tasks:
-        config.realign_config(config.acquisition).check(len(task.pool))
+        config.realign.check(len(task.pool))
     return tasks
 
 
-def check_model_source(source: str, flag: str) -> None:
-    """Refuse a model that cannot exist (a missing path, a directory that is not a model) before any long work."""
+def check_model_source(source: str, argument: str) -> None:
+    """Refuse a model that cannot exist (a missing path, a directory that is not a model) before any long work;
+    ``argument`` names the setting it came from (model or compare)."""
     if source == DEMO_MODEL:
         return
     try:
         loading.check_model_source(source)
     except ModelError as error:
-        raise InputError(f"{flag} {source}: {error}") from None
+        raise InputError(f"{argument}={source}: {error}", arguments=(argument,)) from None
 
 
 def load_audited(source: str, config: AuditConfig) -> MoEModel:
-    moe = loading.load_moe_on(source, dtype=config.dtype, device=config.device, device_map=config.device_map,
-                              trust_remote_code=config.trust_remote_code)
+    moe = config.loading.load(source)
     if moe.tokenizer is None:
         raise InputError(f"the model {source} has no tokenizer saved with it; the audit needs one to build and score tasks.")
     return moe
@@ -154,7 +154,7 @@ class ModelAuditor:
 
         def compute() -> dict[str, Any]:
             bar = tqdm(tasks, desc="evaluate", unit="task", disable=None if self.progress else True)
-            return {task.name: evaluate(self.moe, None, task.test, batch_size=self.config.eval_batch_size).to_dict()
+            return {task.name: evaluate(self.moe, None, task.test, batch_size=self.config.realign.eval_batch_size).to_dict()
                     for task in bar}
 
         with stage("evaluate", self.seconds):
@@ -176,9 +176,9 @@ class ModelAuditor:
             self.cache.count("attribution", reused=int(cached), computed=int(not cached))
             if not cached:
                 record = collect_attribution(
-                    self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.eval_batch_size),
+                    self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.realign.eval_batch_size),
                     criteria=collected, task=task.name, task_source=task.source,
-                    total_batches=-(-len(data) // self.config.eval_batch_size), checkpoint=directory / "partial",
+                    total_batches=-(-len(data) // self.config.realign.eval_batch_size), checkpoint=directory / "partial",
                     progress=self.progress,
                 )
                 record.save(path)
@@ -197,7 +197,7 @@ class ModelAuditor:
             result = run_sweep(
                 self.moe, task.test, out_dir=directory, attribution=attribution, criteria=self.criteria,
                 keeps=config.keeps, random_seeds=(config.seed,), other_tasks=other_tests, limit=None,
-                batch_size=config.eval_batch_size, progress=self.progress,
+                batch_size=config.realign.eval_batch_size, progress=self.progress,
             )
         self.cache.count("sweep", reused=len(result.points) + 1 - len(result.evaluated), computed=len(result.evaluated))
         return result
@@ -227,11 +227,11 @@ class ModelAuditor:
         swept = self.sweep(task, attribution, other_tests)
         audit.sweep = swept.rows()
         plans = best_plans(swept)
-        without = smallest_retaining(plans, config.target_retention)
+        without = smallest_retaining(plans, config.target)
         if without is not None:
             audit.keep_without, audit.criterion_without, audit.fraction_without = without.keep, without.criterion, without.fraction_kept
         log.info("[%s] sweep %s: pruning alone keeps %.0f%% of the task down to %s experts per layer (%s)", self.role,
-                 task.name, 100 * config.target_retention,
+                 task.name, 100 * config.target,
                  without.keep if without else "none of the swept", without.criterion if without else "no plan retains it")
 
         runs = self.realign_search(task, plans, without, other_tests, required_keeps)
@@ -245,9 +245,9 @@ class ModelAuditor:
         attack_kept = audit.cost.kept if audit.cost is not None else without.kept if without is not None else None
         keep_counts = [len(k) for k in attack_kept] if attack_kept is not None else list(self.moe.num_experts)
         audit.compressed = compressed_size(self.moe, keep_counts)
-        if config.forensics and config.device_map:
+        if config.forensics and config.loading.device_map:
             # The carved copy would duplicate a model spread over devices; detect a saved prune instead.
-            log.warning("[%s] forensics skipped with --device-map: run `moeguard detect` on a pruned checkpoint", self.role)
+            log.warning("[%s] forensics skipped with a device_map: run `moeguard detect` on a pruned checkpoint", self.role)
         elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
             audit.forensics = self.forensics(task, attack_kept)
         audit.al_vs_random = al_vs_random(runs, config)
@@ -261,14 +261,14 @@ class ModelAuditor:
         then any ``required_keeps`` not yet tried (the undefended attack's keep count, for a comparison)."""
         config = self.config
         runs: list[RealignRun] = []
-        for index, plan in enumerate(realign_candidates(plans, config.target_retention)[: config.max_realign_keeps]):
-            run = self.realign_run(task, plan, config.acquisition, other_tests)
+        for index, plan in enumerate(realign_candidates(plans, config.target)[: config.max_realign_keeps]):
+            run = self.realign_run(task, plan, config.realign.acquisition, other_tests)
             runs.append(run)
-            if index == 0 and config.baseline_acquisition != config.acquisition:
+            if index == 0 and config.baseline_acquisition != config.realign.acquisition:
                 runs.append(self.realign_run(task, plan, config.baseline_acquisition, other_tests))
-            log.info("[%s] realign %s keep %d (%s): %s", self.role, task.name, plan.keep, config.acquisition,
-                     f"{config.target_retention:.0%} retention at {run.labels} labels, {run.steps} steps" if run.reached
-                     else f"not reached within {config.budget} labels (final retention {run.final_retention:.2f})")
+            log.info("[%s] realign %s keep %d (%s): %s", self.role, task.name, plan.keep, config.realign.acquisition,
+                     f"{config.target:.0%} retention at {run.labels} labels, {run.steps} steps" if run.reached
+                     else f"not reached within {config.realign.budget} labels (final retention {run.final_retention:.2f})")
             if not any(r.reached for r in runs if r.keep == plan.keep):
                 break
         tried = {r.keep for r in runs}
@@ -276,7 +276,7 @@ class ModelAuditor:
             plan = next((p for p in plans if p.keep == keep), None)
             needs_realignment = without is None or keep < without.keep
             if plan is not None and keep not in tried and needs_realignment:
-                runs.append(self.realign_run(task, plan, config.acquisition, other_tests))
+                runs.append(self.realign_run(task, plan, config.realign.acquisition, other_tests))
         return runs
 
     def forensics(self, task: AuditTask, kept: list[list[int]]) -> dict[str, Any]:
@@ -324,7 +324,7 @@ class ModelAuditor:
             lines = {f"{r.acquisition}, {r.keep}/{max(self.moe.num_experts)} experts ({r.criterion}, {r.fraction_kept * total:.0f}/{total})":
                      [self.realigned[r.history]] for r in runs}
             figures["recovery"] = recovery_figure(lines, self.figures / f"recovery_{stem}.png",
-                                                  title=f"Re-alignment of {task.name} (mask mode, --train {self.config.scope})")
+                                                  title=f"Re-alignment of {task.name} (mask mode, scope {self.config.realign.scope})")
         return {name: str(Path(FIGURES_DIR) / path.name) for name, path in figures.items()}
 
     # ------------------------------------------------------------------ all tasks
@@ -358,12 +358,12 @@ def al_vs_random(runs: list[RealignRun], config: AuditConfig) -> dict[str, Any] 
         return None
     keep = runs[0].keep
     by_acquisition = {r.acquisition: r for r in runs if r.keep == keep}
-    active, baseline = by_acquisition.get(config.acquisition), by_acquisition.get(config.baseline_acquisition)
+    active, baseline = by_acquisition.get(config.realign.acquisition), by_acquisition.get(config.baseline_acquisition)
     if active is None or baseline is None or active is baseline:
         return None
     efficiency = baseline.labels / active.labels if active.reached and baseline.reached else None
     return {
-        "keep": keep, "acquisition": config.acquisition, "baseline": config.baseline_acquisition,
+        "keep": keep, "acquisition": config.realign.acquisition, "baseline": config.baseline_acquisition,
         "labels": active.labels, "baseline_labels": baseline.labels,
         "final_retention": active.final_retention, "baseline_final_retention": baseline.final_retention,
         "label_efficiency": efficiency,
@@ -439,9 +439,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
 
     start = time.perf_counter()
     config.check()
-    check_model_source(config.model, "--model")
+    check_model_source(config.model, "model")
     if config.compare is not None:
-        check_model_source(config.compare, "--compare")
+        check_model_source(config.compare, "compare")
     tasks = audit_tasks(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +460,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
             compared = defended.run(tasks, required)
             comparisons = compare_models(audited, compared)
     figures = {"headline": str(Path(FIGURES_DIR) / headline_figure(
-        audited, config.target_retention, out / FIGURES_DIR / "headline.png", compared).name)}
+        audited, config.target, out / FIGURES_DIR / "headline.png", compared).name)}
     if comparisons:
         figures["defense"] = str(Path(FIGURES_DIR) / defense_figure(comparisons, out / FIGURES_DIR / "defense.png").name)
     report = AuditReport(

@@ -53,5 +53,6 @@ def file_audit_tasks(paths: list[str], *, test_fraction: float, test_size: int, 
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(f"several --data files give the task name(s) {duplicates} (from the file names); rename them apart.")
+        raise DataError(f"several `data` files give the task name(s) {duplicates} (from the file names); rename them apart.",
+                        arguments=("data",))
     return tasks

@@ -17,6 +17,7 @@ import shlex
 import sys
 
 from moeguard import __version__
+from moeguard.cli.common import cli_message, command_flags
 from moeguard.errors import MoeGuardError
 
 COMMAND_MODULES = [
@@ -47,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's parser knows itself, so an error can be worded with the flags of the command that ran."""
+    parser.set_defaults(command_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _remember_parsers(child)
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except MoeGuardError as error:
-        print(f"moeguard {args.command}: error: {error}", file=sys.stderr)
+        print(f"moeguard {args.command}: error: {cli_message(error, command_flags(args.command_parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moeguard {args.command}: {resume_hint(args, argv)}", file=sys.stderr)

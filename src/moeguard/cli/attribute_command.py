@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_list, print_json
 from moeguard.errors import InputError
 
 
 def parse_criteria(text: str, ablation: bool) -> list[str]:
     """``"frequency,reap"`` (+ ``ablation`` with ``--ablation``) -> criterion names, checked."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in CRITERIA]
-    if unknown or not names:
-        raise InputError(f"--criteria {text!r}: unknown criteria {unknown}; choose from {', '.join(CRITERIA)}.")
+    names = parse_list(text, what="--criteria", choices=CRITERIA, noun="criteria")
     return names + ["ablation"] if ablation and "ablation" not in names else names
 
 

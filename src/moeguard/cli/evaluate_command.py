@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation cap (default: longest answer + 3)")
     parser.add_argument("--json", action="store_true", help="print JSON (same numbers) instead of a table")
     parser.add_argument("--per-example", action="store_true", help="with --json: include each example's prediction and correctness")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, argument_flags={"include_path": "--lm-eval-include"})
 
 
 def parse_columns(text: str | None) -> dict[str, str] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_int_list, parse_name_list, print_json
+from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, describe_choices, load_model, parse_list, print_json
 from moeguard.defense.harden import HardenSettings
 from moeguard.defense.attacker import ATTACKER_TRAINABLES
 from moeguard.defense.objective import METHODS
@@ -32,13 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-counts", default=None, help="subset sizes to defend against, e.g. 2,4,6 (default)")
     parser.add_argument("--attacker-trainables", choices=ATTACKER_TRAINABLES, default=None,
                         help="what the simulated attacker fine-tunes (default: all)")
-    parser.add_argument("--steps", type=int, default=HardenSettings.steps)
-    parser.add_argument("--lr", type=float, default=HardenSettings.lr)
-    parser.add_argument("--batch-size", type=int, default=HardenSettings.batch_size)
-    parser.add_argument("--max-length", type=int, default=None)
+    add_config_arguments(parser, HardenSettings)
     parser.add_argument("--train-examples", type=int, default=4000, help="training examples per built-in task")
     parser.add_argument("--eval-examples", type=int, default=200, help="test examples per task for the before/after check")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--permit", default=",".join(DEFAULT_PERMITTED),
                         help="groups the written protocol lets an authorised fine-tune change")
     parser.add_argument("--out", required=True, help="directory of the hardened model")
@@ -55,15 +51,15 @@ def run(args: argparse.Namespace) -> int:
     if args.margin is not None:
         overrides["margin"] = args.margin
     if args.keep_counts is not None:
-        overrides["keep_counts"] = tuple(parse_int_list(args.keep_counts, what="--keep-counts"))
+        overrides["keep_counts"] = tuple(parse_list(args.keep_counts, int, what="--keep-counts"))
     if args.attacker_trainables is not None:
         overrides["attacker_trainables"] = args.attacker_trainables
     config = defense_config(args.method, strength=args.strength, **overrides)
-    settings = HardenSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    settings = config_from_args(args, HardenSettings)
     train_tasks, test_tasks = load_defense_tasks(args.tasks, args.data, train_examples=args.train_examples,
-                                                 eval_examples=args.eval_examples, seed=args.seed)
+                                                 eval_examples=args.eval_examples, seed=settings.seed)
     moe = load_model(args)
-    permitted = parse_name_list(args.permit)
+    permitted = parse_list(args.permit, what="--permit")
     report = harden_to_directory(
         moe, train_tasks, test_tasks, config, settings, out=args.out, permitted=permitted, overwrite=args.overwrite,
         method=args.method, progress=not args.quiet,

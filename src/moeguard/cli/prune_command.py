@@ -63,11 +63,9 @@ def run(args: argparse.Namespace) -> int:
         least_used=args.least_used, protect=parse_protect(args.protect), seed=args.seed,
     )
     if args.streaming:
-        source = args.model
-        if source == "demo":
-            from moeguard.zoo import demo_model_path
+        from moeguard.zoo import resolve_model_source
 
-            source = str(demo_model_path())
+        source = resolve_model_source(args.model, progress=not args.quiet)
         summary = prune_model(source, args.attribution, args.out, **plan_options, streaming=True, overwrite=args.overwrite,
                               progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     else:

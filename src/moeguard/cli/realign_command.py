@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, print_json
-
+from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, load_model, print_json, task_names
 
 FIGURE_NAME = "recovery.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from moeguard.realign import ACQUISITIONS, TRAIN_SCOPES
+    from moeguard.realign import RealignConfig
 
     parser = subparsers.add_parser(
         "realign",
@@ -29,18 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--data", help="JSONL file of the target task (generate or choice examples) used as the pool")
     parser.add_argument("--test-data", help="JSONL test set for --data (default: hold out --test-fraction of --data)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of --data held out as test set (default 0.2)")
-    parser.add_argument("--budget", type=int, required=True, help="number of pool examples that may be labelled")
-    parser.add_argument("--seed-size", type=int, help="random labels before the first round (default: budget / rounds)")
-    parser.add_argument("--rounds", type=int, default=4, help="fine-tuning rounds (default 4)")
-    parser.add_argument("--acquisition", choices=list(ACQUISITIONS), default="random",
-                        help="how the next examples are chosen: " + describe_choices(ACQUISITIONS))
-    parser.add_argument("--train", choices=list(TRAIN_SCOPES), default="all", dest="scope",
-                        help="what is fine-tuned (default all): " + describe_choices(TRAIN_SCOPES))
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
-    parser.add_argument("--steps-per-round", type=int, default=40, help="optimizer steps per round (default 40)")
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch size (global, default 8)")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank with --train lora (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the seed set, the data order and the acquisition")
+    add_config_arguments(parser, RealignConfig, flags={"scope": "--train", "target_retention": "--target"})
     parser.add_argument("--pool-size", type=int, default=512, help="pool examples of a built-in --task (default 512)")
     parser.add_argument("--test-size", type=int, default=200, help="test examples of a built-in --task (default 200)")
     parser.add_argument("--other-tasks", default=None,
@@ -54,41 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run, resume_with="--resume")
 
 
-def realign_data(args: argparse.Namespace):
+def realign_data(args: argparse.Namespace, config):
     """The pool, test set and other tasks the options describe."""
-    from moeguard.data import load_task, resolve_task_names
+    from moeguard.data import load_task
     from moeguard.realign.inputs import builtin_data, file_data
 
-    if args.other_tasks is None:
-        names = None if args.task else []
-    elif args.other_tasks.strip().lower() == "none":
-        names = []
-    else:
-        names = resolve_task_names(args.other_tasks)
+    names = task_names(args.other_tasks) if args.other_tasks is not None else None if args.task else []
     if args.task:
         return builtin_data(args.task, pool_size=args.pool_size, test_size=args.test_size, other_size=args.other_size,
-                            other_tasks=names, seed=args.seed)
+                            other_tasks=names, seed=config.seed)
     others = [load_task(name, "test", limit=args.other_size) for name in names or []]
-    return file_data(args.data, test_path=args.test_data, test_fraction=args.test_fraction, seed=args.seed, others=others)
+    return file_data(args.data, test_path=args.test_data, test_fraction=args.test_fraction, seed=config.seed, others=others)
 
 
 def run(args: argparse.Namespace) -> int:
     from moeguard.attribution.collect import distributed_world
     from moeguard.realign import RealignConfig, realign
     from moeguard.realign.figures import recovery_figure
+    from moeguard.zoo import resolve_model_source
 
-    data = realign_data(args)
-    config = RealignConfig(
-        budget=args.budget, seed_size=args.seed_size, rounds=args.rounds, acquisition=args.acquisition, scope=args.scope,
-        lr=args.lr, steps_per_round=args.steps_per_round, batch_size=args.batch_size, seed=args.seed,
-        lora_rank=args.lora_rank,
-    )
+    config = config_from_args(args, RealignConfig)
+    data = realign_data(args, config)
     config.check(len(data.pool))
-    parent = args.parent
-    if parent == "demo":
-        from moeguard.zoo import demo_model_path
-
-        parent = str(demo_model_path())
+    parent = resolve_model_source(args.parent, progress=not args.quiet) if args.parent else None
     result = realign(load_model(args), data, config, parent=parent, out=args.out, resume=args.resume, progress=not args.quiet)
     if distributed_world()[0] != 0:
         return 0  # under a multi-process launcher the first process reports

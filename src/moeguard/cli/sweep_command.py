@@ -6,19 +6,10 @@ import argparse
 from pathlib import Path
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_int_list, print_json
-from moeguard.errors import InputError
+from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_list, print_json, task_names
 
 
 TABLE_NAME, FIGURE_NAME = "sweep.csv", "knowledge_loss.png"
-
-
-def criteria_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in CRITERIA]
-    if unknown or not names:
-        raise InputError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {text!r}.")
-    return names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,16 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeguard.data import BUILTIN_TASKS, load_jsonl, resolve_task_names
+    from moeguard.data import BUILTIN_TASKS, load_jsonl
     from moeguard.io import atomic_write_text
     from moeguard.pruning.figures import knowledge_loss_figure
     from moeguard.pruning.sweep import RESULT_NAME, rows_to_csv, run_sweep
 
     task = args.task if args.task in BUILTIN_TASKS or not Path(args.task).suffix else load_jsonl(args.task)
-    if args.other_tasks.strip() == "none":
-        others: list[str] = []
-    else:
-        others = resolve_task_names(args.other_tasks)
+    others = task_names(args.other_tasks)
+    criteria = parse_list(args.criteria, what="--criteria", choices=CRITERIA, noun="criteria")
     perplexity_data = load_jsonl(args.perplexity_data) if args.perplexity_data else None
     moe = load_model(args)
     result = run_sweep(
@@ -72,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
         task,
         out_dir=args.out,
         attribution=args.attribution,
-        criteria=criteria_list(args.criteria),
-        keeps=parse_int_list(args.keep, what="--keep") if args.keep else None,
+        criteria=criteria,
+        keeps=parse_list(args.keep, int, what="--keep") if args.keep else None,
         baseline_criterion=args.baseline_criterion,
-        random_seeds=parse_int_list(args.random_seeds, what="--random-seeds"),
+        random_seeds=parse_list(args.random_seeds, int, what="--random-seeds"),
         other_tasks=others,
         limit=args.limit,
         perplexity_data=perplexity_data,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, parse_name_list, print_json
+from moeguard.cli.common import add_model_arguments, load_model, parse_list, print_json
 from moeguard.defense.parameter_groups import GROUPS
 from moeguard.defense.protocol import DEFAULT_PERMITTED, Protocol, make_protocol
 from moeguard.defense.verify import verify_fine_tune
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         if args.model:
             raise InputError("--write writes a protocol for --parent; drop --model (or drop --write to check a model).")
-        permitted = parse_name_list(args.permit)
+        permitted = parse_list(args.permit, what="--permit")
         protocol = write_protocol(args.parent, args.protocol, permitted, args)
         message = {
             "protocol": args.protocol,

@@ -15,6 +15,7 @@ from moeguard.data import TaskData, batches, data_signature, mixture
 from moeguard.defense.objective import DefenseConfig, DefenseObjective
 from moeguard.defense.parameter_groups import check_group_names
 from moeguard.errors import InputError
+from moeguard.fields import setting
 from moeguard.models import MoEModel
 from moeguard.training import train
 
@@ -25,12 +26,12 @@ log = logging.getLogger("moeguard.defense")
 class HardenSettings:
     """The fine-tuning budget of a hardening run."""
 
-    steps: int = 600
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_length: int | None = None
-    warmup: int = 10
-    seed: int = 0
+    steps: int = setting(600, "fine-tuning steps")
+    lr: float = setting(1e-3, "peak learning rate")
+    batch_size: int = setting(32, "training batch size")
+    max_length: int | None = setting(None, "truncate examples to this many tokens")
+    warmup: int = setting(10, "linear warm-up steps")
+    seed: int = setting(0, "seed of the data order and the defense's sampled subsets")
 
 
 @dataclass
@@ -172,7 +173,7 @@ def harden_to_directory(
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another --out or pass --overwrite.")
+        raise InputError(f"{out} already exists; choose another `out` or pass overwrite=True.", arguments=("out", "overwrite"))
     check_group_names(permitted, what="permitted group")
     before = evaluate_tasks(moe, None, test_tasks)
     result = harden(moe, train_tasks, config, settings, checkpoint=partial_path(out), progress=progress)

@@ -34,14 +34,15 @@ def _reached(entry: dict, key: str) -> str:
 def markdown_tables(evaluation: DefenseEvaluation) -> str:
     """Every table of the evaluation, as markdown."""
     settings = evaluation.settings
+    attack = settings["attack"]
     models = evaluation.models
     base = evaluation.baseline
     tasks = list(settings["tasks"])
     lines = [
         f"Target task of the attacker: `{settings['target_task']}`; test sets of {settings['test_size']} examples; "
-        f"target retention {settings['target_retention']:.0%}; each attack run has a budget of {settings['budget']} labels "
-        f"in {settings['rounds']} rounds of {settings['steps_per_round']} steps (batch {settings['batch_size']}, "
-        f"{settings['acquisition']} acquisition); grid {len(settings['criteria'])} criteria x {len(settings['scopes'])} "
+        f"target retention {attack['target_retention']:.0%}; each attack run has a budget of {attack['budget']} labels "
+        f"in {attack['rounds']} rounds of {attack['steps_per_round']} steps (batch {attack['batch_size']}, "
+        f"{attack['acquisition']} acquisition); grid {len(settings['criteria'])} criteria x {len(settings['scopes'])} "
         f"scopes x {len(settings['lrs'])} learning rates x {len(settings['seeds'])} seeds per keep count.",
         "",
         "**Utility** (exact-match accuracy of the full model on every task)",
@@ -144,7 +145,7 @@ def knowledge_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for model in evaluation.models:
         axis.plot(keeps, [model.best_knowledge[str(k)] for k in keeps], marker="o", label=model.name)
-    axis.axhline(evaluation.settings["target_retention"], color="0.5", linewidth=0.8, linestyle=":")
+    axis.axhline(evaluation.settings["attack"]["target_retention"], color="0.5", linewidth=0.8, linestyle=":")
     axis.invert_xaxis()
     axis.set_xlabel("experts kept per layer")
     axis.set_ylabel("target accuracy retained")
@@ -171,7 +172,7 @@ def attack_cost_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
                 if cost.censored:
                     axis.annotate(">=", (x - 0.2, cost.best_cost), ha="center", va="bottom", fontsize=8)
             axis.set_xticks(xs, names, rotation=15)
-            axis.set_ylabel(f"{unit} to {evaluation.settings['target_retention']:.0%} retention")
+            axis.set_ylabel(f"{unit} to {evaluation.settings['attack']['target_retention']:.0%} retention")
             axis.set_title(f"keep {keep}: attack cost in {unit}")
         row[0].legend(fontsize=8)
     return save_figure(figure, path)

@@ -75,7 +75,7 @@ def run_lm_eval(
     if unknown:
         raise InputError(
             f"lm-eval does not know the task(s) {unknown}; list the known ones with `lm_eval --tasks list`, "
-            "or point include_path (--lm-eval-include) at a directory with their YAML files."
+            "or point `include_path` at a directory with their YAML files.", arguments=("include_path",),
         )
     harness_model = lm_eval_model(model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     output = lm_eval.simple_evaluate(

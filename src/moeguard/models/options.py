@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+from moeguard.fields import setting
 from moeguard.models.loading import load_moe_on
 from moeguard.models.moe_model import MoEModel
 
@@ -15,13 +16,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class LoadOptions:
     """Where and how a model's weights are loaded (see :func:`moeguard.models.loading.load_moe_on`)."""
 
-    dtype: str = field(default="float32", metadata={"help": "weight dtype to load ('auto': the checkpoint's own)",
-                                                    "choices": DTYPES})
-    device: str | None = field(default=None, metadata={
-        "help": "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)"})
-    device_map: str | None = field(default=None, metadata={
-        "help": "from_pretrained device_map, e.g. 'auto' to spread a large model over devices"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow code from the model repository"})
+    dtype: str = setting("float32", "weight dtype to load ('auto': the checkpoint's own)", choices=DTYPES)
+    device: str | None = setting(None, "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)")
+    device_map: str | None = setting(None, "from_pretrained device_map, e.g. 'auto' to spread a large model over devices")
+    trust_remote_code: bool = setting(False, "allow code from the model repository")
 
     def load(self, source: str | os.PathLike) -> MoEModel:
         """Load the model at ``source`` (a directory or hub id) with these options."""

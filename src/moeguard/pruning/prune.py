@@ -94,7 +94,7 @@ def check_checkpoint_fingerprint(attribution: Attribution, meta: MoEModel, model
             f"the attribution records only the fingerprint of the weights in memory "
             f"({short(attribution.model_fingerprint)}), which a streaming prune cannot compute without loading the "
             f"model; it needs the checkpoint fingerprint, recorded when `moeguard attribute` loads a local model "
-            f"directory. Run `moeguard attribute` on {model_dir}, or prune without --streaming."
+            f"directory. Attribute {model_dir} itself, or prune without `streaming`.", arguments=("streaming",)
         )
     return expected
 

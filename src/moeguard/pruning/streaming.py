@@ -109,7 +109,8 @@ def read_checkpoint(model_dir: Path) -> list[Shard]:
         found = f" (it has {', '.join(other[:3])})" if other else ""
         raise ModelError(
             f"{model_dir} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}){found}; the streaming prune reads "
-            "safetensors only. Prune in memory instead (without --streaming), or re-save the model with save_pretrained."
+            "safetensors only. Prune in memory instead (without `streaming`), or re-save the model with save_pretrained.",
+            arguments=("streaming",),
         )
     shards = []
     for path in files:
@@ -227,7 +228,8 @@ def map_expert_tensors(moe: MoEModel, stored: Sequence[StoredTensor]) -> dict[st
             raise UnsupportedModelError(
                 f"stored tensor {tensor.name} is converted into {target} by a transformers rule "
                 f"({type(by_pattern[pattern]).__name__} {pattern!r}) other than stacking one tensor per expert along "
-                f"the expert axis; the streaming prune cannot slice it. Prune in memory instead (without --streaming)."
+                f"the expert axis; the streaming prune cannot slice it. Prune in memory instead (without `streaming`).",
+                arguments=("streaming",),
             )
         span = match.span(1)
         result[tensor.name] = ExpertPiece(layer.index, int(match.group(1)), span, target, pattern)
@@ -416,7 +418,7 @@ def streaming_prune(
         )
     model_dir, out_dir = Path(source), Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists; choose another output path or pass overwrite=True (--overwrite).")
+        raise InputError(f"{out_dir} already exists; choose another output path or pass overwrite=True.", arguments=("overwrite",))
     if out_dir.resolve() == model_dir.resolve():
         raise InputError(f"the output {out_dir} is the model directory itself; write the pruned model elsewhere.")
 

@@ -323,7 +323,8 @@ def run_sweep(
     unscored = [d.name for d in datas if d.kind == "lm"]
     if unscored:
         raise InputError(f"task(s) {unscored} are plain text (lm) and have no accuracy; sweep tasks need answers "
-                         "(prompt/answer or multiple choice). Pass plain text as perplexity_data (--perplexity-data).")
+                         "(prompt/answer or multiple choice). Pass plain text as `perplexity_data`.",
+                         arguments=("perplexity_data",))
     text = perplexity_data if perplexity_data is not None else text_of_tasks(datas)
     if text.kind != "lm":
         raise InputError(f"perplexity data {text.name!r} holds {text.kind} examples; give lm data ({{\"text\": ...}} lines).")

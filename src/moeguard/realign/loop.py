@@ -97,12 +97,12 @@ def _load_parent(moe: MoEModel, parent: MoEModel | str | Path | None) -> tuple[M
         if source is None:
             raise ModelError(
                 "the prune manifest does not name the parent model; retention is measured against it, so pass "
-                "the unpruned model with --parent PATH."
+                "the unpruned model as `parent`.", arguments=("parent",),
             )
         try:
             found = load_moe(source, dtype=next(moe.model.parameters()).dtype)
         except ModelError as error:
-            raise ModelError(f"cannot load the unpruned parent ({error}); pass it with --parent PATH.") from None
+            raise ModelError(f"cannot load the unpruned parent ({error}); pass it as `parent`.", arguments=("parent",)) from None
         found.model.to(moe.device)
         loaded = True
     if found.tokenizer is None:
@@ -115,7 +115,7 @@ def _load_parent(moe: MoEModel, parent: MoEModel | str | Path | None) -> tuple[M
         raise FingerprintMismatchError(
             f"the pruned model was carved from the model with {manifest.parent_fingerprint_kind} fingerprint "
             f"{short(manifest.parent_fingerprint)}, but the parent given ({found.source}) has {short(actual) or 'none'}; "
-            "pass the exact model it was pruned from (same weights and dtype) with --parent."
+            "pass the exact model it was pruned from (same weights and dtype) as `parent`.", arguments=("parent",),
         )
     return found, loaded
 
@@ -263,7 +263,7 @@ def _open_run(out_dir: Path, settings: dict[str, Any], resume: bool) -> Run:
     barrier()
     if existing and not resume:
         raise InputError(f"{out_dir} already holds a re-alignment run; pass resume=True to continue it, or choose "
-                         "another output directory.")
+                         "another output directory.", arguments=("resume",))
     if existing and Run.record(out_dir) is None:
         raise ResumeError(f"{out_dir} holds a re-alignment run of an earlier moeguard that did not record its "
                           "settings; delete it or choose another output directory.")

@@ -8,9 +8,11 @@ from typing import Any
 
 import moeguard
 from moeguard.errors import InputError
+from moeguard.fields import setting
 from moeguard.realign.metrics import Threshold, labels_to_reach
+from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.pool import check_acquisition
-from moeguard.realign.scopes import check_scope
+from moeguard.realign.scopes import TRAIN_SCOPES, check_scope
 
 
 def label_schedule(budget: int, seed_size: int, rounds: int) -> list[int]:
@@ -28,20 +30,25 @@ def label_schedule(budget: int, seed_size: int, rounds: int) -> list[int]:
 
 @dataclass
 class RealignConfig:
-    """How a run labels and trains. ``batch_size`` is the global batch (split over processes)."""
+    """How a re-alignment run labels and trains; the defaults are moeguard's one choice for each.
 
-    budget: int
-    seed_size: int | None = None
-    rounds: int = 4
-    acquisition: str = "random"
-    scope: str = "all"
-    lr: float = 3e-4
-    steps_per_round: int = 40
-    batch_size: int = 8
-    seed: int = 0
-    lora_rank: int = 8
-    eval_batch_size: int = 64
-    target_retention: float = 0.9
+    ``batch_size`` is the global batch (split over processes). The audit and the defense
+    evaluation nest one of these for their attacker (the evaluation with its own
+    documented preset, see :class:`moeguard.defense.evaluation.DefenseEvalSettings`).
+    """
+
+    budget: int = setting(64, "pool examples that may be labelled")
+    seed_size: int | None = setting(None, "random labels before the first round (default: budget / rounds)")
+    rounds: int = setting(4, "fine-tuning rounds")
+    acquisition: str = setting("entropy", "how the next examples are chosen", choices=ACQUISITIONS)
+    scope: str = setting("all", "what is fine-tuned", choices=TRAIN_SCOPES)
+    lr: float = setting(1e-3, "peak learning rate")
+    steps_per_round: int = setting(25, "optimizer steps per round")
+    batch_size: int = setting(8, "training batch size (global)")
+    seed: int = setting(0, "seed of the seed set, the data order and the acquisition")
+    lora_rank: int = setting(8, "LoRA rank with the lora scope")
+    eval_batch_size: int = setting(64, "batch size of evaluation and pool scoring")
+    target_retention: float = setting(0.9, "share of the unpruned accuracy the run must win back")
 
     @property
     def first_labels(self) -> int:
@@ -57,26 +64,29 @@ class RealignConfig:
         for name in ("budget", "rounds", "steps_per_round", "batch_size", "lora_rank", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}.")
+                raise InputError(f"`{name}` must be a positive integer, got {value!r}.", arguments=(name,))
         if self.budget > pool_size:
             raise InputError(
                 f"the label budget ({self.budget}) is larger than the pool ({pool_size} unlabelled examples); "
-                "lower --budget or give a larger pool (--pool-size, or a larger --data file)."
+                "lower `budget` or give a larger pool (`pool_size`, or a larger `data` file).",
+                arguments=("budget", "pool_size", "data"),
             )
         seed = self.first_labels
         if not isinstance(seed, int) or not 1 <= seed <= self.budget:
             raise InputError(f"the seed set size must be between 1 and the budget ({self.budget}), got {seed!r}.")
         if self.rounds == 1 and seed != self.budget:
-            raise InputError(f"with one round the seed set is the whole budget: set --seed-size {self.budget} or more --rounds.")
+            raise InputError(f"with one round the seed set is the whole budget: set seed_size={self.budget} or more "
+                             "`rounds`.", arguments=("seed_size", "rounds"))
         if self.rounds > 1 and self.budget - seed < self.rounds - 1:
             raise InputError(
                 f"{self.budget - seed} labels after the seed set cannot be spread over {self.rounds - 1} more rounds; "
-                "raise --budget, lower --seed-size or use fewer --rounds."
+                "raise `budget`, lower `seed_size` or use fewer `rounds`.", arguments=("budget", "seed_size", "rounds"),
             )
         if not self.lr > 0:
-            raise InputError(f"lr must be positive, got {self.lr!r}.")
+            raise InputError(f"`lr` must be positive, got {self.lr!r}.", arguments=("lr",))
         if not 0 < self.target_retention <= 1:
-            raise InputError(f"target_retention must be in (0, 1], got {self.target_retention!r}.")
+            raise InputError(f"`target_retention` must be in (0, 1], got {self.target_retention!r}.",
+                             arguments=("target_retention",))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,7 +174,7 @@ class RealignResult:
     def describe(self) -> str:
         final = self.final
         lines = [
-            f"{self.task}: re-aligned with {self.config['acquisition']} acquisition, --train {self.config['scope']}, "
+            f"{self.task}: re-aligned with {self.config['acquisition']} acquisition, scope {self.config['scope']}, "
             f"{final.labels} labels in {len(self.rounds) - 1} rounds ({final.steps} steps, {final.tokens:,} tokens, "
             f"{final.wall_seconds:.1f}s)",
             f"  accuracy: unpruned {self.unpruned_accuracy:.3f}, pruned {self.pruned_accuracy:.3f}, "

@@ -151,7 +151,7 @@ def scope_parameters(moe: MoEModel, scope: str) -> dict[str, nn.Parameter]:
     params = entry.parameters(moe, lm)
     named = _named(lm, params)
     if not named:
-        raise UnsupportedModelError(_missing_role_message(moe, scope))
+        raise UnsupportedModelError(_missing_role_message(moe, scope), arguments=("scope",))
     return named
 
 
@@ -159,9 +159,9 @@ def _missing_role_message(moe: MoEModel, scope: str) -> str:
     if scope == "attention":
         return (
             f"{moe.model_type}: no module of this model calls the transformers attention interface, so moeguard "
-            "cannot find its attention layers; train --train router, experts, all or lora instead."
+            "cannot find its attention layers; choose another `scope`: router, experts, all or lora."
         )
-    return f"{moe.model_type}: the model has no trainable {scope} parameters; choose another --train scope."
+    return f"{moe.model_type}: the model has no trainable {scope} parameters; choose another `scope`."
 
 
 @dataclass
@@ -220,14 +220,15 @@ def add_lora(moe: MoEModel, *, rank: int = 8, alpha: float = 16.0) -> LoraAdapte
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise InputError("--train lora needs the peft package: pip install 'moeguard[lora]' (peft >= 0.17).") from None
+        raise InputError("scope='lora' needs the peft package: pip install 'moeguard[lora]' (peft >= 0.17).",
+                         arguments=("scope",)) from None
     if not isinstance(rank, int) or rank < 1:
         raise InputError(f"LoRA rank must be a positive integer, got {rank!r}.")
     targets = lora_targets(moe)
     if not targets.modules and not targets.parameters:
         raise UnsupportedModelError(
             f"{moe.model_type}: LoRA has nothing to wrap: no nn.Linear inside an attention module and no 3-D fused "
-            "expert weight; train --train router, experts or all instead."
+            "expert weight; choose another `scope`: router, experts or all.", arguments=("scope",),
         )
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets.modules, target_parameters=targets.parameters
@@ -239,7 +240,8 @@ def add_lora(moe: MoEModel, *, rank: int = 8, alpha: float = 16.0) -> LoraAdapte
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
         raise UnsupportedModelError(
             f"{moe.model_type}: peft cannot add LoRA to this model's attention projections or fused experts "
-            f"({str(error).splitlines()[0]}); train --train router, experts, attention or all instead."
+            f"({str(error).splitlines()[0]}); choose another `scope`: router, experts, attention or all.",
+            arguments=("scope",),
         ) from None
     adapters = {name: p for name, p in lm.named_parameters() if p.requires_grad}
     return LoraAdapters(peft_model, adapters, flags)

@@ -111,7 +111,8 @@ def train_demo(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists; choose another output directory or pass overwrite=True (--overwrite).")
+        raise InputError(f"{out_dir} already exists; choose another output directory or pass overwrite=True.",
+                         arguments=("overwrite",))
     with intra_op_threads(TRAINING_THREADS):
         return _train_demo(out_dir, config, seed=seed, extra_loss=extra_loss, progress=progress, overwrite=overwrite)
 
