@@ -44,9 +44,11 @@ def audited(trained_tiny, tmp_path_factory):
 
 # ---------------------------------------------------------------- pure functions
 def _sweep(points: list[tuple[str, int, float]]) -> SweepResult:
-    full = SweepPoint("full", 8, None, 1.0, [list(range(8))] * 2, {"t": 0.8}, None, 0.0)
-    made = [SweepPoint(c, k, None, k / 8, [list(range(k))] * 2, {"t": 0.8 * r}, None, 0.0) for c, k, r in points]
-    return SweepResult("t", None, "f", [8, 8], full, made)
+    full = SweepPoint(criterion="full", keep=8, seed=None, fraction_kept=1.0, kept=[list(range(8))] * 2,
+                      accuracy={"t": 0.8}, perplexity=None, seconds=0.0)
+    made = [SweepPoint(criterion=c, keep=k, seed=None, fraction_kept=k / 8, kept=[list(range(k))] * 2,
+                       accuracy={"t": 0.8 * r}, perplexity=None, seconds=0.0) for c, k, r in points]
+    return SweepResult(task="t", model=None, model_fingerprint="f", num_experts=[8, 8], full=full, points=made)
 
 
 def test_the_best_plan_per_keep_count_ignores_the_baselines():
@@ -58,8 +60,8 @@ def test_the_best_plan_per_keep_count_ignores_the_baselines():
 
 
 def test_pruning_alone_is_judged_by_the_smallest_plan_that_keeps_the_target_and_realignment_starts_below_it():
-    plans = [BestPlan(6, "frequency", 0.75, 1.0, []), BestPlan(4, "reap", 0.5, 0.92, []), BestPlan(3, "reap", 0.375, 0.5, []),
-             BestPlan(2, "reap", 0.25, 0.1, [])]
+    plans = [BestPlan(keep=k, criterion=c, fraction_kept=f, retained=r, kept=[])
+             for k, c, f, r in [(6, "frequency", 0.75, 1.0), (4, "reap", 0.5, 0.92), (3, "reap", 0.375, 0.5), (2, "reap", 0.25, 0.1)]]
     assert smallest_retaining(plans, 0.9).keep == 4
     assert [p.keep for p in realign_candidates(plans, 0.9)] == [3, 2]
     assert smallest_retaining(plans, 1.01) is None
@@ -290,8 +292,9 @@ def _task(name, *, keep_without, cost=None, runs=(), accuracy=1.0):
     from moeguard.audit.results import TaskAudit
 
     fraction = (keep_without or 8) / 8
-    audit = TaskAudit(name, "hand-made", accuracy, 100, keep_without=keep_without, fraction_without=fraction,
-                      fraction_with=(cost.keep / 8) if cost else fraction, cost=cost, realign_runs=list(runs))
+    audit = TaskAudit(task=name, source="hand-made", full_accuracy=accuracy, test_examples=100, keep_without=keep_without,
+                      fraction_without=fraction, fraction_with=(cost.keep / 8) if cost else fraction, cost=cost,
+                      realign_runs=list(runs))
     audit.keep_with = cost.keep if cost else keep_without
     return audit
 
@@ -299,15 +302,18 @@ def _task(name, *, keep_without, cost=None, runs=(), accuracy=1.0):
 def _run(keep, labels, *, acquisition="entropy", budget=64):
     from moeguard.audit.results import RealignRun
 
-    return RealignRun(keep, "reap", acquisition, keep / 8, [], budget, 0.1, 0.95 if labels else 0.5, labels is not None,
-                      labels, None if labels is None else 2 * labels, None, None, [], "history.json")
+    return RealignRun(keep=keep, criterion="reap", acquisition=acquisition, fraction_kept=keep / 8, kept=[], budget=budget,
+                      pruned_retention=0.1, final_retention=0.95 if labels else 0.5, reached=labels is not None,
+                      labels=labels, steps=None if labels is None else 2 * labels, tokens=None, seconds=None, curve=[],
+                      history="history.json")
 
 
 def _model(tasks):
     from moeguard.audit.results import ModelAudit
 
-    return ModelAudit("model", "m", "f", "qwen3_moe", [8] * 4, [2] * 4, {"total": 1, "active_per_token": 1},
-                      ["frequency"], {t.task: t for t in tasks})
+    return ModelAudit(role="model", source="m", fingerprint="f", model_type="qwen3_moe", num_experts=[8] * 4,
+                      top_k=[2] * 4, parameters={"total": 1, "active_per_token": 1}, criteria=["frequency"],
+                      tasks={t.task: t for t in tasks})
 
 
 def test_the_cost_multiplier_compares_labels_at_the_undefended_attacks_keep_count():

@@ -15,7 +15,8 @@ from moeguard.realign import RealignConfig
 
 
 def run(criterion, scope, lr, seed, labels, steps, budget=(100, 40)):
-    return AttackRun(criterion, scope, lr, seed, labels, steps, budget[0], budget[1], 0.9 if labels is not None else 0.5)
+    return AttackRun(criterion=criterion, scope=scope, lr=lr, seed=seed, labels=labels, steps=steps, budget_labels=budget[0],
+                     budget_steps=budget[1], final_retention=0.9 if labels is not None else 0.5)
 
 
 def test_the_worst_case_is_the_attackers_best_configuration_averaged_over_its_seeds():

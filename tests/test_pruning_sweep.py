@@ -56,7 +56,8 @@ def test_a_sweep_point_equals_the_physically_pruned_model(swept, trained_tiny):
     pruned.prune({layer: kept for layer, kept in enumerate(point.kept)})
     assert 0 < point.accuracy[TARGET] < 1  # a point where pruning changed some answers, not all
     datas = [load_task(TARGET, "test", limit=24), load_task(OTHER, "test", limit=24)]
-    measured = SweepPoint("pruned", 4, None, 0.0, [], {}, None, 0.0)
+    measured = SweepPoint(criterion="pruned", keep=4, seed=None, fraction_kept=0.0, kept=[], accuracy={}, perplexity=None,
+                          seconds=0.0)
     evaluate_point(pruned, measured, datas, text_of_tasks(datas), 32)
     assert measured.accuracy == point.accuracy
     assert measured.answer_loss == pytest.approx(point.answer_loss, rel=1e-5)

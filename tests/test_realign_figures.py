@@ -11,9 +11,11 @@ from moeguard.realign.figures import recovery_figure
 
 
 def _result(other: float) -> RealignResult:
-    rounds = [RoundRecord(i, 8 * i, 10 * i, 100 * i, 0.0, 0.2 * i, 0.2 * i, 0.2 * i, {}, other) for i in range(4)]
-    return RealignResult("reverse", "mask", {"acquisition": "entropy", "target_retention": 0.9}, "f", [[0, 1]], 1.0, {},
-                         rounds, [], True, 64)
+    rounds = [RoundRecord(round=i, labels=8 * i, steps=10 * i, tokens=100 * i, wall_seconds=0.0, accuracy=0.2 * i,
+                          retention=0.2 * i, recovery=0.2 * i, other_accuracy={}, other_retention=other) for i in range(4)]
+    return RealignResult(task="reverse", mode="mask", config={"acquisition": "entropy", "target_retention": 0.9},
+                         model_fingerprint="f", kept=[[0, 1]], unpruned_accuracy=1.0, unpruned_other={}, rounds=rounds,
+                         labelled=[], frozen_verified=True, pool_size=64)
 
 
 def test_the_other_tasks_panel_is_drawn_only_when_other_tasks_were_measured(tmp_path):

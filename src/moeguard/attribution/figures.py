@@ -9,6 +9,7 @@ import torch
 
 from moeguard.attribution.record import Attribution
 from moeguard.attribution.scores import CRITERIA, ranking_criteria, scores
+from moeguard.attribution.summary import overlap
 from moeguard.plotting import file_stem, pyplot, save_figure
 
 def score_heatmap(values: torch.Tensor, title: str, path: str | Path, *, diverging: bool = False) -> Path:
@@ -64,3 +65,14 @@ def overlap_heatmap(matrix: torch.Tensor, tasks: Sequence[str], title: str, path
     axes.set_title(title)
     figure.colorbar(image, ax=axes)
     return save_figure(figure, Path(path))
+
+
+def attribution_figures(attribution: Attribution, compared: Sequence[Attribution], out_dir: str | Path) -> list[Path]:
+    """:func:`save_heatmaps` of ``attribution`` and, with ``compared`` attributions of other tasks, the
+    ``overlap.png`` of their top sets (Jaccard, mean over layers)."""
+    paths = save_heatmaps(attribution, out_dir)
+    if compared:
+        tasks = [a.task or "data" for a in [attribution, *compared]]
+        matrix = overlap([attribution, *compared], "frequency").mean(-1)
+        paths.append(overlap_heatmap(matrix, tasks, "top-set overlap (Jaccard, mean over layers)", Path(out_dir) / "overlap.png"))
+    return paths

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from moeguard.attribution.collect import collect_attribution, distributed_world, iterate_shard
-from moeguard.attribution.figures import overlap_heatmap, save_heatmaps
 from moeguard.attribution.record import Attribution, check_fingerprint, tensors_path
 from moeguard.attribution.scores import DEFAULT_CRITERIA
 from moeguard.attribution.summary import Specialisation, overlap, specialisation
@@ -23,14 +22,15 @@ from moeguard.runs import partial_path
 class AttributionRun:
     """An attribution with its summary, where it was written, and its overlap with other tasks.
 
-    ``overlaps[task]`` is the per-layer Jaccard index of this task's top sets with
-    that task's (frequency criterion, a quarter of the experts).
+    ``compared`` are the other tasks' attributions; ``overlaps[task]`` is the per-layer
+    Jaccard index of this task's top sets with that task's (frequency criterion, a
+    quarter of the experts).
     """
 
     attribution: Attribution
     summary: Specialisation
     path: Path | None = None
-    figures: list[Path] = field(default_factory=list)
+    compared: list[Attribution] = field(default_factory=list)
     overlaps: dict[str, list[float]] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -44,8 +44,6 @@ class AttributionRun:
             lines.append(f"  top-set overlap with {task}: {sum(values) / len(values):.2f} (mean Jaccard over layers)")
         if self.path is not None:
             lines.append(f"  wrote {self.path} (+ {tensors_path(self.path).name})")
-        if self.figures:
-            lines.append(f"  figures: {', '.join(str(p) for p in self.figures)}")
         return "\n".join(lines)
 
 
@@ -67,12 +65,12 @@ def attribute(
     batch_size: int = 8,
     max_length: int | None = None,
     out: str | Path | None = None,
-    figures: str | Path | None = None,
     compare: Sequence[str | Path] = (),
     overwrite: bool = False,
     progress: bool = True,
 ) -> AttributionRun:
-    """Attribute ``data`` on ``moe``; write ``out`` (JSON + safetensors) and heatmaps into ``figures``.
+    """Attribute ``data`` on ``moe`` and write ``out`` (JSON + safetensors); heatmaps are drawn from the result
+    (:func:`moeguard.attribution.figures.attribution_figures`).
 
     ``compare`` names attributions of other tasks on the same model; their top-set
     overlap with this one is reported. Under ``torch.distributed`` every process
@@ -103,7 +101,7 @@ def attribute(
         checkpoint=partial_path(out) if out is not None else None,
         progress=progress and rank == 0,
     )
-    run = AttributionRun(attribution, specialisation(attribution))
+    run = AttributionRun(attribution, specialisation(attribution), compared=others)
     for other in others:
         table = overlap([attribution, other], "frequency")
         run.overlaps[other.task or "other"] = table[0, 1].tolist()
@@ -111,14 +109,6 @@ def attribute(
         return run
     if out is not None:
         run.path = attribution.save(out, summary={**run.summary.to_dict(), "overlap": run.overlaps})
-    if figures is not None:
-        run.figures = save_heatmaps(attribution, figures)
-        if others:
-            tasks = [a.task or "data" for a in [attribution, *others]]
-            matrix = overlap([attribution, *others], "frequency").mean(-1)
-            run.figures.append(
-                overlap_heatmap(matrix, tasks, "top-set overlap (Jaccard, mean over layers)", Path(figures) / "overlap.png")
-            )
     return run
 
 

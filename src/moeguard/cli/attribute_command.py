@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
+    from moeguard.attribution.figures import attribution_figures
     from moeguard.attribution.run import attribute, init_distributed_from_environment
 
     criteria = parse_criteria(args.criteria, args.ablation)
@@ -74,16 +75,19 @@ def run(args: argparse.Namespace) -> int:
         moe = load_model(args)
         result = attribute(
             moe, data, tokens=args.tokens, criteria=criteria, batch_size=args.batch_size, max_length=args.max_length,
-            out=args.out, figures=args.figures, compare=args.compare, overwrite=args.overwrite, progress=not args.quiet,
+            out=args.out, compare=args.compare, overwrite=args.overwrite, progress=not args.quiet,
         )
     finally:
         if started_group:
             dist.destroy_process_group()
     if started_group and result.path is None:
         return 0  # ranks other than 0 write and print nothing
+    figures = attribution_figures(result.attribution, result.compared, args.figures) if args.figures else []
     if args.json:
         print_json({"out": str(result.path), "summary": result.summary.to_dict(), "overlap": result.overlaps,
-                    "figures": [str(p) for p in result.figures]})
+                    "figures": [str(p) for p in figures]})
     else:
         print(result.describe())
+        if figures:
+            print(f"  figures: {', '.join(str(p) for p in figures)}")
     return 0
