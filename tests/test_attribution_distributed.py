@@ -36,6 +36,7 @@ def worker(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_gloo_processes_over_shards_equal_one_process_over_everything(tmp_path):
     out = tmp_path / "two.json"

@@ -89,6 +89,7 @@ def test_the_default_attacker_adds_ablation_where_it_is_affordable_and_routable(
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_the_report_numbers_are_the_stage_results(audited, trained_tiny):
     report, out = audited
     saved = load_report(out)
@@ -121,6 +122,7 @@ def test_the_report_numbers_are_the_stage_results(audited, trained_tiny):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_rerun_recomputes_nothing(audited, trained_tiny):
     report, out = audited
     again = run_audit(quick_config(trained_tiny, out), progress=False)
@@ -129,6 +131,7 @@ def test_a_rerun_recomputes_nothing(audited, trained_tiny):
     assert all(work["computed"] == 0 and work["reused"] > 0 for work in again.model.work.values()), again.model.work
 
 
+@pytest.mark.slow
 def test_an_interrupted_audit_resumes_where_it_stopped(trained_tiny, tmp_path, monkeypatch, one_thread):
     import moeguard.pruning.sweep as sweep_module
 
@@ -156,6 +159,7 @@ def test_an_interrupted_audit_resumes_where_it_stopped(trained_tiny, tmp_path, m
     assert report.model.tasks["upper"].sweep == sweep.rows()
 
 
+@pytest.mark.slow
 def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_much(audited, trained_tiny, tmp_path):
     _, first = audited
     out = tmp_path / "audit"
@@ -177,6 +181,7 @@ def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_m
         assert values["broken"] == "0" and int(values["width"]) <= 1280
 
 
+@pytest.mark.slow
 def test_user_data_files_are_audited_like_builtin_tasks(trained_tiny, tmp_path, one_thread):
     from moeguard.data import load_task, save_jsonl
 

@@ -16,6 +16,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["moeguard.cli", "moeguard"])
 def test_module_entry_points_parse_run_and_report_like_the_script(module, tmp_path):
     version = run_module(module, "--version")

@@ -67,6 +67,7 @@ def test_settings_are_checked_before_any_work():
         DefenseEvalSettings(scopes=("everything",)).check()
 
 
+@pytest.mark.slow
 def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model_against_itself_as_1x(
     trained_tiny, tmp_path, one_thread
 ):

@@ -102,6 +102,7 @@ def test_perplexity_equals_the_hand_computed_value():
     assert result.ci_low <= result.value <= result.ci_high
 
 
+@pytest.mark.slow
 def test_batched_evaluation_equals_one_at_a_time_and_padding_changes_nothing(trained_tiny):
     moe = load_moe(trained_tiny)
     tasks = moe_tasks(trained_tiny)

@@ -42,6 +42,7 @@ def harness_task(tmp_path) -> str:
     return str(tmp_path / "tasks")
 
 
+@pytest.mark.slow
 def test_a_local_harness_task_gives_the_same_accuracy_as_moeguard(trained_tiny, tmp_path):
     include = harness_task(tmp_path)
     ours = evaluate(load_moe(trained_tiny), None, CHOICES)
@@ -72,6 +73,7 @@ def test_unknown_harness_tasks_and_a_missing_harness_are_explained(trained_tiny,
         run_lm_eval(trained_tiny, ["moeguard_caps"])
 
 
+@pytest.mark.slow
 def test_the_evaluate_command_runs_harness_tasks(trained_tiny, tmp_path, capsys):
     include = harness_task(tmp_path)
     assert main(["evaluate", "--model", str(trained_tiny), "--lm-eval", "moeguard_caps", "--lm-eval-include", include, "--json"]) == 0

@@ -22,6 +22,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch_realign_a_pruned_model_and_agree(tmp_path):
     parent = tiny_moe("mixtral")

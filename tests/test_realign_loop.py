@@ -147,6 +147,7 @@ def test_a_pruned_directory_run_writes_the_realigned_model_history_and_figure(pr
         realign(pruned_dir, small_data(pool=21), config(), out=out, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,acquisition", [("experts", "badge"), ("lora", "entropy")])
 def test_resuming_an_interrupted_run_ends_exactly_like_an_uninterrupted_one(pruned_dir, tmp_path, scope, acquisition):
     settings = config(scope=scope, acquisition=acquisition, rounds=3, budget=6, seed_size=2, lora_rank=2)

@@ -38,6 +38,7 @@ def data():
     return builtin_data("reverse", pool_size=16, test_size=4, other_size=0, other_tasks=[])
 
 
+@pytest.mark.slow
 def test_realign_records_scope_labels_steps_acquisition_and_both_fingerprints(pruned_dir, tmp_path):
     pruned = load_moe(pruned_dir)
     config = RealignConfig(budget=6, rounds=2, seed_size=3, acquisition="margin", scope="router", steps_per_round=2,

@@ -103,6 +103,7 @@ def test_routing_shares_never_ask_for_logits_beyond_one_position(large_vocab_mod
     assert shares.shape == (len(pool),) and bool(((shares >= 0) & (shares <= 1)).all())
 
 
+@pytest.mark.slow
 def test_the_loop_runs_every_acquisition_at_this_vocabulary(large_vocab_model, pool):
     data = builtin_data("reverse", pool_size=12, test_size=2, other_size=0, other_tasks=[])
     for name in ACQUISITIONS:

@@ -140,6 +140,7 @@ def test_realign_resumed_with_other_options_before_the_first_finished_round_is_r
     assert result.final.labels == 8
 
 
+@pytest.mark.slow
 def test_harden_killed_mid_run_and_rerun_with_another_method_and_lr_is_refused(tmp_path, monkeypatch):
     train_tasks, test_tasks = [load_task("reverse", "train", limit=32)], [load_task("reverse", "test", limit=4)]
     settings = HardenSettings(steps=205, batch_size=2, lr=1e-3)
@@ -176,6 +177,7 @@ def test_a_diverged_run_leaves_no_state_that_blocks_a_rerun(tmp_path):
 
 
 # ---------------------------------------------------------------- the resume hint after Ctrl-C
+@pytest.mark.slow
 def test_the_hint_after_ctrl_c_is_a_command_that_resumes(tmp_path, monkeypatch, capsys):
     parent = char_moe().save(tmp_path / "parent")
     moe = load_moe(parent)

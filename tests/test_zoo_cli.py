@@ -13,6 +13,7 @@ from moeguard.zoo import CARD_JSON, DemoConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_zoo_train_writes_a_model_with_the_requested_shape_and_prints_its_accuracy(tmp_path, capsys):
     out = tmp_path / "demo"
     arguments = ["zoo", "train", "--out", str(out), "--seed", "3", "--experts", "4", "--top-k", "1", "--layers", "1",

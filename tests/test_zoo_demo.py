@@ -43,6 +43,7 @@ def test_the_tiny_trained_model_loads_with_stock_auto_classes_and_its_card_is_ri
     assert set(card["routing"]["effective_experts"]) == set(card["config"]["tasks"])
 
 
+@pytest.mark.slow
 def test_a_small_moe_trained_for_a_few_seconds_learns_its_task_end_to_end(tmp_path):
     config = DemoConfig(layers=2, hidden=64, expert_hidden=64, tasks=("upper",), train_examples=2_000, steps=200, batch_size=32, lr=1e-2, warmup=20)
     path = train_demo(tmp_path / "model", config, progress=False)
@@ -54,6 +55,7 @@ def test_a_small_moe_trained_for_a_few_seconds_learns_its_task_end_to_end(tmp_pa
     assert evaluate(moe, None, load_task("upper", limit=200)).value == card["accuracy"]["upper"]["value"]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_data_and_weights_and_another_seed_does_not(tmp_path):
     short_tiny = dataclasses.replace(TINY_DEMO, steps=4, train_examples=64)  # the tiny architecture, a few steps
     first = card_of(train_demo(tmp_path / "a", short_tiny, seed=5, progress=False))
