@@ -197,3 +197,22 @@ def test_the_hint_after_ctrl_c_is_a_command_that_resumes(tmp_path, monkeypatch, 
     assert main(command[1:]) == 0
     assert load_moe(tmp_path / "run" / "model").num_experts == [4, 4]
 
+
+
+def test_a_diverged_run_and_a_broken_invariant_are_reported_as_what_they_are(monkeypatch, capsys):
+    from moeguard.errors import InternalError, TrainingDivergedError
+
+    def diverges(args):
+        raise TrainingDivergedError("the training loss became nan at step 3; training diverged, lower the learning rate.")
+
+    def broken(args):
+        raise InternalError("parameters outside the trainable scope changed during re-alignment")
+
+    monkeypatch.setattr("moeguard.cli.inspect_command.run", diverges)
+    assert main(["inspect", "--model", "x"]) == 2
+    error = capsys.readouterr().err
+    assert "error: the training loss became nan" in error and "Traceback" not in error
+    monkeypatch.setattr("moeguard.cli.inspect_command.run", broken)
+    assert main(["inspect", "--model", "x"]) == 3
+    error = capsys.readouterr().err
+    assert "Traceback" in error and "internal error (a bug in moeguard" in error

@@ -4,7 +4,9 @@ Each command lives in its own module with a ``register(subparsers)`` function th
 adds its parser and sets ``run`` (``args -> exit code``) and, for a command whose
 interrupted work can be continued, ``resume_with``: "" when running the same command
 again resumes it, or the flag that must be added (``--resume``). Errors a user can fix
-(:class:`moeguard.errors.MoeGuardError`) are printed without a traceback.
+(:class:`moeguard.errors.MoeGuardError`) are printed without a traceback, in the words
+of the command's flags; a bug of moeguard (:class:`moeguard.errors.InternalError`) with
+its traceback and a request to report it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 
 from moeguard import __version__
 from moeguard.cli.common import cli_message, command_flags
-from moeguard.errors import MoeGuardError
+from moeguard.errors import InternalError, MoeGuardError
 
 COMMAND_MODULES = [
     "moeguard.cli.audit_command",
@@ -103,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except MoeGuardError as error:
         print(f"moeguard {args.command}: error: {cli_message(error, command_flags(args.command_parser))}", file=sys.stderr)
         return 2
+    except InternalError as error:
+        traceback.print_exc()
+        print(f"moeguard {args.command}: internal error (a bug in moeguard, please report it with the traceback above): "
+              f"{error}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"moeguard {args.command}: {resume_hint(args, argv)}", file=sys.stderr)
         return 130
