@@ -347,3 +347,18 @@ def test_the_cost_multiplier_compares_labels_at_the_undefended_attacks_keep_coun
     assert found["unreached"].describe_multiplier() == ">=2.00x"
     assert found["unbroken"].cost_multiplier is None and "nothing to compare" in found["unbroken"].note
     assert json.loads(json.dumps(found["free"].to_dict()))["cost_multiplier"] == "inf"
+
+
+def test_the_forensics_stage_traces_the_carved_model_without_copying_the_audited_one(tmp_path):
+    from moeguard.audit.run import ModelAuditor
+    from moeguard.audit.tasks import AuditTask
+    from moeguard.data import load_task
+
+    moe = tiny_moe("qwen3_moe")
+    before = moe.fingerprint()
+    task = AuditTask("upper", load_task("upper", "pool", limit=2), load_task("upper", "test", limit=2), "built-in task upper")
+    auditor = ModelAuditor(moe, "model", AuditConfig(out=str(tmp_path)), tmp_path, progress=False)
+    result = auditor.forensics(task, [[0, 3, 5], [1, 2, 7]])
+    assert result["derived"] and result["layers_recovered"] == result["layers"] == 2
+    assert result["recovered"] == result["kept"] == [[0, 3, 5], [1, 2, 7]]
+    assert moe.fingerprint() == before and auditor.cache.work()["forensics"] == {"reused": 0, "computed": 1}

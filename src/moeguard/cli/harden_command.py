@@ -7,7 +7,7 @@ import argparse
 from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, describe_choices, load_model, parse_list, print_json
 from moeguard.defense.harden import HardenSettings
 from moeguard.defense.attacker import ATTACKER_TRAINABLES
-from moeguard.defense.objective import METHODS
+from moeguard.defense.objective import METHODS, DefenseConfig
 from moeguard.defense.protocol import DEFAULT_PERMITTED
 
 
@@ -28,10 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="JSONL",
                         help="a task of your own (JSONL, one task per file; repeatable), instead of --tasks")
     parser.add_argument("--strength", type=float, default=1.0, help="multiply every term's weight (default: 1)")
-    parser.add_argument("--margin", type=float, default=None, help="gamma = L(full) + margin, nats (default: 2)")
-    parser.add_argument("--keep-counts", default=None, help="subset sizes to defend against, e.g. 2,4,6 (default)")
+    terms = DefenseConfig()
+    parser.add_argument("--margin", type=float, default=None, help=f"gamma = L(full) + margin, nats (default: {terms.margin:g})")
+    parser.add_argument("--keep-counts", default=None, help="subset sizes to defend against, comma-separated "
+                        f"(default: {','.join(map(str, terms.keep_counts))})")
     parser.add_argument("--attacker-trainables", choices=ATTACKER_TRAINABLES, default=None,
-                        help="what the simulated attacker fine-tunes (default: all)")
+                        help=f"what the simulated attacker fine-tunes (default: {terms.attacker_trainables})")
     add_config_arguments(parser, HardenSettings)
     parser.add_argument("--train-examples", type=int, default=4000, help="training examples per built-in task")
     parser.add_argument("--eval-examples", type=int, default=200, help="test examples per task for the before/after check")

@@ -8,17 +8,20 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from moeguard.zoo import DemoConfig
+
+    default = DemoConfig()
     parser = subparsers.add_parser("zoo", help="the built-in demo MoE: train one, or find (and first train) the cached one")
     commands = parser.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="train a demo MoE from scratch on the built-in tasks into a model directory")
     train.add_argument("--out", required=True, type=Path, help="output model directory")
     train.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: 0)")
-    train.add_argument("--experts", type=int, help="experts per MoE layer (default: 8)")
-    train.add_argument("--top-k", type=int, help="experts per token (default: 2)")
-    train.add_argument("--layers", type=int, help="decoder layers, all MoE (default: 4)")
-    train.add_argument("--hidden", type=int, help="model width (default: 128)")
-    train.add_argument("--steps", type=int, help="training steps (default: 2700)")
+    train.add_argument("--experts", type=int, help=f"experts per MoE layer (default: {default.experts})")
+    train.add_argument("--top-k", type=int, help=f"experts per token (default: {default.top_k})")
+    train.add_argument("--layers", type=int, help=f"decoder layers, all MoE (default: {default.layers})")
+    train.add_argument("--hidden", type=int, help=f"model width (default: {default.hidden})")
+    train.add_argument("--steps", type=int, help=f"training steps (default: {default.steps})")
     train.add_argument("--tasks", help="comma-separated built-in tasks to train on (default: all)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.add_argument("--defense", help="train defended from scratch with this `moeguard harden` method (e.g. entangle)")
