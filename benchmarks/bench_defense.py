@@ -51,8 +51,8 @@ from moeguard.defense.harden import (
     load_defense_tasks,
     task_of_examples,
 )
-from moeguard.defense.objective import DefenseObjective, defense_config
 from moeguard.cli.common import add_config_arguments, config_from_args
+from moeguard.defense.objective import DefenseObjective, defense_config
 from moeguard.defense.report import markdown_tables, write_report
 from moeguard.io import atomic_dir, write_json
 from moeguard.models import load_moe

@@ -12,9 +12,9 @@ from moeguard.cli import main
 from moeguard.data import TaskData, load_task
 from moeguard.errors import InputError, PlanError
 from moeguard.models import GroupRouting, load_moe
-from moeguard.pruning.plans import LayerLimits
 from moeguard.pruning import sweep as sweep_module
 from moeguard.pruning.figures import knowledge_loss_figure
+from moeguard.pruning.plans import LayerLimits
 from moeguard.pruning.sweep import SweepPoint, default_keeps, evaluate_point, load_sweep, rows_to_csv, run_sweep, text_of_tasks
 
 TARGET, OTHER = "reverse", "sort"  # both learned by the tiny model

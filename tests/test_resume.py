@@ -17,7 +17,7 @@ from moeguard.cli import main
 from moeguard.data import batches, build_char_tokenizer, load_task, mixture, save_jsonl
 from moeguard.defense.harden import HardenSettings, harden_to_directory
 from moeguard.defense.objective import defense_config
-from moeguard.errors import InputError, MoeGuardError, ResumeError
+from moeguard.errors import MoeGuardError, ResumeError
 from moeguard.models import load_moe
 from moeguard.realign import RealignConfig, builtin_data, realign
 from moeguard.runs import Run, RunCache, code_version

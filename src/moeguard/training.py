@@ -87,7 +87,7 @@ def _decay_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-TRAINER_STATE, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
+TRAINER_STATE = "trainer.json"
 
 
 def optimizer_state_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,8 +129,8 @@ class _Checkpoint:
     def load(self) -> dict[str, Any] | None:
         """Restore parameters, optimizer and RNG state; the step, losses, counts and times saved, or None."""
         saved = self.run.load_json(TRAINER_STATE)
-        tensors = self.run.load_tensors(TRAINER_TENSORS)
-        if saved is None or tensors is None:
+        tensors = self.run.load_tensors(saved["tensors"]) if saved is not None else None
+        if tensors is None:
             return None
         with torch.no_grad():
             for name, param in self.named.items():
@@ -144,10 +144,15 @@ class _Checkpoint:
         tensors, plain = optimizer_state_to_tensors(self.optimizer.state_dict())
         tensors.update({f"param.{name}": param for name, param in self.named.items()})
         tensors["rng.cpu"] = torch.get_rng_state()
-        # The tensors first: a state file always describes tensors that are complete on disk.
-        self.run.save_tensors(TRAINER_TENSORS, tensors)
+        # The tensors of each step in their own file, written first: the state file always names tensors that are
+        # complete on disk, whenever the run is interrupted.
+        name = f"trainer-{step:08d}.safetensors"
+        self.run.save_tensors(name, tensors)
         self.run.save_json(TRAINER_STATE, {"step": step, "losses": losses, "counts": counts, "elapsed": elapsed,
-                                           "optimizer": plain})
+                                           "optimizer": plain, "tensors": name})
+        for older in self.run.path.glob("trainer-*.safetensors"):
+            if older.name != name:
+                older.unlink(missing_ok=True)
 
 
 def _diverged(message: str, checkpoint: _Checkpoint | None, lr: float) -> TrainingDivergedError:

@@ -44,9 +44,9 @@ from moeguard.attribution.statistics import (
 from moeguard.data import model_inputs, to_device
 from moeguard.errors import DataError, InputError
 from moeguard.io import atomic_dir
-from moeguard.runs import Run
 from moeguard.models import MoEModel, RoutingEvent
 from moeguard.models.fingerprint import checkpoint_fingerprint
+from moeguard.runs import Run
 
 logger = logging.getLogger("moeguard.attribution")
 

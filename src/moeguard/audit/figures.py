@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeguard.plotting import pyplot, save_figure
 from moeguard.audit.results import ModelAudit
+from moeguard.plotting import pyplot, save_figure
 
 
 def _fractions(audit: ModelAudit) -> tuple[list[str], list[float], list[float]]:

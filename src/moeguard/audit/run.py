@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from moeguard.attribution import Attribution, collect_attribution, scores
 from moeguard.attribution.figures import score_heatmap
 from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA
-from moeguard.plotting import file_stem
 from moeguard.attribution.summary import Specialisation, specialisation
 from moeguard.audit.config import DEMO_MODEL, AuditConfig
 from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
@@ -35,6 +34,7 @@ from moeguard.defense.costs import cost_multiplier
 from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate
 from moeguard.models import MoEModel, loading
+from moeguard.plotting import file_stem
 from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignResult, realign

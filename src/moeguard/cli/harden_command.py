@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, describe_choices, load_model, parse_list, print_json
-from moeguard.defense.harden import HardenSettings
 from moeguard.defense.attacker import ATTACKER_TRAINABLES
+from moeguard.defense.harden import HardenSettings
 from moeguard.defense.objective import METHODS, DefenseConfig
 from moeguard.defense.protocol import DEFAULT_PERMITTED
 

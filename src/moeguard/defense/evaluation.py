@@ -41,23 +41,23 @@ from typing import Any
 import torch
 
 from moeguard.attribution import Attribution, scores
+from moeguard.attribution.scores import CRITERIA, check_criterion
 from moeguard.data import Example, TaskData, batches
 from moeguard.defense.costs import AttackRun, GridCost, configuration_label, cost_multiplier, grid_cost
-from moeguard.attribution.scores import CRITERIA, check_criterion
-from moeguard.fields import setting
 from moeguard.defense.parameter_groups import check_group_names, group_parameters
 from moeguard.defense.protocol import make_protocol
 from moeguard.defense.verify import verify_fine_tune
 from moeguard.errors import InputError
 from moeguard.eval import evaluate
+from moeguard.fields import setting
 from moeguard.models import MoEModel
 from moeguard.models.options import LoadOptions
 from moeguard.pruning.plans import make_plan
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
 from moeguard.realign.metrics import labels_to_reach, retention
-from moeguard.runs import Run
 from moeguard.realign.scopes import TRAIN_SCOPES, check_scope
+from moeguard.runs import Run
 from moeguard.training import train
 
 log = logging.getLogger("moeguard.defense")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.plotting import pyplot, save_figure
 from moeguard.defense.costs import GridCost, configuration_label
 from moeguard.defense.evaluation import DefenseEvaluation
 from moeguard.io import atomic_write_text, write_json
+from moeguard.plotting import pyplot, save_figure
 from moeguard.realign.figures import recovery_figure
 
 RESULT_NAME, TABLE_NAME, FIGURES_DIR = "defense_eval.json", "defense_eval.md", "figures"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.plotting import pyplot, save_figure
 from moeguard.forensics.verdict import Verdict
+from moeguard.plotting import pyplot, save_figure
 
 MAX_PANELS = 16
 

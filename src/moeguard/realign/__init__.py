@@ -6,11 +6,11 @@ a keep set. ``acquisition`` holds the pure scoring functions, ``scopes`` what is
 trained, ``metrics`` retention, recovery and labels-to-threshold.
 """
 
+from moeguard.realign.acquisition import ACQUISITIONS, Acquisition
 from moeguard.realign.inputs import RealignData, builtin_data, file_data
 from moeguard.realign.loop import realign
-from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord, label_schedule
 from moeguard.realign.metrics import Threshold, labels_to_reach, recovery, retention
-from moeguard.realign.acquisition import ACQUISITIONS, Acquisition
+from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord, label_schedule
 from moeguard.realign.scopes import TRAIN_SCOPES, Scope
 
 __all__ = [

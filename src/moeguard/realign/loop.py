@@ -35,13 +35,13 @@ from moeguard.data.batching import batches, encode_continuations
 from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, ResumeError
 from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
 from moeguard.io import read_json, write_json
-from moeguard.runs import Run
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
 from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.inputs import RealignData
 from moeguard.realign.metrics import recovery, retention
 from moeguard.realign.pool import pool_values, removed_expert_masks, routing_shares, select
+from moeguard.runs import Run
 from moeguard.realign.processes import (
     barrier,
     broadcast_from_first,

@@ -9,8 +9,8 @@ from typing import Any
 import moeguard
 from moeguard.errors import InputError
 from moeguard.fields import setting
-from moeguard.realign.metrics import Threshold, labels_to_reach
 from moeguard.realign.acquisition import ACQUISITIONS
+from moeguard.realign.metrics import Threshold, labels_to_reach
 from moeguard.realign.pool import check_acquisition
 from moeguard.realign.scopes import TRAIN_SCOPES, check_scope
 
