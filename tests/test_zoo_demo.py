@@ -8,6 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import TINY_ACCURACY_FLOOR
 from moeguard.data import load_task
 from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate
@@ -36,9 +37,10 @@ def test_the_tiny_trained_model_loads_with_stock_auto_classes_and_its_card_is_ri
     for task in card["config"]["tasks"]:
         measured = evaluate(moe, tokenizer, load_task(task, "test"), batch_size=200)
         assert measured.value == card["accuracy"][task]["value"]
-        assert measured.value >= 0.9, f"{task}: {measured.value}"
+        assert measured.value >= TINY_ACCURACY_FLOOR, f"{task}: {measured.value}"
     readme = (trained_tiny / "README.md").read_text()
-    for text in ("seed 0", f"{card['training']['steps']:,} steps", "wall time", "| upper | 1.000", "Routing specialisation"):
+    upper = card["accuracy"]["upper"]["value"]
+    for text in ("seed 0", f"{card['training']['steps']:,} steps", "wall time", f"| upper | {upper:.3f}", "Routing specialisation"):
         assert text in readme
     assert set(card["routing"]["effective_experts"]) == set(card["config"]["tasks"])
 
@@ -87,7 +89,7 @@ def test_the_cache_trains_once_then_reuses_and_honours_the_environment(tmp_path,
 
 def test_training_into_an_existing_directory_is_refused_before_any_work(tmp_path):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(InputError, match="taken already exists; choose another output directory or pass overwrite=True"):
+    with pytest.raises(InputError, match="taken already exists; choose another output path or pass overwrite=True"):
         train_demo(tmp_path / "taken", MICRO)
 
 

@@ -32,17 +32,22 @@ from moeguard.runs import Run
 log = logging.getLogger("moeguard.training")
 
 ExtraLoss = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
+# Optional batch entry: what the batch's summed token loss is divided by instead of its own
+# labelled-token count (data parallelism: a share of the whole batch's count, see realign.processes).
+LOSS_NORMALISER = "loss_normaliser"
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normaliser: float | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens.
 
     ``mean_{(b, t): labels[b, t+1] != -100} -log softmax(logits[b, t])[labels[b, t+1]]``
-    (``logits[b, t]`` predicts token ``t + 1``).
+    (``logits[b, t]`` predicts token ``t + 1``); with ``normaliser`` the sum of those
+    terms divided by ``normaliser`` instead of by their count.
     """
-    return nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    flat_logits, flat_labels = logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    if normaliser is None:
+        return nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    return nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / normaliser
 
 
 def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -255,7 +260,7 @@ def train(
                 group["lr"] = learning_rate(step, steps=steps, lr=lr, warmup=warmup, min_ratio=min_lr_ratio)
             aux = {"output_router_logits": True} if router_aux_loss_coef else {}
             outputs = lm(**model_inputs(batch), **aux)
-            ce = token_cross_entropy(outputs.logits, batch["labels"])
+            ce = token_cross_entropy(outputs.logits, batch["labels"], batch.get(LOSS_NORMALISER))
             loss = ce
             if router_aux_loss_coef:
                 if getattr(outputs, "aux_loss", None) is None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +41,7 @@ from moeguard.attribution.statistics import (
     tokens_by_part,
 )
 from moeguard.data import model_inputs, to_device
+from moeguard.distributed import all_reduce_sum_, distributed_world, sum_over_processes
 from moeguard.errors import DataError, InputError
 from moeguard.io import atomic_dir
 from moeguard.models import MoEModel, RoutingEvent
@@ -138,22 +138,9 @@ class StatisticsAccumulator:
 
     def all_reduce(self) -> None:
         """Sum every statistic over the processes of the default ``torch.distributed`` group."""
-        import torch.distributed as dist
-
         for tensor in (*self.sums.values(), self.coactivation):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        batches = torch.tensor([self.batches], device=self.coactivation.device)
-        dist.all_reduce(batches, op=dist.ReduceOp.SUM)
-        self.batches = int(batches.item())
-
-
-def distributed_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+            all_reduce_sum_(tensor)
+        self.batches = int(sum_over_processes(self.batches))
 
 
 def collect_attribution(
@@ -305,9 +292,3 @@ def _check_not_empty(attribution: Attribution, tokens: str) -> None:
             f"to attribute;{hint or ' every token is padding.'}", arguments=("tokens",),
         )
 
-
-def iterate_shard(batches: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
-    """Every ``world``-th batch starting at ``rank``: this process's disjoint shard."""
-    for position, batch in enumerate(batches):
-        if position % world == rank:
-            yield batch

@@ -62,6 +62,16 @@ def tensors_path(json_path: str | Path) -> Path:
     return path.with_suffix(".safetensors") if path.suffix == ".json" else path.with_name(path.name + ".safetensors")
 
 
+def _beside(path: Path, name: Any) -> Path:
+    """The file ``name`` in the directory of ``path``; a name that would lead anywhere else is refused."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise InputError(
+            f"{path}: tensors.file must name a file in the same directory (e.g. {path.stem}.safetensors), got {name!r:.80}; "
+            "an attribution never points elsewhere."
+        )
+    return path.with_name(name)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -207,6 +217,7 @@ class Attribution:
     @classmethod
     def load(cls, path: str | Path) -> "Attribution":
         """Read an attribution written by :meth:`save`; refuse mismatched or foreign files."""
+        from safetensors import SafetensorError
         from safetensors.torch import load as load_tensors
 
         path = Path(path)
@@ -217,7 +228,7 @@ class Attribution:
             raise InputError(f"{path} has attribution format {data.get('format')!r}; this moeguard reads format {FORMAT}.")
         try:
             tensors_info = data["tensors"]
-            side = path.with_name(tensors_info["file"])
+            tensors_file = tensors_info["file"]
             model, task, layers = data["model"], data["task"], data["layers"]
             meta = dict(
                 model_fingerprint=model["fingerprint"],
@@ -234,17 +245,21 @@ class Attribution:
                 moeguard_version=data["moeguard_version"],
                 created=data["created"],
             )
-        except (KeyError, TypeError) as error:
-            raise InputError(f"{path}: missing or malformed field {error}; the attribution file is damaged.") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise InputError(f"{path}: missing or malformed field ({error}); the attribution file is damaged.") from None
+        side = _beside(path, tensors_file)
         if not side.is_file():
             raise InputError(f"{path} refers to its tensors in {side}, which does not exist; copy both files together.")
         raw = side.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != tensors_info.get("sha256"):
+        if not isinstance(tensors_info, dict) or hashlib.sha256(raw).hexdigest() != tensors_info.get("sha256"):
             raise InputError(
                 f"{side} does not belong to {path} (its SHA-256 differs from the one recorded); both files must "
                 "come from the same `moeguard attribute` run."
             )
-        tensors = load_tensors(raw)
+        try:
+            tensors = load_tensors(raw)
+        except SafetensorError as error:
+            raise InputError(f"{side} is not a readable safetensors file ({error}); the attribution is damaged.") from None
         sums = {name.removeprefix("sums."): value for name, value in tensors.items() if name.startswith("sums.")}
         attribution = cls(**meta, sums=sums, coactivation=tensors.get("coactivation"))
         attribution.check_shapes(str(path))

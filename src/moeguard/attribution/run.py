@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from moeguard.attribution.collect import collect_attribution, distributed_world, iterate_shard
+from moeguard.attribution.collect import collect_attribution
 from moeguard.attribution.record import Attribution, check_fingerprint, tensors_path
 from moeguard.attribution.scores import DEFAULT_CRITERIA
 from moeguard.attribution.summary import Specialisation, overlap, specialisation
 from moeguard.data import TaskData, batches
+from moeguard.data.batching import context_length
+from moeguard.distributed import distributed_world, iterate_shard
 from moeguard.errors import InputError
+from moeguard.io import check_outputs
 from moeguard.models import MoEModel
 from moeguard.runs import partial_path
 
@@ -56,6 +57,13 @@ def check_data(data: TaskData, tokens: str) -> None:
         )
 
 
+def check_attribution_outputs(out: str | Path | None, *, inputs: Sequence[str | Path | None], overwrite: bool) -> None:
+    """What :func:`attribute` writes, checked before any work: the JSON and its tensor file beside it
+    (see :func:`moeguard.io.check_output`)."""
+    if out is not None:
+        check_outputs([out, tensors_path(out)], inputs=inputs, overwrite=overwrite)
+
+
 def attribute(
     moe: MoEModel,
     data: TaskData,
@@ -80,16 +88,18 @@ def attribute(
     """
     if moe.tokenizer is None:
         raise InputError(f"the model {moe.source} has no tokenizer; attribution needs one to encode the task data.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.", arguments=("batch_size",))
     check_data(data, tokens)
+    out = Path(out) if out is not None else None
+    check_attribution_outputs(out, inputs=[moe.source, data.source, *compare], overwrite=overwrite)
     others = [Attribution.load(path) for path in compare]
     for path, other in zip(compare, others):
         check_fingerprint(other, moe, what=f"the attribution {path}")
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another `out` or pass overwrite=True.", arguments=("out", "overwrite"))
     rank, world = distributed_world()
     total = -(-len(data) // batch_size)
-    shard = iterate_shard(batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length), rank, world)
+    stream = batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length, context=context_length(moe))
+    shard = iterate_shard(stream, rank, world)
     attribution = collect_attribution(
         moe,
         shard,
@@ -111,17 +121,3 @@ def attribute(
         run.path = attribution.save(out, summary={**run.summary.to_dict(), "overlap": run.overlaps})
     return run
 
-
-def init_distributed_from_environment() -> bool:
-    """Join the process group a launcher such as ``torchrun`` describes (``WORLD_SIZE`` > 1).
-
-    Returns True when a group was started here (the caller destroys it).
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True

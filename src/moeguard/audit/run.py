@@ -30,9 +30,11 @@ from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_count
 from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, RealignRun, TaskAudit
 from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, file_audit_tasks
 from moeguard.data import TaskData, batches, data_signature
+from moeguard.data.batching import context_length
 from moeguard.defense.costs import cost_multiplier
 from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate
+from moeguard.io import check_output
 from moeguard.models import MoEModel, loading
 from moeguard.plotting import file_stem
 from moeguard.pruning.figures import knowledge_loss_figure
@@ -40,7 +42,7 @@ from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignResult, realign
 from moeguard.realign.figures import recovery_figure
 from moeguard.runs import RunCache
-from moeguard.zoo.cache import resolve_model_source
+from moeguard.zoo.cache import local_model_path, resolve_model_source
 
 if TYPE_CHECKING:
     from moeguard.audit.report import AuditReport
@@ -176,7 +178,8 @@ class ModelAuditor:
             self.cache.count("attribution", reused=int(cached), computed=int(not cached))
             if not cached:
                 record = collect_attribution(
-                    self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.realign.eval_batch_size),
+                    self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.realign.eval_batch_size,
+                                      context=context_length(self.moe)),
                     criteria=collected, task=task.name, task_source=task.source,
                     total_batches=-(-len(data) // self.config.realign.eval_batch_size), checkpoint=directory / "partial",
                     progress=self.progress,
@@ -442,14 +445,17 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
     check_model_source(config.model, "model")
     if config.compare is not None:
         check_model_source(config.compare, "compare")
+    inputs = [local_model_path(config.model), local_model_path(config.compare), *config.data]
+    out = check_output(config.out, inputs=inputs, directory=True, resumable=True)
     tasks = audit_tasks(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     log.info("auditing %s on %d task(s): %s -> %s", config.model, len(tasks), ", ".join(t.name for t in tasks), out)
 
     model_source = resolve_model_source(config.model, progress=progress)
     with stage_logs_quiet():
-        audited = ModelAuditor(load_audited(model_source, config), "model", config, out, progress).run(tasks)
+        moe = load_audited(model_source, config)
+        out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a refused audit leaves no folder
+        audited = ModelAuditor(moe, "model", config, out, progress).run(tasks)
+        del moe  # one model in memory at a time: the compared one may be loaded next
         compared, comparisons = None, {}
         if config.compare is not None:
             # The defended model is attacked where the undefended attack succeeded, with or without re-alignment.

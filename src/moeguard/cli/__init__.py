@@ -95,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     # evaluation and training steps 10x slower on a busy 2-core machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Building the parser imports torch and transformers: seconds in which Ctrl-C is likely.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None):
+            configure_logging(args.quiet, args.verbose)
+    except KeyboardInterrupt:
+        print("moeguard: interrupted before any work started.", file=sys.stderr)
+        return 130
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    configure_logging(args.quiet, args.verbose)
     try:
         return int(args.run(args) or 0)
     except MoeGuardError as error:
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeguard {args.command}: internal error (a bug in moeguard, please report it with the traceback above): "
               f"{error}", file=sys.stderr)
         return 3
+    except OSError as error:  # the file system refused (permissions, disk full, ...): say which file and why
+        where = f" {error.filename}" if error.filename else ""
+        print(f"moeguard {args.command}: error: cannot access{where}: {error.strerror or error}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"moeguard {args.command}: {resume_hint(args, argv)}", file=sys.stderr)
         return 130

@@ -59,29 +59,28 @@ def load_data(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    import torch.distributed as dist
-
     from moeguard.attribution.figures import attribution_figures
-    from moeguard.attribution.run import attribute, init_distributed_from_environment
+    from moeguard.attribution.run import attribute, check_attribution_outputs
+    from moeguard.distributed import is_main, process_group_from_environment
+    from moeguard.io import check_output
+    from moeguard.zoo import local_model_path
 
     criteria = parse_criteria(args.criteria, args.ablation)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    inputs = [local_model_path(args.model), args.data, *args.compare]
+    check_attribution_outputs(args.out, inputs=inputs, overwrite=args.overwrite)
+    if args.figures:
+        check_output(args.figures, inputs=inputs, directory=True, resumable=True)  # existing figures are replaced
     data = load_data(args)
-    started_group = init_distributed_from_environment()
-    try:
-        if started_group and args.device is None and dist.get_backend() == "nccl":
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    with process_group_from_environment():
         moe = load_model(args)
         result = attribute(
             moe, data, tokens=args.tokens, criteria=criteria, batch_size=args.batch_size, max_length=args.max_length,
             out=args.out, compare=args.compare, overwrite=args.overwrite, progress=not args.quiet,
         )
-    finally:
-        if started_group:
-            dist.destroy_process_group()
-    if started_group and result.path is None:
-        return 0  # ranks other than 0 write and print nothing
+        if not is_main():
+            return 0  # ranks other than 0 write and print nothing
     figures = attribution_figures(result.attribution, result.compared, args.figures) if args.figures else []
     if args.json:
         print_json({"out": str(result.path), "summary": result.summary.to_dict(), "overlap": result.overlaps,

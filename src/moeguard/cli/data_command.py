@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, type=Path, help="output JSONL file")
     export.add_argument("--limit", type=int, default=None, help="number of examples (default: the split's standard size)")
     export.add_argument("--seed", type=int, default=0, help="seed of the example stream (default: 0)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(run=run_export)
 
 
@@ -46,8 +47,10 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from moeguard.data import load_task, save_jsonl
+    from moeguard.io import check_output
 
+    check_output(args.out, overwrite=args.overwrite)
     data = load_task(args.task, args.split, limit=args.limit, seed=args.seed)
-    path = save_jsonl(data, args.out)
+    path = save_jsonl(data, args.out, overwrite=args.overwrite)
     print(f"wrote {len(data)} {data.kind} examples of {args.task} ({args.split}) to {path}")
     return 0

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeguard.defense.evaluation import DefenseEvalSettings, evaluate_defenses
     from moeguard.defense.report import markdown_tables, write_report
-    from moeguard.zoo import resolve_model_source
+    from moeguard.io import check_output
+    from moeguard.zoo import local_model_path, resolve_model_source
 
     models = {"undefended": args.model}
     for entry in args.defended:
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         models[name] = path
     settings = config_from_args(args, DefenseEvalSettings)
     settings.check()
+    check_output(args.out, inputs=[local_model_path(path) for path in models.values()], directory=True, resumable=True)
     loading = loading_options(args)
     sources = {name: resolve_model_source(path, progress=not args.quiet) for name, path in models.items()}
     result = evaluate_defenses(sources, settings, args.out, loading=loading, progress=not args.quiet)

@@ -7,7 +7,8 @@ import argparse
 from moeguard.cli.common import add_model_arguments, load_model, print_json
 from moeguard.errors import InputError
 from moeguard.forensics import DEFAULT_ALPHA, DEFAULT_GROUP_SIZE, DEFAULT_PROBES, DEFAULT_WEIGHT_ROWS, detect
-from moeguard.io import write_json
+from moeguard.io import check_outputs, write_json
+from moeguard.zoo import local_model_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, flag="--suspect", help="the model suspected to be derived from it (directory or hub id)")
     parser.add_argument("--out", default=None, help="write the full verdict as JSON to this file")
     parser.add_argument("--figure", default=None, help="write a PNG of the per-layer expert similarity with the matches")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out and --figure if they exist")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"false-positive rate of the verdict (default {DEFAULT_ALPHA:g})")
     parser.add_argument("--probes", type=int, default=DEFAULT_PROBES, help=f"probe inputs per expert (default {DEFAULT_PROBES})")
     parser.add_argument(
@@ -42,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.weight_rows < 0:
         raise InputError(f"--weight-rows must be 0 (all rows) or positive, got {args.weight_rows}.")
+    check_outputs([args.out, args.figure], inputs=[local_model_path(args.parent), local_model_path(args.suspect)],
+                  overwrite=args.overwrite)
     parent = load_model(args, args.parent)
     suspect = load_model(args, args.suspect)
     verdict = detect(

@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeguard.defense.harden import harden_to_directory, load_defense_tasks
     from moeguard.defense.objective import defense_config
+    from moeguard.io import check_output
+    from moeguard.zoo import local_model_path
+
+    check_output(args.out, inputs=[local_model_path(args.model), *args.data], overwrite=args.overwrite, directory=True)
 
     overrides = {}
     if args.margin is not None:

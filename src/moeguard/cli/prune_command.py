@@ -56,15 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moeguard.attribution import Attribution
+    from moeguard.io import check_output
     from moeguard.pruning.prune import prune_model
+    from moeguard.zoo import local_model_path, resolve_model_source
 
     plan_options = dict(
         keep=args.keep, coverage=args.coverage, budget=args.budget, criterion=args.criterion,
         least_used=args.least_used, protect=parse_protect(args.protect), seed=args.seed,
     )
+    check_output(args.out, inputs=[local_model_path(args.model), args.attribution], overwrite=args.overwrite, directory=True)
+    Attribution.load(args.attribution)  # a bad attribution is reported before the model is loaded
     if args.streaming:
-        from moeguard.zoo import resolve_model_source
-
         source = resolve_model_source(args.model, progress=not args.quiet)
         summary = prune_model(source, args.attribution, args.out, **plan_options, streaming=True, overwrite=args.overwrite,
                               progress=not args.quiet, trust_remote_code=args.trust_remote_code)

@@ -56,18 +56,23 @@ def realign_data(args: argparse.Namespace, config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeguard.attribution.collect import distributed_world
+    from moeguard.distributed import is_main, process_group_from_environment
+    from moeguard.io import check_output
     from moeguard.realign import RealignConfig, realign
     from moeguard.realign.figures import recovery_figure
-    from moeguard.zoo import resolve_model_source
+    from moeguard.zoo import local_model_path, resolve_model_source
 
+    check_output(args.out, inputs=[local_model_path(args.model), local_model_path(args.parent), args.data, args.test_data],
+                 directory=True, resumable=True)
     config = config_from_args(args, RealignConfig)
     data = realign_data(args, config)
     config.check(len(data.pool))
     parent = resolve_model_source(args.parent, progress=not args.quiet) if args.parent else None
-    result = realign(load_model(args), data, config, parent=parent, out=args.out, resume=args.resume, progress=not args.quiet)
-    if distributed_world()[0] != 0:
-        return 0  # under a multi-process launcher the first process reports
+    with process_group_from_environment():  # joined before loading, so each process loads onto its own device
+        result = realign(load_model(args), data, config, parent=parent, out=args.out, resume=args.resume,
+                         progress=not args.quiet)
+        if not is_main():
+            return 0  # under a multi-process launcher the first process reports
     recovery_figure({config.acquisition: [result]}, Path(args.out) / FIGURE_NAME)
     if args.json:
         print_json(result.to_dict())

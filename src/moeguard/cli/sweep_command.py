@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
 from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_list, print_json, task_names
+from moeguard.errors import InputError
 
 
 TABLE_NAME, FIGURE_NAME = "sweep.csv", "knowledge_loss.png"
@@ -46,15 +47,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moeguard.attribution import Attribution
     from moeguard.data import BUILTIN_TASKS, load_jsonl
-    from moeguard.io import atomic_write_text
+    from moeguard.io import atomic_write_text, check_output
     from moeguard.pruning.figures import knowledge_loss_figure
     from moeguard.pruning.sweep import RESULT_NAME, rows_to_csv, run_sweep
+    from moeguard.zoo import local_model_path
 
-    task = args.task if args.task in BUILTIN_TASKS or not Path(args.task).suffix else load_jsonl(args.task)
-    others = task_names(args.other_tasks)
     criteria = parse_list(args.criteria, what="--criteria", choices=CRITERIA, noun="criteria")
+    keeps = parse_list(args.keep, int, what="--keep") if args.keep else None
+    random_seeds = parse_list(args.random_seeds, int, what="--random-seeds")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    task_file = None if args.task in BUILTIN_TASKS or not Path(args.task).suffix else args.task
+    check_output(args.out, inputs=[local_model_path(args.model), args.attribution, task_file, args.perplexity_data],
+                 directory=True, resumable=True)
+    task = load_jsonl(task_file) if task_file else args.task
+    others = task_names(args.other_tasks)
     perplexity_data = load_jsonl(args.perplexity_data) if args.perplexity_data else None
+    if args.attribution:
+        Attribution.load(args.attribution)  # a bad attribution is reported before the model is loaded
     moe = load_model(args)
     result = run_sweep(
         moe,
@@ -62,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         attribution=args.attribution,
         criteria=criteria,
-        keeps=parse_list(args.keep, int, what="--keep") if args.keep else None,
+        keeps=keeps,
         baseline_criterion=args.baseline_criterion,
-        random_seeds=parse_list(args.random_seeds, int, what="--random-seeds"),
+        random_seeds=random_seeds,
         other_tasks=others,
         limit=args.limit,
         perplexity_data=perplexity_data,

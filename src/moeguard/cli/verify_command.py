@@ -32,16 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"with --write: comma-separated groups a fine-tune may change (default: {','.join(DEFAULT_PERMITTED)}; "
         f"groups: {', '.join(GROUPS)})",
     )
+    parser.add_argument("--protocol-sha256", default=None, metavar="HEX",
+                        help="refuse the protocol unless its SHA-256 is this one (the hash published with the model)")
     parser.add_argument("--overwrite", action="store_true", help="with --write: replace an existing protocol file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run, dtype="auto")
 
 
 def write_protocol(parent_source: str, path: str, permitted: list[str], args: argparse.Namespace) -> Protocol:
-    from pathlib import Path
+    from moeguard.io import check_output
+    from moeguard.zoo import local_model_path
 
-    if Path(path).exists() and not args.overwrite:
-        raise InputError(f"{path} already exists; choose another --protocol path or pass --overwrite.")
+    check_output(path, inputs=[local_model_path(parent_source)], overwrite=args.overwrite)
     protocol = make_protocol(load_model(args, parent_source), permitted)
     protocol.save(path)
     return protocol
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         protocol = write_protocol(args.parent, args.protocol, permitted, args)
         message = {
             "protocol": args.protocol,
+            "sha256": protocol.sha256,
             "parent_fingerprint": protocol.parent_fingerprint,
             "permitted": protocol.permitted,
             "frozen": protocol.frozen,
@@ -62,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
         }
         print_json(message) if args.json else print(
             f"wrote {args.protocol}: permitted {', '.join(protocol.permitted)}; frozen {', '.join(protocol.frozen)}; "
-            f"{message['experts_pinned']} experts pinned"
+            f"{message['experts_pinned']} experts pinned; SHA-256 {protocol.sha256} (publish it, and check with --protocol-sha256)"
         )
         return 0
     if not args.model:
         raise InputError("give --model (the fine-tuned model to check), or --write to write a protocol for --parent.")
-    protocol = Protocol.load(args.protocol)
+    protocol = Protocol.load(args.protocol, expected_sha256=args.protocol_sha256)
     parent = load_model(args, args.parent)
     model = load_model(args, args.model)
     report = verify_fine_tune(model, protocol, parent)

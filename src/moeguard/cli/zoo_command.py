@@ -48,9 +48,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from moeguard.io import check_output, read_json
     from moeguard.zoo import CARD_JSON, train_demo
-    from moeguard.io import read_json
 
+    check_output(args.out, overwrite=args.overwrite, directory=True)
     config = config_from_args(args)
     extra_loss = None
     if args.defense:

@@ -8,10 +8,17 @@ tokenizer adds one), continuations without, the usual way to score a continuatio
 Batches are padded on the right: every real token then keeps the position it has
 without padding and, under the causal mask, never sees a pad, so no position ids are
 needed and results do not depend on the padding.
+
+Nothing longer than the model's context (``max_position_embeddings``) reaches the model:
+a language-modelling text is cut to the context, with one warning naming how many texts
+were cut and where the first one is (perplexity is then measured on each text's first
+``context`` tokens); a prompt/answer or choice example that does not fit is refused
+with its file and line, because cutting it would change what it asks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +26,9 @@ from typing import Any
 import torch
 
 from moeguard.data.examples import Example, TaskData, require_examples
-from moeguard.errors import InputError
+from moeguard.errors import DataError, InputError
+
+log = logging.getLogger("moeguard.data")
 
 IGNORE_INDEX = -100  # label of tokens without loss (the value transformers uses)
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -79,6 +88,45 @@ def truncate(encoded: EncodedExample, max_length: int | None) -> EncodedExample:
     return EncodedExample(encoded.prompt[len(encoded.prompt) - keep_prompt :], encoded.target[-max_length:])
 
 
+def context_length(model: Any) -> int | None:
+    """The longest token sequence ``model`` (an ``MoEModel`` or a causal LM) takes: its config's
+    ``max_position_embeddings`` (None when the config does not say)."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def refuse_beyond_context(data: TaskData, lengths: Sequence[int], context: int | None, *, what: str = "the example") -> None:
+    """Refuse the first example of ``data`` whose token count ``lengths[i]`` exceeds ``context``, naming where it is."""
+    if context is None:
+        return
+    for index, length in enumerate(lengths):
+        if length > context:
+            raise DataError(
+                f"{data.origin(index)}: {what} is {length} tokens, longer than the model's context of {context} "
+                "tokens; shorten or drop that example (cutting it would change what it asks)."
+            )
+
+
+def cut_to_context(data: TaskData, encoded: Sequence[EncodedExample], context: int | None) -> list[EncodedExample]:
+    """Language-modelling texts cut to their first ``context`` tokens, with one warning if any was cut."""
+    if context is None:
+        return list(encoded)
+    long = [i for i, e in enumerate(encoded) if len(e.prompt) + len(e.target) > context]
+    if long:
+        log.warning("%d text(s) of %s are longer than the model's context of %d tokens and were cut to it (first: %s)",
+                    len(long), data.name, context, data.origin(long[0]))
+    return [truncate(e, context) for e in encoded]
+
+
+def fit_to_context(data: TaskData, encoded: Sequence[EncodedExample], context: int | None) -> list[EncodedExample]:
+    """``encoded`` (the examples of ``data``) within ``context`` tokens: lm texts cut, other examples refused if longer."""
+    if data.kind == "lm":
+        return cut_to_context(data, encoded, context)
+    refuse_beyond_context(data, [len(e.prompt) + len(e.target) for e in encoded], context,
+                          what="its prompt and answer together")
+    return list(encoded)
+
+
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, S], attention_mask [B, S])`` for sequences padded to the longest one."""
     width = max((len(s) for s in sequences), default=0)
@@ -119,6 +167,7 @@ def batches(
     shuffle: bool = False,
     seed: int = 0,
     epochs: int | None = 1,
+    context: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of ``data``: dicts of CPU tensors.
 
@@ -129,15 +178,23 @@ def batches(
     ``labels != -100``); ``example_index`` ``[B]``, positions in ``data.examples``.
 
     With ``shuffle`` the order is a permutation drawn from ``seed`` (a new one each
-    epoch); ``epochs=None`` repeats the data forever.
+    epoch); ``epochs=None`` repeats the data forever. ``max_length`` truncates every
+    example (see :func:`truncate`); ``context`` (the model's, :func:`context_length`)
+    cuts lm texts and refuses other examples that do not fit (:func:`fit_to_context`).
+    Everything is checked before the first batch is made.
     """
     require_examples(data)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if max_length is not None and max_length < 1:
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise InputError(f"max_length must be a positive integer or None, got {max_length!r}.")
-    encoded = [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)]
-    pad_id = pad_id_of(tokenizer)
+    encoded = fit_to_context(data, [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)], context)
+    return _batches(encoded, batch_size=batch_size, pad_id=pad_id_of(tokenizer), shuffle=shuffle, seed=seed, epochs=epochs)
+
+
+def _batches(
+    encoded: list[EncodedExample], *, batch_size: int, pad_id: int, shuffle: bool, seed: int, epochs: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
     epoch = 0
     while epochs is None or epoch < epochs:
         if shuffle:

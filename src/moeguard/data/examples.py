@@ -55,16 +55,23 @@ class Example:
 
 @dataclass
 class TaskData:
-    """The examples of one task, all of one ``kind``; ``source`` says where they came from."""
+    """The examples of one task, all of one ``kind``; ``source`` says where they came from.
+
+    ``origins[i]``, when known, says where example ``i`` was read (``"data.jsonl line
+    4"``), so that an error about one example can point at it.
+    """
 
     name: str
     kind: str
     examples: list[Example] = field(default_factory=list)
     source: str = ""
+    origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DataError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
+        if self.origins and len(self.origins) != len(self.examples):
+            raise DataError(f"task {self.name!r}: {len(self.origins)} origins for {len(self.examples)} examples.")
         for position, example in enumerate(self.examples):
             if example.kind != self.kind:
                 raise DataError(
@@ -78,9 +85,17 @@ class TaskData:
     def __iter__(self) -> Iterator[Example]:
         return iter(self.examples)
 
+    def origin(self, index: int) -> str:
+        """Where example ``index`` came from, for error messages."""
+        if self.origins:
+            return self.origins[index]
+        return f"example {index} of task {self.name!r}" + (f" ({self.source})" if self.source else "")
+
     def subset(self, indices: Sequence[int], *, name: str | None = None) -> "TaskData":
         """The examples at ``indices`` (in that order) as a new task."""
-        return TaskData(name or self.name, self.kind, [self.examples[i] for i in indices], self.source)
+        indices = list(indices)
+        origins = [self.origins[i] for i in indices] if self.origins else []
+        return TaskData(name or self.name, self.kind, [self.examples[i] for i in indices], self.source, origins)
 
     def head(self, limit: int | None) -> "TaskData":
         """The first ``limit`` examples (all of them for ``None``)."""
@@ -95,7 +110,8 @@ def mixture(datas: Sequence[TaskData], *, name: str = "mixture") -> TaskData:
     if len(kinds) > 1:
         raise DataError(f"cannot mix tasks of different kinds ({', '.join(sorted(kinds))}); mix tasks of one kind.")
     examples = [example for data in datas for example in data.examples]
-    return TaskData(name, datas[0].kind, examples, "+".join(data.source or data.name for data in datas))
+    origins = [data.origin(i) for data in datas for i in range(len(data))]
+    return TaskData(name, datas[0].kind, examples, "+".join(data.source or data.name for data in datas), origins)
 
 
 def require_examples(data: TaskData) -> TaskData:

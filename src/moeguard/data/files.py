@@ -16,7 +16,7 @@ from typing import Any
 
 from moeguard.data.examples import Example, TaskData, require_examples
 from moeguard.errors import DataError
-from moeguard.io import atomic_write_text
+from moeguard.io import atomic_write_text, check_output
 
 CONTRACT = (
     '{"prompt": str, "answer": str} (generate), {"prompt": str, "choices": [str, ...], "label": int} (choice) '
@@ -46,7 +46,10 @@ def example_from_json(obj: Any, where: str) -> Example:
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}; each line must be {CONTRACT}.")
     if "text" in obj:
-        return Example(text=_field(obj, "text", str, where))
+        text = _field(obj, "text", str, where)
+        if not text.strip():
+            raise DataError(f"{where}: field 'text' is empty; a language-modelling line needs text to score (drop the line).")
+        return Example(text=text)
     prompt = _field(obj, "prompt", str, where)
     if "choices" in obj or "label" in obj:
         choices = _field(obj, "choices", list, where)
@@ -61,15 +64,22 @@ def example_from_json(obj: Any, where: str) -> Example:
         return Example(prompt=prompt, choices=tuple(choices), label=label)
     if "answer" not in obj:
         raise DataError(f"{where}: missing field 'answer' (or 'choices' and 'label'); each line must be {CONTRACT}.")
-    return Example(prompt=prompt, answer=_field(obj, "answer", str, where))
+    answer = _field(obj, "answer", str, where)
+    if not answer.strip():
+        raise DataError(f"{where}: field 'answer' is empty; every example needs an answer to produce and score.")
+    return Example(prompt=prompt, answer=answer)
 
 
-def task_from_objects(objects: Iterable[tuple[str, Any]], *, name: str, source: str) -> TaskData:
-    """A task from ``(where, object)`` pairs; every object must have the kind of the first."""
+def task_from_objects(objects: Iterable[tuple[str, Any]], *, name: str, source: str, hint: str = "") -> TaskData:
+    """A task from ``(where, object)`` pairs; every object must have the kind of the first.
+
+    ``where`` becomes the example's origin; ``hint`` is added to the errors about an object.
+    """
     examples: list[Example] = []
+    origins: list[str] = []
     first_where = ""
     for where, obj in objects:
-        example = example_from_json(obj, where)
+        example = example_from_json(obj, f"{where} ({hint})" if hint else where)
         if examples and example.kind != examples[0].kind:
             raise DataError(
                 f"{where}: this is a {example.kind} example, but {first_where} is a {examples[0].kind} example; "
@@ -77,9 +87,10 @@ def task_from_objects(objects: Iterable[tuple[str, Any]], *, name: str, source: 
             )
         first_where = first_where or where
         examples.append(example)
+        origins.append(where)
     if not examples:
         raise DataError(f"{source} holds no examples; each line must be {CONTRACT}.")
-    return TaskData(name, examples[0].kind, examples, source)
+    return TaskData(name, examples[0].kind, examples, source, origins)
 
 
 def _jsonl_objects(path: Path) -> Iterable[tuple[str, Any]]:
@@ -105,9 +116,9 @@ def load_jsonl(path: str | os.PathLike, *, name: str | None = None) -> TaskData:
         raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
 
 
-def save_jsonl(data: TaskData, path: str | os.PathLike) -> Path:
-    """Write ``data`` in the JSONL contract (atomically)."""
-    path = Path(path)
+def save_jsonl(data: TaskData, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``data`` in the JSONL contract (atomically); an existing file is replaced only with ``overwrite``."""
+    path = check_output(path, inputs=[data.source], overwrite=overwrite)
     require_examples(data)
     atomic_write_text(path, "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in data.examples))
     return path
@@ -171,6 +182,6 @@ def load_hf_dataset(
     def objects() -> Iterable[tuple[str, Any]]:
         for row_number, row in enumerate(dataset):
             obj = {field: row[column] for field, column in mapping.items()} if mapping else row
-            yield f"{source} row {row_number} ({hint})", obj
+            yield f"{source} row {row_number}", obj
 
-    return task_from_objects(objects(), name=name or Path(source).stem or source, source=f"{source}:{split}")
+    return task_from_objects(objects(), name=name or Path(source).stem or source, source=f"{source}:{split}", hint=hint)

@@ -43,6 +43,7 @@ import torch
 from moeguard.attribution import Attribution, scores
 from moeguard.attribution.scores import CRITERIA, check_criterion
 from moeguard.data import Example, TaskData, batches
+from moeguard.data.batching import context_length
 from moeguard.defense.costs import AttackRun, GridCost, configuration_label, cost_multiplier, grid_cost
 from moeguard.defense.parameter_groups import check_group_names, group_parameters
 from moeguard.defense.protocol import make_protocol
@@ -50,6 +51,7 @@ from moeguard.defense.verify import verify_fine_tune
 from moeguard.errors import InputError
 from moeguard.eval import evaluate
 from moeguard.fields import setting
+from moeguard.io import check_output
 from moeguard.models import MoEModel
 from moeguard.models.options import LoadOptions
 from moeguard.pruning.plans import make_plan
@@ -364,7 +366,8 @@ def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings) -> dict[str, A
     tuned = copy.deepcopy(moe)
     protocol = make_protocol(moe, settings.permitted)
     before = evaluate(tuned, tuned.tokenizer, test_data).value
-    stream = batches(tuned.tokenizer, train_data, batch_size=settings.attack.batch_size, shuffle=True, seed=0, epochs=None)
+    stream = batches(tuned.tokenizer, train_data, batch_size=settings.attack.batch_size, shuffle=True, seed=0, epochs=None,
+                     context=context_length(tuned))
     trained = train(tuned, stream, steps=settings.authorised_steps, lr=settings.authorised_lr,
                     parameters=group_parameters(tuned, settings.permitted), progress=False)
     after = evaluate(tuned, tuned.tokenizer, test_data).value
@@ -450,6 +453,8 @@ def evaluate_defenses(
     if len(models) < 2:
         raise InputError("give the undefended model and at least one defended model to compare.")
     names = {name: _safe(name) for name in models}
+    sources = [model.source if isinstance(model, MoEModel) else str(model) for model in models.values()]
+    check_output(out, inputs=sources, directory=True, resumable=True)
     run = Run.open(out, "defense evaluation", {"settings": settings.to_dict()})
     evaluations = []
     for name, model in models.items():

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from moeguard.data import TaskData, batches, data_signature, mixture
+from moeguard.data.batching import context_length
 from moeguard.defense.objective import DefenseConfig, DefenseObjective
 from moeguard.defense.parameter_groups import check_group_names
 from moeguard.errors import InputError
@@ -89,7 +90,7 @@ def harden(
     objective = DefenseObjective(moe, config, task_of_example, len(tasks), seed=settings.seed)
     stream = batches(
         moe.tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length, shuffle=True,
-        seed=settings.seed, epochs=None,
+        seed=settings.seed, epochs=None, context=context_length(moe),
     )
     wall, cpu = time.perf_counter(), time.process_time()
     identity = None
@@ -168,12 +169,11 @@ def harden_to_directory(
     """
     from moeguard.defense.protocol import PROTOCOL_NAME, make_protocol
     from moeguard.eval import evaluate_tasks
-    from moeguard.io import atomic_dir, write_json
+    from moeguard.io import atomic_dir, check_output, write_json
     from moeguard.runs import partial_path
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another `out` or pass overwrite=True.", arguments=("out", "overwrite"))
+    sources = [moe.source, *(task.source for task in (*train_tasks, *test_tasks))]
+    out = check_output(out, inputs=sources, overwrite=overwrite, directory=True)
     check_group_names(permitted, what="permitted group")
     before = evaluate_tasks(moe, None, test_tasks)
     result = harden(moe, train_tasks, config, settings, checkpoint=partial_path(out), progress=progress)
@@ -184,6 +184,7 @@ def harden_to_directory(
         "method": method,
         "model": moe.source,
         "fingerprint": protocol.parent_fingerprint,
+        "protocol_sha256": protocol.content_hash(),
         "tasks": [task.name for task in test_tasks],
         "metric": [after[task.name].metric for task in test_tasks],
         "accuracy_before": [before[task.name].value for task in test_tasks],

@@ -11,12 +11,28 @@ everything else is frozen. The file pins the released weights with content hashe
 
 Per-expert hashes let the verifier recognise experts wherever they end up, so it
 can say which were removed, reordered or changed.
+
+A protocol must be self-consistent, or it is refused when read:
+
+- ``sha256`` hashes the whole file (every other field, canonical JSON): an edit made
+  after writing, such as adding "experts" to ``permitted``, no longer matches it;
+- the hash of each frozen group is recomputed from the tensor hashes, and there is
+  one for exactly the groups ``permitted`` leaves frozen;
+- with the parent model at hand (``moeguard verify`` always has it), everything but
+  ``permitted`` is derived from the parent again and must equal the file.
+
+What the hash does not do: it is not a signature. Whoever can edit the file can also
+recompute the hash, so it catches accidental and careless edits, not a deliberate
+forgery. Against that, keep the protocol's SHA-256 where the fine-tuner cannot change
+it (it is printed when the protocol is written and stored in ``harden_report.json``)
+and pin it when checking (``expected_sha256``, ``moeguard verify --protocol-sha256``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +47,16 @@ from moeguard.models.fingerprint import combine_digests, tensor_digest, update_w
 from moeguard.models.layers import ExpertTensor, MoELayer
 
 PROTOCOL_KIND = "moeguard-fine-tuning-protocol"
-PROTOCOL_FORMAT = 1
+PROTOCOL_FORMAT = 2  # 2: hashed as a whole (sha256) and checked for self-consistency on read
 PROTOCOL_NAME = "moeguard_protocol.json"  # the protocol written beside a hardened model
 DEFAULT_PERMITTED = ("router", "attention")
+# Everything in a protocol except the owner's choice (permitted) and notes: derived from the parent again on verify.
+DERIVED_FIELDS = ("parent_fingerprint", "model_type", "groups", "tensor_hashes", "tensor_shapes", "group_hashes", "layers")
+
+
+def content_hash(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def slice_hash(layer: MoELayer, refs: list[ExpertTensor], expert: int) -> str:
@@ -83,6 +106,7 @@ class Protocol:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     kind: str = PROTOCOL_KIND
     format: int = PROTOCOL_FORMAT
+    sha256: str = ""  # of every other field (content_hash), set when saved
 
     @property
     def frozen(self) -> list[str]:
@@ -91,15 +115,31 @@ class Protocol:
     def group_of(self, name: str) -> str | None:
         return next((group for group, names in self.groups.items() if name in names), None)
 
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical JSON of every field but ``sha256``."""
+        return content_hash({k: v for k, v in asdict(self).items() if k != "sha256"})
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "sha256": self.content_hash()}
 
     def save(self, path: str | Path) -> Path:
+        self.sha256 = self.content_hash()
         write_json(path, self.to_dict())
         return Path(path)
 
+    def check_derived_from(self, moe: MoEModel, *, source: str = "the protocol") -> None:
+        """Refuse a protocol that is not what :func:`make_protocol` writes for ``moe`` with its ``permitted`` groups."""
+        derived = asdict(make_protocol(moe, self.permitted))
+        mine = asdict(self)
+        differing = [name for name in DERIVED_FIELDS if derived[name] != mine[name]]
+        if differing:
+            raise InputError(
+                f"{source} does not describe the parent model {moe.source}: its {', '.join(differing)} differ from what the "
+                "parent gives. It was edited, or written for another model; write the protocol again from the released model."
+            )
+
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "protocol") -> "Protocol":
+    def from_dict(cls, data: Any, *, source: str = "protocol", expected_sha256: str | None = None) -> "Protocol":
         if not isinstance(data, dict) or data.get("kind") != PROTOCOL_KIND:
             raise InputError(
                 f"{source} is not a moeguard fine-tuning protocol (field 'kind' must be {PROTOCOL_KIND!r}); "
@@ -119,6 +159,7 @@ class Protocol:
             "tensor_shapes": dict,
             "group_hashes": dict,
             "layers": list,
+            "sha256": str,
         }
         for name, kind in expected.items():
             if not isinstance(data.get(name), kind):
@@ -132,18 +173,46 @@ class Protocol:
         for position, layer in enumerate(data["layers"]):
             if not isinstance(layer, dict) or set(layer) != layer_fields:
                 raise InputError(f"{source}: layers[{position}] must have exactly the fields {sorted(layer_fields)}.")
-            if not len(layer["expert_hashes"]) == len(layer["router_row_hashes"]) == layer["num_experts"]:
-                raise InputError(
-                    f"{source}: layers[{position}] lists {len(layer['expert_hashes'])} expert hashes and "
-                    f"{len(layer['router_row_hashes'])} router-row hashes for {layer['num_experts']} experts."
-                )
+            hashes = (layer["expert_hashes"], layer["router_row_hashes"])
+            if not all(isinstance(h, list) and len(h) == layer["num_experts"] for h in hashes):
+                raise InputError(f"{source}: layers[{position}] must list one expert hash and one router-row hash per expert "
+                                 f"({layer['num_experts']!r}).")
             layers.append(LayerRecord(**layer))
         known = set(cls.__dataclass_fields__) - {"layers"}
-        return cls(layers=layers, **{k: v for k, v in data.items() if k in known})
+        protocol = cls(layers=layers, **{k: v for k, v in data.items() if k in known})
+        if data.get("sha256") != protocol.content_hash():
+            raise InputError(
+                f"{source} was changed after it was written: its sha256 field does not match its content. A protocol "
+                "cannot be edited by hand; write it again from the released model."
+            )
+        if expected_sha256 is not None and protocol.sha256 != expected_sha256:
+            raise InputError(f"{source} has SHA-256 {protocol.sha256}, not the {expected_sha256} it was pinned to; it is "
+                             "not the protocol that was published.")
+        protocol.check_consistent(source)
+        return protocol
+
+    def check_consistent(self, source: str = "the protocol") -> None:
+        """Refuse a protocol whose parts contradict each other (see the module docstring)."""
+        frozen = self.frozen
+        if not frozen:
+            raise InputError(f"{source}: permitted lists every group ({', '.join(self.permitted)}); a protocol freezes at least one.")
+        unknown = [group for group in self.permitted if group not in self.groups]
+        if unknown:
+            raise InputError(f"{source}: permitted names groups {unknown} the model does not have ({', '.join(self.groups)}).")
+        if sorted(self.group_hashes) != sorted(frozen):
+            raise InputError(f"{source}: it pins groups {sorted(self.group_hashes)}, but its permitted list leaves "
+                             f"{sorted(frozen)} frozen; the two disagree (was permitted edited?).")
+        names = [name for group_names in self.groups.values() for name in group_names]
+        if sorted(names) != sorted(self.tensor_hashes) or sorted(self.tensor_shapes) != sorted(self.tensor_hashes):
+            raise InputError(f"{source}: its groups, tensor hashes and tensor shapes do not list the same tensors.")
+        for group in frozen:
+            if self.group_hashes[group] != combine_digests({name: self.tensor_hashes[name] for name in self.groups[group]}):
+                raise InputError(f"{source}: the hash of frozen group {group!r} does not match the hashes of its tensors.")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Protocol":
-        return cls.from_dict(read_json(path, what="fine-tuning protocol"), source=str(path))
+    def load(cls, path: str | Path, *, expected_sha256: str | None = None) -> "Protocol":
+        """Read and check a protocol file; ``expected_sha256`` pins it to a published hash."""
+        return cls.from_dict(read_json(path, what="fine-tuning protocol"), source=str(path), expected_sha256=expected_sha256)
 
 
 def make_protocol(moe: MoEModel, permitted: Iterable[str] = DEFAULT_PERMITTED) -> Protocol:

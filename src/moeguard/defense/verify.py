@@ -148,15 +148,21 @@ def match_experts(
 def verify_fine_tune(model: MoEModel, protocol: Protocol, parent: MoEModel | None = None) -> VerificationReport:
     """Check ``model`` against ``protocol`` (``parent``, if given, must be the model it pins).
 
-    With the parent, changed tensors are reported with their relative change and
-    changed experts are recognised by distance; without it, by hashes only.
+    The protocol must be self-consistent; with the parent, everything in it but the
+    permitted groups must also be what the parent gives (see
+    :mod:`moeguard.defense.protocol`), changed tensors are reported with their
+    relative change and changed experts are recognised by distance; without it, by
+    hashes only.
     """
+    protocol.check_consistent()
     if parent is not None and parent.fingerprint() != protocol.parent_fingerprint:
         raise FingerprintMismatchError(
             f"the protocol was written for the model with fingerprint {short(protocol.parent_fingerprint)} "
             f"({protocol.parent_model}), but the parent given has {short(parent.fingerprint())}; pass the released "
             "model the protocol was written for."
         )
+    if parent is not None:
+        protocol.check_derived_from(parent)
     frozen = set(protocol.frozen)
     report = VerificationReport(model.fingerprint(), protocol.parent_fingerprint, list(protocol.permitted), protocol.frozen)
     parent_layers = {layer.path: layer for layer in parent.layers} if parent is not None else {}

@@ -6,6 +6,10 @@
   to eos or the first newline, stripped; it is right when it equals the stripped answer.
 - choice data: the choice with the highest summed log-likelihood after the prompt.
 - lm data: token perplexity ``exp(total NLL / total tokens)``.
+
+Inputs longer than the model's context are handled as :mod:`moeguard.data.batching`
+says: lm texts are cut to it (with a warning), a prompt whose answer (or choice) would
+not fit after it is refused with its file and line.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from torch import nn
 from moeguard.data.batching import (
     EncodedExample,
     collate,
+    context_length,
+    cut_to_context,
     encode_continuations,
     encode_examples,
     encode_prompts,
     model_inputs,
     pad_id_of,
     pad_sequences,
+    refuse_beyond_context,
     to_device,
     truncate,
 )
@@ -138,6 +145,8 @@ def exact_match(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_size:
     predictions: list[str] = [""] * len(examples)
     # Each example gets its own token budget, so a prediction never depends on its batch.
     budgets = [max_new_tokens or len(answer) + ANSWER_TOKEN_MARGIN for answer in answers]
+    refuse_beyond_context(data, [len(p) + b for p, b in zip(prompts, budgets)], context_length(model),
+                          what="its prompt with the tokens generated after it")
     for chunk in length_sorted_chunks([len(p) for p in prompts], batch_size):
         generated = greedy_generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max(budgets[i] for i in chunk))
         for i, tokens in zip(chunk, generated):
@@ -174,9 +183,13 @@ def choice_accuracy(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_s
     pairs = [(i, c) for i, e in enumerate(examples) for c in range(len(e.choices))]
     choices = encode_continuations(tokenizer, [examples[i].choices[c] for i, c in pairs], eos=False)
     encoded = [EncodedExample(prompts[i], target) for (i, _), target in zip(pairs, choices)]
-    empty = [examples[i].choices[c] for (i, c), e in zip(pairs, encoded) if not e.target]
+    empty = [(i, examples[i].choices[c]) for (i, c), e in zip(pairs, encoded) if not e.target]
     if empty:
-        raise InputError(f"task {data.name!r}: choice {empty[0]!r} encodes to no tokens; every choice must be non-empty.")
+        raise InputError(f"{data.origin(empty[0][0])}: choice {empty[0][1]!r} encodes to no tokens; every choice must be non-empty.")
+    needed = [len(prompt) for prompt in prompts]
+    for (i, _), e in zip(pairs, encoded):
+        needed[i] = max(needed[i], len(e.prompt) + len(e.target))
+    refuse_beyond_context(data, needed, context_length(model), what="its prompt with its longest choice")
     scores, _ = scored_sequences(model, encoded, pad_id_of(tokenizer), batch_size)
     best: dict[int, tuple[float, int]] = {}
     for (i, c), score in zip(pairs, scores.tolist()):
@@ -189,6 +202,7 @@ def choice_accuracy(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_s
 
 def text_perplexity(model: nn.Module, tokenizer: Any, data: TaskData, *, batch_size: int, max_length: int | None) -> TaskResult:
     encoded = [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)]
+    encoded = cut_to_context(data, encoded, context_length(model))
     log_likelihood, counts = scored_sequences(model, encoded, pad_id_of(tokenizer), batch_size)
     if int(counts.sum()) == 0:
         raise InputError(f"task {data.name!r}: the texts have no token to predict (each needs at least two tokens).")

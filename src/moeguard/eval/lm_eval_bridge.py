@@ -28,10 +28,14 @@ def _import_lm_eval():
 
 
 def lm_eval_model(model: Any, *, tokenizer: Any = None, batch_size: int = 8, device: str | None = None) -> Any:
-    """An lm-eval ``HFLM`` over ``model``: a model directory or hub id, an ``MoEModel`` or a loaded causal LM."""
+    """An lm-eval ``HFLM`` over ``model``: a model directory or hub id (loaded with :func:`moeguard.models.load_moe`:
+    safetensors only, every tensor checked), an ``MoEModel`` or a loaded causal LM."""
     _, HFLM, _ = _import_lm_eval()
     if isinstance(model, (str, os.PathLike)):
-        return HFLM(pretrained=str(model), batch_size=batch_size, device=device or "cpu", add_bos_token=True)
+        from moeguard.models import load_moe
+
+        model = load_moe(model)
+        model.model.to(device or "cpu")
     lm = getattr(model, "model", model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:

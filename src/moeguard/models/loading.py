@@ -37,14 +37,62 @@ def check_model_source(source: str | os.PathLike) -> tuple[str, bool]:
     return text, False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved with a model, or None if it has none."""
+    """The tokenizer saved with a model, or None if it has none.
+
+    A local directory that holds tokenizer files whose tokenizer does not load is an
+    error (a model written from it would silently lack its tokenizer).
+    """
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        present = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+        if present:
+            raise ModelError(
+                f"{source} has tokenizer files ({', '.join(present)}) but its tokenizer does not load: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Fix or remove those files."
+            ) from None
         return None
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights_format(path: Path, *, allow_pickle_weights: bool) -> None:
+    """Refuse a local model whose weights exist only as pickles, unless explicitly allowed.
+
+    Unpickling can run code planted in the file; safetensors cannot.
+    """
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    pickles = [name for name in PICKLE_WEIGHTS if (path / name).is_file()]
+    if not has_safetensors and pickles and not allow_pickle_weights:
+        raise ModelError(
+            f"{path} stores its weights only as a pickle ({pickles[0]}), and unpickling a file can run code planted in it; "
+            "moeguard loads safetensors only. Convert the checkpoint to safetensors (load it where you trust it and "
+            "save_pretrained it again), or pass allow_pickle_weights=True if you trust the file.",
+            arguments=("allow_pickle_weights",),
+        )
+
+
+def check_loading_info(name: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not match the model: missing weights would be left
+    randomly initialised, unexpected ones silently dropped, mismatched ones re-initialised."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            problems.append(f"{len(names)} {what} ({shown})")
+    if problems:
+        raise ModelError(
+            f"the checkpoint in {name} does not match its config: tensors {'; '.join(problems)}. Loading it would "
+            "leave weights randomly initialised or drop stored ones; use a complete checkpoint written for this config."
+        )
 
 
 def load_moe(
@@ -52,25 +100,38 @@ def load_moe(
     *,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    allow_pickle_weights: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> MoEModel:
     """Load an MoE causal LM with ``AutoModelForCausalLM.from_pretrained`` and wrap it.
 
     ``source`` is a model directory or a hub id; extra keyword arguments (``dtype``,
     ``device_map``, ``revision``, ...) go to ``from_pretrained``. Remote code stays
-    off unless ``trust_remote_code=True``. A ``moeguard_manifest.json`` beside the
-    weights is read, so a pruned model knows which parent experts it kept.
+    off unless ``trust_remote_code=True``; weights are read from safetensors only
+    unless ``allow_pickle_weights=True`` (a pickle can run code when it is loaded).
+    Every stored tensor must match the model: a missing, unexpected or mismatched
+    tensor is an error naming it. A ``moeguard_manifest.json`` beside the weights is
+    read and checked against the model, so a pruned model knows which parent
+    experts it kept.
     """
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name, is_local = check_model_source(source)
+    if is_local:
+        check_weights_format(Path(name), allow_pickle_weights=allow_pickle_weights)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         where = "its config.json" if is_local else "the Hugging Face hub (is the id right, and is the network up?)"
         raise ModelError(f"cannot load the model config of {name} from {where}: {str(error).splitlines()[0]}") from None
+    kwargs = {"use_safetensors": None if allow_pickle_weights else True, **from_pretrained_kwargs}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=trust_remote_code, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise UnsupportedModelError(
@@ -79,7 +140,14 @@ def load_moe(
             ) from None
         raise ModelError(f"cannot load the weights of {name}: {str(error).splitlines()[0]}") from None
     except OSError as error:
-        raise ModelError(f"cannot load the weights of {name}: {str(error).splitlines()[0]}") from None
+        hint = "" if allow_pickle_weights else " (moeguard reads safetensors weights only unless pickles are allowed)"
+        raise ModelError(f"cannot load the weights of {name}: {str(error).splitlines()[0]}{hint}") from None
+    except (SafetensorError, UnpicklingError, EOFError) as error:
+        raise ModelError(
+            f"cannot read the weights of {name}: {str(error).splitlines()[0] or type(error).__name__}. The weight files "
+            "are damaged or not what their names say (truncated download?); copy or download them again."
+        ) from None
+    check_loading_info(name, info)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None
     manifest_path = Path(name) / MANIFEST_NAME
     manifest = PruneManifest.load(manifest_path) if is_local and manifest_path.is_file() else None
@@ -88,11 +156,14 @@ def load_moe(
 
 
 def resolve_device(name: str | None) -> str:
-    """``name``, or cuda when it is available and cpu otherwise; a CUDA device without CUDA is refused."""
+    """``name``, or this process's default device (:func:`moeguard.distributed.process_device`: its own
+    GPU under a multi-process launcher, else cuda if available, else cpu); a CUDA device without CUDA is refused."""
     import torch
 
+    from moeguard.distributed import process_device
+
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return process_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {name} was asked for, but CUDA is not available on this machine; use cpu.")
     return name
@@ -105,6 +176,7 @@ def load_moe_on(
     device: str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> MoEModel:
     """:func:`load_moe` with the loading options every command shares, by name.
 
@@ -115,7 +187,11 @@ def load_moe_on(
     import torch
 
     target = None if device_map else resolve_device(device)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "allow_pickle_weights": allow_pickle_weights,
+        "dtype": "auto" if dtype == "auto" else getattr(torch, dtype),
+    }
     if device_map:
         kwargs["device_map"] = device_map
     moe = load_moe(source, **kwargs)

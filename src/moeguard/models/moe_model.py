@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from torch import nn
 
 import moeguard
 from moeguard.errors import InputError, UnsupportedModelError
-from moeguard.io import atomic_dir, write_json
+from moeguard.io import atomic_dir, check_output, write_json
 from moeguard.models.discovery import discover_moe_layers, model_type_of
 from moeguard.models.fingerprint import fingerprint as weights_fingerprint
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
@@ -22,6 +23,8 @@ from moeguard.models.layers import MoELayer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.routing import RoutingCapture, RoutingEvent
 from moeguard.models.surgery import RouterRestriction, prune_in_place, shape_mismatches
+
+log = logging.getLogger("moeguard.models")
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,11 @@ class MoEModel:
         self.layers = layers
         self.tokenizer = tokenizer
         self.source = source
+        if manifest is not None:
+            manifest.check_against(layers, source=f"the prune manifest of {source or 'the model'}")
         self.manifest = manifest
         self.expert_ids: list[list[int]] = (
-            [list(k) for k in manifest.kept]
-            if manifest is not None and len(manifest.kept) == len(layers)
-            else [list(range(layer.num_experts)) for layer in layers]
+            [list(k) for k in manifest.kept] if manifest is not None else [list(range(layer.num_experts)) for layer in layers]
         )
         self._masked = False
         self._fingerprint_cache: tuple[tuple, str] | None = None
@@ -247,18 +250,23 @@ class MoEModel:
         overwrite: bool = False,
         max_shard_size: str | int | None = None,
     ) -> Path:
-        """Write an HF model directory (+ tokenizer + manifest) atomically.
+        """Write an HF model directory (config, safetensors weights, generation config,
+        tokenizer, manifest) atomically.
 
-        The result loads with stock ``AutoModelForCausalLM.from_pretrained``. By
-        default the manifest of the last :meth:`prune` is written.
+        The result loads with stock ``AutoModelForCausalLM.from_pretrained`` and
+        ``AutoTokenizer.from_pretrained``. By default the manifest of the last
+        :meth:`prune` is written. ``out_dir`` may not be, contain or lie inside the
+        directory the model was loaded from (see :func:`moeguard.io.check_output`).
         """
         manifest = manifest if manifest is not None else self.manifest
-        out_dir = Path(out_dir)
+        out_dir = check_output(out_dir, inputs=[self.source], overwrite=overwrite, directory=True)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            else:
+                log.warning("%s: the model has no tokenizer, so %s is written without one", self.source or "model", out_dir)
             if manifest is not None:
                 data = manifest.to_dict() if isinstance(manifest, PruneManifest) else dict(manifest)
                 write_json(tmp / MANIFEST_NAME, data)

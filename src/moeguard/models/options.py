@@ -20,6 +20,8 @@ class LoadOptions:
     device: str | None = setting(None, "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)")
     device_map: str | None = setting(None, "from_pretrained device_map, e.g. 'auto' to spread a large model over devices")
     trust_remote_code: bool = setting(False, "allow code from the model repository")
+    allow_pickle_weights: bool = setting(False, "load weights stored as pickles (pytorch_model.bin) when a model has no "
+                                                "safetensors; unpickling can run code planted in the file")
 
     def load(self, source: str | os.PathLike) -> MoEModel:
         """Load the model at ``source`` (a directory or hub id) with these options."""

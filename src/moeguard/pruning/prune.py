@@ -15,6 +15,7 @@ from typing import Any
 
 from moeguard.attribution import Attribution, check_fingerprint, scores
 from moeguard.errors import FingerprintMismatchError, InputError
+from moeguard.io import check_output
 from moeguard.models import MoEModel, ParameterCounts, PruneManifest, load_moe
 from moeguard.models.fingerprint import short
 from moeguard.pruning.plans import PrunePlan, make_plan
@@ -124,6 +125,9 @@ def prune_model(
     ``streaming=True`` prunes a local safetensors checkpoint shard by shard without
     loading it (peak memory: one shard). ``load_kwargs`` go to :func:`load_moe`.
     """
+    source = model.source if isinstance(model, MoEModel) else str(model)
+    check_output(out_dir, inputs=[source, None if isinstance(attribution, Attribution) else attribution],
+                 overwrite=overwrite, directory=True)
     record, attribution_path = _attribution(attribution)
 
     def plan_for(layers: list, fingerprint: str) -> tuple[PrunePlan, dict[str, Any]]:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import moeguard
 from moeguard.errors import FingerprintMismatchError, InputError, ModelError, MoeGuardError, UnsupportedModelError
-from moeguard.io import atomic_dir, write_json
+from moeguard.io import atomic_dir, check_output, write_json
 from moeguard.models.fingerprint import checkpoint_files, combine_digests, short, tensor_digest
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.loading import check_model_source, load_tokenizer
@@ -90,11 +90,14 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
             header = json.loads(handle.read(length))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelError(f"{path} is not a readable safetensors file ({error}).") from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = [
-        StoredTensor(name, info["dtype"], tuple(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0])
-        for name, info in header.items()
-    ]
+    try:
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = [
+            StoredTensor(name, info["dtype"], tuple(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.items()
+        ]
+    except (AttributeError, KeyError, TypeError, IndexError) as error:
+        raise ModelError(f"{path} is not a readable safetensors file (malformed header: {error}).") from None
     return tensors, metadata
 
 
@@ -353,24 +356,27 @@ def _run_key(shards: Sequence[Shard], writes: dict[str, list[TensorWrite]], mode
 
 def _prune_shard(path: Path, writes: Sequence[TensorWrite], out_path: Path, metadata: dict[str, str]) -> dict[str, str]:
     """Read one shard tensor by tensor, write its pruned copy; return the digests of the tensors read."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     digests: dict[str, str] = {}
     out: dict[str, torch.Tensor] = {}
     by_source = {w.source: w for w in writes}
-    with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            tensor = handle.get_tensor(name)
-            digests[name] = tensor_digest(name, tensor)
-            write = by_source.get(name)
-            if write is None:
-                continue
-            if write.index is not None and write.axis is not None:
-                index = torch.tensor(write.index, dtype=torch.long)
-                tensor = tensor.index_select(write.axis, index)
-            out[write.name] = tensor.contiguous()
-            del tensor
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                digests[name] = tensor_digest(name, tensor)
+                write = by_source.get(name)
+                if write is None:
+                    continue
+                if write.index is not None and write.axis is not None:
+                    index = torch.tensor(write.index, dtype=torch.long)
+                    tensor = tensor.index_select(write.axis, index)
+                out[write.name] = tensor.contiguous()
+                del tensor
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"cannot read {path}: {error}. The shard is damaged or truncated; copy or download it again.") from None
     if out:
         save_file(out, str(out_path), metadata=metadata or {"format": "pt"})
     return digests
@@ -416,11 +422,8 @@ def streaming_prune(
             f"{source} is not a local directory; the streaming prune reads a checkpoint from disk. Download it first "
             "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass the directory."
         )
-    model_dir, out_dir = Path(source), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists; choose another output path or pass overwrite=True.", arguments=("overwrite",))
-    if out_dir.resolve() == model_dir.resolve():
-        raise InputError(f"the output {out_dir} is the model directory itself; write the pruned model elsewhere.")
+    model_dir = Path(source)
+    out_dir = check_output(out_dir, inputs=[model_dir], overwrite=overwrite, directory=True)
 
     moe = load_meta_moe(model_dir, trust_remote_code=trust_remote_code)
     shards = read_checkpoint(model_dir)

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from moeguard.attribution import Attribution, check_fingerprint, collect_attribution, scores
 from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA, check_criterion
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches, encode_examples, load_task, mixture
-from moeguard.data.batching import pad_id_of
+from moeguard.data.batching import context_length, pad_id_of
 from moeguard.errors import InputError, PlanError
 from moeguard.eval import evaluate, evaluate_tasks
 from moeguard.eval.evaluate import eval_mode, scored_sequences
-from moeguard.io import read_json
+from moeguard.io import check_output, read_json
 from moeguard.models import MoEModel
 from moeguard.pruning.plans import PrunePlan, make_plan
 from moeguard.runs import Run
@@ -230,8 +230,9 @@ def _attribution_for(
         data = attribution_data or (task if isinstance(task, TaskData) else load_task(task, "train", limit=attribution_limit))
         logger.info("attributing %s on %d examples", data.name, len(data))
         record = collect_attribution(
-            moe, batches(moe.tokenizer, data, batch_size=batch_size), tokens=tokens, criteria=needed, task=data.name,
-            task_source=data.source, total_batches=-(-len(data) // batch_size), progress=progress,
+            moe, batches(moe.tokenizer, data, batch_size=batch_size, context=context_length(moe)), tokens=tokens,
+            criteria=needed, task=data.name, task_source=data.source, total_batches=-(-len(data) // batch_size),
+            progress=progress,
         )
         if out_dir is not None:
             path = record.save(out_dir / ATTRIBUTION_NAME)
@@ -316,7 +317,15 @@ def run_sweep(
         raise InputError(f"the model {moe.source} has no tokenizer; the sweep needs one to evaluate tasks.")
     for criterion in [*criteria, baseline_criterion]:
         check_criterion(criterion)
-    out = Path(out_dir) if out_dir is not None else None
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.", arguments=("batch_size",))
+    keeps = list(keeps) if keeps is not None else default_keeps(moe.layers)
+    for keep in keeps:  # every keep count is checked before any work (the scores do not matter here)
+        make_plan(torch.zeros(moe.num_layers, max(moe.num_experts)), moe.layers, keep=keep)
+    sources = [moe.source, None if isinstance(attribution, Attribution) else attribution,
+               *(d.source for d in (task, perplexity_data, attribution_data, *(other_tasks or ())) if isinstance(d, TaskData))]
+    # Checked, not created: the first file saved creates it, so a refused run leaves no folder behind.
+    out = check_output(out_dir, inputs=sources, directory=True, resumable=True) if out_dir is not None else None
     target = _task_data(task, limit)
     others = [_task_data(t, limit) for t in (other_tasks if other_tasks is not None else BUILTIN_TASKS)]
     datas = [target] + [d for d in others if d.name != target.name]
@@ -328,7 +337,6 @@ def run_sweep(
     text = perplexity_data if perplexity_data is not None else text_of_tasks(datas)
     if text.kind != "lm":
         raise InputError(f"perplexity data {text.name!r} holds {text.kind} examples; give lm data ({{\"text\": ...}} lines).")
-    keeps = list(keeps) if keeps is not None else default_keeps(moe.layers)
     needed = [c for c in dict.fromkeys([*criteria, baseline_criterion]) if not CRITERIA[c].baseline]
     record, record_path = _attribution_for(moe, task, attribution, needed, out, attribution_data=attribution_data,
                               attribution_limit=attribution_limit, tokens=tokens, batch_size=batch_size,

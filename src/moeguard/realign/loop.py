@@ -29,32 +29,31 @@ import torch
 from torch import nn
 
 import moeguard
-from moeguard.attribution.collect import distributed_world
-from moeguard.attribution.run import init_distributed_from_environment
-from moeguard.data.batching import batches, encode_continuations
+from moeguard.data.batching import batches, context_length, encode_continuations, encode_examples, fit_to_context
+from moeguard.distributed import (
+    barrier,
+    broadcast_from_first,
+    distributed_world,
+    gather_rows,
+    init_distributed_from_environment,
+    is_main,
+    shard,
+    sum_over_processes,
+)
 from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, ResumeError
 from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
-from moeguard.io import read_json, write_json
+from moeguard.io import check_output, read_json, write_json
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
 from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.inputs import RealignData
 from moeguard.realign.metrics import recovery, retention
 from moeguard.realign.pool import pool_values, removed_expert_masks, routing_shares, select
-from moeguard.runs import Run
-from moeguard.realign.processes import (
-    barrier,
-    broadcast_from_first,
-    check_replicas_agree,
-    data_parallel,
-    gather_rows,
-    is_main,
-    shard,
-    sum_over_processes,
-)
+from moeguard.realign.processes import ProcessRows, check_replicas_agree, data_parallel
 from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord
 from moeguard.realign.scopes import TRAIN_SCOPES, LoraAdapters, add_lora, frozen_digest, scope_parameters
 from moeguard.realign.state import STATE_DIR, derive_seed, generator, load_latest_round, restore_trainable, save_round
+from moeguard.runs import Run
 from moeguard.training import train
 
 log = logging.getLogger("moeguard.realign")
@@ -158,7 +157,7 @@ class _Run:
         target, other = _accuracies(self.moe, self.data, self.config.eval_batch_size)
         previous = self.history[-1] if self.history else None
         steps = (previous.steps if previous else 0) + (trained.steps if trained else 0)
-        tokens = (previous.tokens if previous else 0) + (sum_over_processes(trained.tokens) if trained else 0)
+        tokens = (previous.tokens if previous else 0) + (trained.tokens if trained else 0)
         wall = (previous.wall_seconds if previous else 0.0) + train_seconds + acquire_seconds
         pruned = self.history[0].accuracy if self.history else target
         record = RoundRecord(
@@ -213,20 +212,20 @@ class _Run:
     def train_round(self, round_index: int, checkpoint: Path | None, progress: bool) -> Any:
         """Fine-tune on every labelled example; the round's training state is kept in ``checkpoint``."""
         config = self.config
-        world = distributed_world()[1]
         round_seed = derive_seed(config.seed, "train", round_index)
         order = torch.randperm(len(self.labelled), generator=torch.Generator().manual_seed(round_seed)).tolist()
-        local = shard([self.labelled[i] for i in order])
-        stream = batches(
+        # Every process draws the same batches and trains on its rows of each (see realign.processes).
+        stream = ProcessRows(batches(
             self.moe.tokenizer,
-            self.data.pool.subset(local),
-            batch_size=max(1, config.batch_size // world),
+            self.data.pool.subset([self.labelled[i] for i in order]),
+            batch_size=config.batch_size,
             shuffle=True,
             seed=round_seed,
             epochs=None,
-        )
+            context=context_length(self.moe),
+        ))
         with data_parallel(self.moe, self.trainable) as model:
-            return train(
+            trained = train(
                 model,
                 stream,
                 steps=config.steps_per_round,
@@ -238,6 +237,9 @@ class _Run:
                 checkpoint_every=max(1, config.steps_per_round // 2),
                 checkpoint_settings={"round": round_index, "labelled": len(self.labelled)},
             )
+        world = distributed_world()[1]
+        # The whole batches' tokens, and the loss of the whole batches (the mean of the processes' shares).
+        return replace(trained, tokens=stream.tokens, final_loss=sum_over_processes(trained.final_loss) / world)
 
     def state(self, model_fingerprint: str, mode: str) -> dict[str, Any]:
         return {
@@ -347,9 +349,16 @@ def realign(
         raise InputError("re-alignment needs the model's tokenizer, but none is saved with it; save one beside the weights.")
     data.check()
     config.check(len(data.pool))
+    for part in (data.pool, data.test, *data.others):  # every example fits the model's context, checked up front
+        fit_to_context(part, encode_examples(moe.tokenizer, part.examples), context_length(moe))
     mode = "mask" if keep is not None else "pruned"
     keep_sets, kept, removed = _prune_record(moe, keep)
-    out_dir = Path(out) if out is not None else None
+    if isinstance(parent, MoEModel):
+        parent_source = parent.source
+    else:
+        parent_source = parent if parent is not None or moe.manifest is None else moe.manifest.parent_model
+    sources = [moe.source, parent_source, *(d.source for d in (data.pool, data.test, *data.others))]
+    out_dir = check_output(out, inputs=sources, directory=True, resumable=True) if out is not None else None
     model_fingerprint = moe.fingerprint()
     settings = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(),
                 "model_fingerprint": model_fingerprint}

@@ -5,7 +5,7 @@ An unlabelled example has a prompt but no answer, so the model answers it itself
 the acquisition functions then read the model's outputs on prompt + own answer.
 The routing-aware acquisition instead reads the unpruned parent's routing on the
 prompt. Under ``torch.distributed`` each process scores its share of the examples
-and the shares are gathered (:mod:`moeguard.realign.processes`), so every process
+and the shares are gathered (:mod:`moeguard.distributed`), so every process
 sees every value.
 """
 
@@ -18,6 +18,7 @@ import torch
 
 from moeguard.data.batching import EncodedExample, collate, encode_continuations, encode_prompts, model_inputs, pad_id_of, to_device
 from moeguard.data.examples import TaskData
+from moeguard.distributed import gather_rows, shard
 from moeguard.errors import InputError
 from moeguard.eval.evaluate import (
     causal_lm,
@@ -31,7 +32,6 @@ from moeguard.models import MoEModel
 from moeguard.models.routing import RoutingEvent
 from moeguard.realign import acquisition as acq
 from moeguard.realign.acquisition import ACQUISITIONS, Acquisition, Choice, Readout
-from moeguard.realign.processes import gather_rows, shard
 
 SKETCH_DIM = 32
 # The answer-token logits one scored batch may hold, as float32: with a real vocabulary

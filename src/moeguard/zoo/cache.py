@@ -71,6 +71,12 @@ def demo_model_path(config: DemoConfig | None = None, seed: int = 0, train_if_mi
 DEMO_SOURCE = "demo"
 
 
+def local_model_path(source: str | None) -> str | None:
+    """Where ``source`` lives on this machine, without training anything: the cached demo model's
+    directory for ``"demo"``, else ``source`` as given (for checks such as an output overlapping it)."""
+    return str(demo_cache_dir()) if source == DEMO_SOURCE else source
+
+
 def resolve_model_source(source: str, *, progress: bool = True) -> str:
     """``source`` as given, or for ``"demo"`` the cached default demo model's directory (trained first if missing)."""
     return str(demo_model_path(progress=progress)) if source == DEMO_SOURCE else source

@@ -14,9 +14,8 @@ import torch
 
 import moeguard
 from moeguard.data import batches, build_char_tokenizer, load_task, mixture
-from moeguard.errors import InputError
 from moeguard.eval import evaluate_tasks
-from moeguard.io import atomic_dir, atomic_write_text, write_json
+from moeguard.io import atomic_dir, atomic_write_text, check_output, write_json
 from moeguard.models import MoEModel
 from moeguard.models.random_init import random_moe
 from moeguard.runs import partial_path
@@ -109,10 +108,7 @@ def train_demo(
     ``extra_loss`` is added to the training loss (see :func:`moeguard.training.train`).
     Training runs on one intra-op thread (faster for a model this small).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists; choose another output directory or pass overwrite=True.",
-                         arguments=("overwrite",))
+    out_dir = check_output(out_dir, overwrite=overwrite, directory=True)
     with intra_op_threads(TRAINING_THREADS):
         return _train_demo(out_dir, config, seed=seed, extra_loss=extra_loss, progress=progress, overwrite=overwrite)
 
