@@ -163,7 +163,7 @@ def test_attribute_command_refuses_to_overwrite_and_to_compare_other_models(mode
     args = ["attribute", "--model", str(model_dir), "--task", "sort", "--samples", "4", "--out", str(out)]
     assert main(args) == 0
     assert main(args) == 2
-    assert "already exists; choose another output path or pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "already exists; choose another output path or pass --overwrite" in capsys.readouterr().err
     foreign, _ = small_attribution(family="olmoe")
     foreign.save(tmp_path / "foreign.json")
     assert main([*args, "--overwrite", "--compare", str(tmp_path / "foreign.json")]) == 2

@@ -12,15 +12,19 @@ its traceback and a request to report it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 
+# Nothing heavy at import time (torch, transformers): ``moeguard`` must answer Ctrl-C from its first instant.
 from moeguard import __version__
-from moeguard.cli.common import cli_message, command_flags
 from moeguard.errors import InternalError, MoeGuardError
 
 COMMAND_MODULES = [
@@ -89,19 +93,37 @@ def resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
     return f"interrupted; finished work is kept. To resume, run: {shlex.join(words)}"
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[list[int]]:
+    """Within the block Ctrl-C is noted (in the yielded list) instead of raised.
+
+    Start-up imports torch and transformers, seconds in which Ctrl-C is likely; an
+    interrupt there would break an import half-way and end in a traceback, so it is
+    acted on once the imports are done.
+    """
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield noted
+        return
+    previous = signal.signal(signal.SIGINT, lambda number, frame: noted.append(number))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning (before torch loads): on a machine
     # shared with other work, spinning threads stall every parallel region, which made
     # evaluation and training steps 10x slower on a busy 2-core machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        # Building the parser imports torch and transformers: seconds in which Ctrl-C is likely.
+    with interrupts_deferred() as interrupted:
         parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "run", None):
             configure_logging(args.quiet, args.verbose)
-    except KeyboardInterrupt:
+    if interrupted:
         print("moeguard: interrupted before any work started.", file=sys.stderr)
         return 130
     if not getattr(args, "run", None):
@@ -110,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except MoeGuardError as error:
+        from moeguard.cli.common import cli_message, command_flags
+
         print(f"moeguard {args.command}: error: {cli_message(error, command_flags(args.command_parser))}", file=sys.stderr)
         return 2
     except InternalError as error:

@@ -40,7 +40,7 @@ from moeguard.distributed import (
     shard,
     sum_over_processes,
 )
-from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, ResumeError
+from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, MoeGuardError, ResumeError
 from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
 from moeguard.io import check_output, read_json, write_json
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
@@ -363,6 +363,7 @@ def realign(
     settings = {"config": config.to_dict(), "mode": mode, "task": data.task, "data": data.signature(),
                 "model_fingerprint": model_fingerprint}
     state_dir = out_dir / STATE_DIR if out_dir else None
+    created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         _open_run(out_dir, settings, resume)
         finished = read_json(out_dir / HISTORY_NAME, what="re-alignment history") if (out_dir / HISTORY_NAME).is_file() else None
@@ -377,7 +378,12 @@ def realign(
     elif mode == "mask":
         reference = _measure_reference(moe, data, config, removed)
     else:
-        parent_moe, loaded = _load_parent(moe, parent)
+        try:
+            parent_moe, loaded = _load_parent(moe, parent)
+        except MoeGuardError:
+            if created:  # refused before any work: the run directory this call made goes again
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         reference = _measure_reference(parent_moe, data, config, removed)
         if loaded:
             del parent_moe
