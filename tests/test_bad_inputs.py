@@ -365,6 +365,7 @@ def test_the_table_covers_every_command_and_at_least_sixty_cases():
     assert used == commands and len(CASES) >= 60
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_says_interrupted_and_exits_130(golden):
     """The command is interrupted while it imports torch and transformers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

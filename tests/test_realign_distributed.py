@@ -83,6 +83,7 @@ def realign_worker(rank: int, init_file: str, pruned: str, out: str, world: int)
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_gloo_processes_realign_to_what_one_process_does(tmp_path):
     import torch

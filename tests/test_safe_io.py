@@ -166,6 +166,7 @@ def test_a_manifest_that_does_not_describe_its_model_is_refused_on_load(model_di
 
 
 # ---------------------------------------------------------------- every written model stands alone
+@pytest.mark.slow
 def test_every_model_directory_moeguard_writes_loads_with_stock_auto_classes(model_dir, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
