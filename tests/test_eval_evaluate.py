@@ -85,7 +85,7 @@ def test_choice_accuracy_picks_the_choice_with_the_highest_log_likelihood():
     assert result.correct == [True, False, True]
 
 
-def test_perplexity_equals_the_hand_computed_value():
+def test_text_loss_perplexity_and_unigram_reference_equal_the_hand_computed_values():
     model = bigram_oracle()
     texts = ["bc", "=xy"]
     data = TaskData("text", "lm", [Example(text=t) for t in texts])
@@ -97,9 +97,12 @@ def test_perplexity_equals_the_hand_computed_value():
             nll -= float(table[previous, following])
             count += 1
     result = evaluate(model, TOKENIZER, data, batch_size=1)
-    assert result.metric == "perplexity" and result.n == 2
-    assert result.value == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert result.metric == "loss" and result.n == 2 and not result.higher_is_better
+    assert result.value == pytest.approx(nll / count, rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-6)
     assert result.ci_low <= result.value <= result.ci_high
+    # the scored tokens b, c, =, x, y are all different: the unigram reference is log 5
+    assert result.reference == pytest.approx(math.log(5))
 
 
 @pytest.mark.slow

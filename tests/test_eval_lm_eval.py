@@ -81,3 +81,24 @@ def test_the_evaluate_command_runs_harness_tasks(trained_tiny, tmp_path, capsys)
 
     report = json.loads(capsys.readouterr().out)
     assert report["lm_eval"]["moeguard_caps"]["acc,none"] == pytest.approx(0.75)
+
+
+def test_a_harness_task_becomes_an_audit_task_with_the_harness_prompts_and_choices(tmp_path, monkeypatch):
+    from moeguard.audit import AuditConfig
+    from moeguard.audit.run import audit_tasks
+    from moeguard.eval.lm_eval_bridge import lm_eval_task
+
+    include = harness_task(tmp_path)
+    data = lm_eval_task("moeguard_caps", include_path=include)
+    assert (data.name, data.kind, data.examples, data.source) == ("moeguard_caps", "choice", CHOICES.examples, "lm-eval:moeguard_caps")
+    config = AuditConfig(lm_eval_tasks=["moeguard_caps"], lm_eval_include=include, test_fraction=0.25)
+    config.realign.budget, config.realign.rounds = 3, 1
+    config.realign.seed_size = 3
+    [task] = audit_tasks(config)
+    assert (task.name, len(task.pool), len(task.test)) == ("moeguard_caps", 3, 1)
+    from lm_eval.tasks import TaskManager
+
+    local_only = TaskManager(include_path=include, include_defaults=False)  # the harness's full index takes a minute
+    monkeypatch.setattr("moeguard.eval.lm_eval_bridge.task_manager", lambda *args: local_only)
+    with pytest.raises(InputError, match="lm-eval does not know the task 'nope'"):
+        lm_eval_task("nope", include_path=include)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from moeguard.cli import main
-from moeguard.data import TaskData, load_task
+from moeguard.data import load_task
 from moeguard.errors import InputError, PlanError
 from moeguard.models import GroupRouting, load_moe
 from moeguard.pruning import sweep as sweep_module
@@ -103,13 +103,6 @@ def test_impossible_plans_are_refused_before_anything_is_evaluated(tiny, monkeyp
     monkeypatch.setattr(sweep_module, "evaluate_point", lambda *a: pytest.fail("evaluated before checking plans"))
     with pytest.raises(PlanError, match="top_k=2"):
         run_sweep(tiny, TARGET, **{**SETTINGS, "keeps": [4, 1]})
-
-
-def test_plain_text_tasks_have_no_accuracy_to_sweep(tiny):
-    text = text_of_tasks([load_task(TARGET, limit=3)])
-    assert isinstance(text, TaskData) and text.kind == "lm"
-    with pytest.raises(InputError, match="plain text"):
-        run_sweep(tiny, text, **SETTINGS)
 
 
 def test_default_keep_counts_follow_the_expert_count_and_the_routing_limits():

@@ -204,10 +204,13 @@ def test_bad_input_is_refused_before_any_work_with_a_message_that_says_what_to_c
     empty.pool = TaskData("reverse", "generate", [], "empty.jsonl")
     with pytest.raises(DataError, match="has no examples"):
         realign(pruned_dir, empty, config(), progress=False)
-    lm = builtin_data("reverse", pool_size=10, test_size=2, other_size=0)
-    lm.others = [TaskData("wiki", "lm", [Example(text="some text")])]
-    with pytest.raises(DataError, match="holds lm examples; re-alignment measures accuracy"):
-        realign(pruned_dir, lm, config(), progress=False)
+    mismatched = builtin_data("reverse", pool_size=10, test_size=2, other_size=0)
+    mismatched.test = TaskData("reverse", "lm", [Example(text="some text")])
+    with pytest.raises(DataError, match="the test set of 'reverse' holds lm examples .* the pool generate examples"):
+        realign(pruned_dir, mismatched, config(), progress=False)
+    text = TaskData("wiki", "lm", [Example(text=f"some text {i}") for i in range(12)])
+    with pytest.raises(InputError, match="acquisition=badge does not apply to lm data \\(task 'wiki'\\): .* sequence_nll"):
+        realign(pruned_dir, RealignData(text, text.head(2)), config(acquisition="badge"), progress=False)
 
 
 def test_a_model_without_prune_record_or_with_the_wrong_parent_is_refused(pruned_dir, tmp_path):

@@ -98,7 +98,8 @@ def attribute(
         check_fingerprint(other, moe, what=f"the attribution {path}")
     rank, world = distributed_world()
     total = -(-len(data) // batch_size)
-    stream = batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length, context=context_length(moe))
+    stream = batches(moe.tokenizer, data, batch_size=batch_size, max_length=max_length, context=context_length(moe),
+                     prompt_format=moe.prompt_format)
     shard = iterate_shard(stream, rank, world)
     attribution = collect_attribution(
         moe,

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.attribution.scores import CRITERIA, check_criterion
+from moeguard.data.files import DatasetSource
 from moeguard.errors import InputError
+from moeguard.eval import METRICS
 from moeguard.fields import setting
 from moeguard.models.options import LoadOptions
 from moeguard.realign.acquisition import ACQUISITIONS
@@ -25,9 +27,11 @@ QUICK = dict(quick=True, criteria=("frequency",), max_realign_keeps=1, forensics
 class AuditConfig:
     """One audit. ``model`` is a directory, a hub id or ``"demo"`` (the built-in demo model).
 
-    Tasks are built-in task names (``tasks``; default every built-in task) or JSONL
-    files (``data``: each file is one task, split into an attacker's pool and a held-out
-    test set). ``compare`` names a defended model audited the same way, side by side.
+    Tasks are built-in task names (``tasks``; default every built-in task, of every task
+    type) or tasks of your own, of any task type: JSONL files (``data``) and a ``datasets``
+    source (``dataset``), each one task split into an attacker's pool and a held-out test
+    set, generated answers scored as the file's header, or ``metric`` / ``answer_pattern``,
+    say. ``compare`` names a defended model audited the same way, side by side.
 
     The attacker: attribution by ``criteria`` (default: frequency and REAP, plus the
     causal ablation criterion where it is affordable, see
@@ -47,8 +51,15 @@ class AuditConfig:
     model: str = setting(DEMO_MODEL, "model directory or hub id ('demo': the built-in demo model)")
     tasks: list[str] | None = setting(None, "built-in tasks, or 'all' (default: every built-in task)")
     data: list[str] = field(default_factory=list, metadata={
-        "help": "JSONL task file (prompt/answer or choice lines; repeat for several tasks); a held-out share is the "
-                "test set, the rest the attacker's pool"})
+        "help": "JSONL task file (prompt/answer, choice or text lines, and an optional metric header; repeat for several "
+                "tasks); a held-out share is the test set, the rest the attacker's pool"})
+    dataset: DatasetSource = field(default_factory=DatasetSource, metadata={"help": "a task from a datasets source"})
+    lm_eval_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-evaluation-harness tasks to attack (their evaluation documents, zero-shot; needs the lm-eval extra)"})
+    lm_eval_include: str | None = setting(None, "a directory of extra harness task YAML files")
+    metric: str | None = setting(None, "how generated answers of data files and the dataset are scored (default: a file's "
+                                 "header, else exact_match)", choices=METRICS)
+    answer_pattern: str | None = setting(None, "regular expression that extracts the answer from a generation")
     compare: str | None = setting(None, "a defended version of the model, audited the same way side by side")
     out: str = setting("audit", "output directory")
     quick: bool = setting(False, "a smaller, faster audit (about 3 minutes on the demo model)")
@@ -84,14 +95,15 @@ class AuditConfig:
 
     def check(self) -> None:
         """Refuse what cannot run, before any model is loaded."""
-        if self.tasks is not None and self.data:
-            raise InputError("give built-in tasks (`tasks`) or data files (`data`), not both.", arguments=("tasks", "data"))
+        if self.tasks is not None and self.user_tasks:
+            raise InputError("give built-in tasks (`tasks`) or tasks of your own (`data`, `hf_dataset`, `lm_eval_tasks`), "
+                             "not both.", arguments=("tasks", "data", "hf_dataset", "lm_eval_tasks"))
         if self.tasks is not None and not self.tasks:
             raise InputError("no task given; name at least one built-in task (`tasks`) or give `data`.",
                              arguments=("tasks", "data"))
         for path in self.data:
             if not Path(path).is_file():
-                raise InputError(f"data={path}: no such file (expected a JSONL file of prompt/answer or choice examples).",
+                raise InputError(f"data={path}: no such file (expected a JSONL file of prompt/answer, choice or text examples).",
                                  arguments=("data",))
         if self.criteria is not None:
             if not self.criteria:
@@ -125,6 +137,11 @@ class AuditConfig:
     def realign_config(self, acquisition: str) -> RealignConfig:
         """The settings of one re-alignment run of this audit's attacker, with ``acquisition``."""
         return replace(self.realign, acquisition=acquisition)
+
+    @property
+    def user_tasks(self) -> bool:
+        """Whether the audit attacks tasks of the user's own (files or a dataset) rather than built-in ones."""
+        return bool(self.data or self.dataset.hf_dataset or self.lm_eval_tasks)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -42,7 +42,10 @@ class AuditReport:
             cost = task.cost
             row: dict[str, Any] = {
                 "task": name,
+                "kind": task.kind,
+                "metric": task.metric,
                 "full_accuracy": task.full_accuracy,
+                "reference": task.reference,
                 "fraction_without": task.fraction_without,
                 "keep_without": task.keep_without,
                 "fraction_with": task.fraction_with,
@@ -82,22 +85,29 @@ class AuditReport:
         """The summary table as text (what the command prints)."""
         target = self.config["realign"]["target_retention"]
         lines = [f"prunability audit of {self.model.source} (fingerprint {self.model.fingerprint[:12]}), target "
-                 f"{target:.0%} of each task's accuracy:"]
-        header = f"  {'task':<12}{'full acc':>9}{'keep w/o':>10}{'keep with':>11}{'labels':>8}{'steps':>7}{'params':>12}{'ratio':>7}"
+                 f"{target:.0%} of each task's score:"]
+        header = (f"  {'task':<12}{'type':<10}{'metric':<17}{'full':>7}{'keep w/o':>10}{'keep with':>11}{'labels':>8}"
+                  f"{'steps':>7}{'params':>12}{'ratio':>7}")
         if self.defense:
             header += f"{'cost x':>8}{'utility':>9}"
         lines.append(header)
+        notes = []
         for row in self.headline():
+            start = f"  {row['task']:<12}{row['kind']:<10}{row['metric']:<17}{row['full_accuracy']:>7.3f}"
+            if row["metric"] == "loss":
+                notes.append(f"  {row['task']}: loss in nats per token (lower is better); retention is the share of the full "
+                             f"model's improvement over the unigram entropy of the text, {row['reference']:.3f}")
             if row["skipped"]:
-                lines.append(f"  {row['task']:<12}{row['full_accuracy']:>9.3f}  skipped: {row['skipped']}")
+                lines.append(f"{start}  skipped: {row['skipped']}")
                 continue
-            line = (f"  {row['task']:<12}{row['full_accuracy']:>9.3f}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
+            line = (f"{start}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
                     f"{_num(row['labels']):>8}{_num(row['steps']):>7}{_num(row['parameters_total'], ','):>12}"
                     f"{_num(row['compression_ratio'], '.2f'):>7}")
             if row["task"] in self.defense:
                 comparison = self.defense[row["task"]]
                 line += f"{comparison.describe_multiplier():>8}{comparison.utility_cost:>+9.3f}"
             lines.append(line)
+        lines += notes
         if self.out_dir is not None:
             lines.append(f"report: {self.out_dir / REPORT_HTML} (numbers: {self.out_dir / REPORT_JSON})")
         return "\n".join(lines)
@@ -153,19 +163,23 @@ def _cell(value: Any, spec: str = "") -> str:
 
 def _summary_table(report: AuditReport) -> str:
     compare = bool(report.defense)
-    head = ["task", "full-model accuracy", "experts kept, pruning alone", "experts kept, with re-alignment",
+    head = ["task", "type / metric", "full-model score", "experts kept, pruning alone", "experts kept, with re-alignment",
             "re-alignment cost", "carved model: parameters total / active per token"]
     if compare:
         head += ["defense cost multiplier", "utility cost"]
     rows = []
     for row in report.headline():
+        kind = f"{html.escape(row['kind'])}<br><span class='meta'>{html.escape(row['metric'])}</span>"
+        full = _cell(row["full_accuracy"], ".3f")
+        if row["metric"] == "loss":
+            full += f"<br><span class='meta'>nats/token; unigram {_cell(row['reference'], '.3f')}</span>"
         if row["skipped"]:
-            cells = [html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
-                     f'<td colspan="{len(head) - 2}" style="text-align:left">skipped: {html.escape(row["skipped"])}</td>']
-            rows.append("<tr><td>" + "</td><td>".join(cells[:2]) + "</td>" + cells[2] + "</tr>")
+            cells = [html.escape(row["task"]), kind, full,
+                     f'<td colspan="{len(head) - 3}" style="text-align:left">skipped: {html.escape(row["skipped"])}</td>']
+            rows.append("<tr><td>" + "</td><td>".join(cells[:3]) + "</td>" + cells[3] + "</tr>")
             continue
         cells = [
-            html.escape(row["task"]), _cell(row["full_accuracy"], ".3f"),
+            html.escape(row["task"]), kind, full,
             f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])} per layer)" if row["keep_without"] else "100% (no prune kept it)",
             f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])} per layer)" if row["keep_with"] else "100%",
             "-" if row["labels"] is None else (f"{row['labels']} labels, {row['steps']} steps<br><span class='meta'>"
@@ -182,6 +196,7 @@ def _summary_table(report: AuditReport) -> str:
 
 
 def _sweep_table(task: TaskAudit) -> str:
+    """Target retention per criterion (rows) and keep count (columns)."""
     keeps = sorted({row["keep"] for row in task.sweep if row["criterion"] != "full"}, reverse=True)
     labels = list(dict.fromkeys(row["criterion"] for row in task.sweep if row["criterion"] != "full"))
     head = "<tr><th>criterion</th>" + "".join(f"<th>keep {k}</th>" for k in keeps) + "</tr>"
@@ -243,14 +258,15 @@ def _forensics_section(audits: list[ModelAudit]) -> str:
             "the audited model by <code>moeguard detect</code>.</p>" + f"<table id='forensics'>{head}{''.join(rows)}</table>")
 
 
-def _tables_section(audits: list[ModelAudit], shown, table, heading: str) -> str:
-    """One heading and ``table(task)`` for every task of every model where ``shown(task)``."""
+def _tables_section(audits: list[ModelAudit], shown, table, heading) -> str:
+    """One heading (``heading(task)``, after the task's name) and ``table(task)`` for every task of every model
+    where ``shown(task)``."""
     parts = []
     for audit in audits:
         who = "defended model: " if audit.role == "compare" else ""
         for name, task in audit.tasks.items():
             if shown(task):
-                parts.append(f"<h3>{html.escape(who + name + heading)}</h3>{table(task)}")
+                parts.append(f"<h3>{html.escape(who + name + heading(task))}</h3>{table(task)}")
     return "".join(parts)
 
 
@@ -283,8 +299,9 @@ def render_html(report: AuditReport, out: Path) -> str:
         f"{' (quick mode)' if config.get('quick') else ''}.</p>",
         "<h2>Summary</h2>",
         f"<p class='note'>How cheaply can a task model be carved out of this MoE? For each task: the smallest share of experts "
-        f"an attacker (attribution by {esc(', '.join(model.criteria))}) must keep so that the pruned model still answers "
-        f"{target:.0%} as well as the full model, by pruning alone "
+        f"an attacker (attribution by {esc(', '.join(model.criteria))}) must keep so that the pruned model still keeps "
+        f"{target:.0%} of the full model's score (of a language-modelling task: of its loss improvement over the unigram "
+        "entropy of the text), by pruning alone "
         f"and with re-alignment (fine-tuning the pruned model on at most {attacker['budget']} labelled examples chosen by "
         f"{esc(attacker['acquisition'])} active learning, scope {esc(attacker['scope'])}); the labels, optimizer steps and tokens "
         "that re-alignment needed; and the size of the model the attacker ends up with. Lower shares and fewer labels mean "
@@ -298,17 +315,20 @@ def render_html(report: AuditReport, out: Path) -> str:
                  "of routing decisions sent to it. A few bright cells per row mean the task lives in a few experts, "
                  "which is what makes it easy to isolate.</p>")
     parts.append(_figures_section(out, audits, "attribution", "routing frequency per layer and expert"))
-    parts.append("<h2>Knowledge loss: accuracy kept as experts are pruned</h2>")
+    parts.append("<h2>Knowledge loss: the task kept as experts are pruned</h2>")
     parts.append("<p class='note'>Each point masks all but the kept experts (the same function as the physically pruned model). "
-                 "A real criterion should stay well above the random and least-used baselines.</p>")
-    parts.append(_figures_section(out, audits, "knowledge_loss", "accuracy retained vs share of experts kept", wide=True))
-    parts.append(_tables_section(audits, lambda task: bool(task.sweep), _sweep_table, ": accuracy retained (pruned / full)"))
+                 "Retention is the pruned model's score over the full model's (for a language-modelling loss: the share of "
+                 "the full model's improvement over the unigram entropy that it keeps). A real criterion should stay well "
+                 "above the random and least-used baselines.</p>")
+    parts.append(_figures_section(out, audits, "knowledge_loss", "retention vs share of experts kept", wide=True))
+    parts.append(_tables_section(audits, lambda task: bool(task.sweep), _sweep_table,
+                                 lambda task: f": {task.metric} retained (pruned vs full)"))
     parts.append("<h2>Re-alignment: what fine-tuning wins back</h2>")
     parts.append(f"<p class='note'>Recovery curves of the best plan at the keep counts where pruning alone fell below "
                  f"{target:.0%}: {esc(attacker['acquisition'])} active learning against {esc(config['baseline_acquisition'])} "
                  "selection of the examples to label (same seed set, steps and learning rate).</p>")
     parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples", wide=True))
-    parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, ""))
+    parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, lambda task: ""))
     parts.append(_forensics_section(audits))
     parts.append("<h2>Defense comparison</h2>")
     if report.compare is None:
@@ -319,7 +339,8 @@ def render_html(report: AuditReport, out: Path) -> str:
                      f"<code>{esc(report.compare.fingerprint[:16])}</code>), attacked the same way. Cost multiplier = labels "
                      "the attacker needs on the defended model / on the undefended one, at the undefended attack's keep "
                      "count (&ge;: not reached within the budget, a lower bound; &infin;: the undefended attack needed no labels "
-                     "at all, pruning alone kept the task). Utility cost = drop of the full model's accuracy.</p>")
+                     "at all, pruning alone kept the task). Utility cost = how much worse the defended full model scores "
+                     "(in the task's metric).</p>")
         head = ("<tr><th>task</th><th>keep</th><th>labels (undefended)</th><th>labels (defended)</th><th>cost multiplier</th>"
                 "<th>utility cost</th><th>experts kept w/o re-alignment (undef. / def.)</th><th>with (undef. / def.)</th><th>note</th></tr>")
         body = []

@@ -70,8 +70,10 @@ class Compressed:
 class TaskAudit:
     """The attack on one task of one model.
 
+    ``full_accuracy`` is the full model's score in the task's ``metric`` (of task type
+    ``kind``); retention is measured from ``reference`` (:mod:`moeguard.data.task_types`).
     ``fraction_without``: the smallest fraction of experts whose prune alone retains the
-    target share of accuracy (1.0: no prune in the sweep does). ``fraction_with``: the
+    target share (1.0: no prune in the sweep does). ``fraction_with``: the
     smallest fraction at which re-alignment reached the target within the budget
     (equal to ``fraction_without`` when no re-alignment beat it); ``cost`` is that run.
     """
@@ -80,6 +82,10 @@ class TaskAudit:
     source: str
     full_accuracy: float
     test_examples: int
+    kind: str = "generate"
+    metric: str = "exact_match"
+    reference: float = 0.0
+    higher_is_better: bool = True
     skipped: str | None = None
     keep_without: int | None = None
     criterion_without: str | None = None
@@ -147,7 +153,8 @@ class DefenseComparison:
     ``cost_multiplier`` = labels the attacker needs on the defended model / on the
     undefended one, both at the undefended attack's keep count (a lower bound, flagged
     ``censored``, when the defended attack did not reach the target within the budget);
-    ``utility_cost`` = undefended - defended full-model accuracy.
+    ``utility_cost`` = how much worse the defended full model scores (undefended - defended
+    score; defended - undefended for a loss).
     """
 
     task: str

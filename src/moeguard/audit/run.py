@@ -12,6 +12,7 @@ recomputes only the stages it feeds, and new code recomputes everything.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +29,10 @@ from moeguard.attribution.summary import Specialisation, specialisation
 from moeguard.audit.config import DEMO_MODEL, AuditConfig
 from moeguard.audit.headline import BestPlan, best_plans, pruned_parameter_counts, realign_candidates, smallest_retaining
 from moeguard.audit.results import Compressed, DefenseComparison, ModelAudit, RealignRun, TaskAudit
-from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, file_audit_tasks
+from moeguard.audit.tasks import AuditTask, builtin_audit_tasks, user_audit_tasks
 from moeguard.data import TaskData, batches, data_signature
 from moeguard.data.batching import context_length
+from moeguard.data.task_types import retention
 from moeguard.defense.costs import cost_multiplier
 from moeguard.errors import InputError, ModelError
 from moeguard.eval import evaluate
@@ -41,6 +43,7 @@ from moeguard.pruning.figures import knowledge_loss_figure
 from moeguard.pruning.sweep import SweepResult, run_sweep
 from moeguard.realign import RealignResult, realign
 from moeguard.realign.figures import recovery_figure
+from moeguard.realign.pool import check_acquisition_for
 from moeguard.runs import RunCache
 from moeguard.zoo.cache import local_model_path, resolve_model_source
 
@@ -83,12 +86,16 @@ def stage_logs_quiet() -> Iterator[None]:
 
 def audit_tasks(config: AuditConfig) -> list[AuditTask]:
     """The configured tasks with their data, loaded and checked (fast; before any model is touched)."""
-    if config.data:
-        tasks = file_audit_tasks(config.data, test_fraction=config.test_fraction, test_size=config.test_size, seed=config.seed)
+    if config.user_tasks:
+        tasks = user_audit_tasks(config.data, config.dataset, test_fraction=config.test_fraction, test_size=config.test_size,
+                                 seed=config.seed, metric=config.metric, answer_pattern=config.answer_pattern,
+                                 lm_eval_tasks=config.lm_eval_tasks, lm_eval_include=config.lm_eval_include)
     else:
         tasks = builtin_audit_tasks(config.tasks, pool_size=config.pool_size, test_size=config.test_size, seed=config.seed)
     for task in tasks:
         config.realign.check(len(task.pool))
+        for acquisition in (config.realign.acquisition, config.baseline_acquisition):
+            check_acquisition_for(acquisition, task.pool.kind, task.name)
     return tasks
 
 
@@ -161,9 +168,8 @@ class ModelAuditor:
 
         with stage("evaluate", self.seconds):
             result, cached = self.cache.get_or_compute("evaluate", inputs, compute)
-        mean = sum(r["value"] for r in result.values()) / len(result)
-        log.info("[%s] evaluate: full-model accuracy %s (mean %.3f)%s", self.role,
-                 ", ".join(f"{n} {r['value']:.3f}" for n, r in result.items()), mean, " [cached]" if cached else "")
+        log.info("[%s] evaluate: full-model scores %s%s", self.role,
+                 ", ".join(f"{n} {r['metric']} {r['value']:.3f}" for n, r in result.items()), " [cached]" if cached else "")
         return result
 
     def attribute(self, task: AuditTask) -> tuple[Path, Attribution, Specialisation]:
@@ -179,7 +185,7 @@ class ModelAuditor:
             if not cached:
                 record = collect_attribution(
                     self.moe, batches(self.moe.tokenizer, data, batch_size=self.config.realign.eval_batch_size,
-                                      context=context_length(self.moe)),
+                                      context=context_length(self.moe), prompt_format=self.moe.prompt_format),
                     criteria=collected, task=task.name, task_source=task.source,
                     total_batches=-(-len(data) // self.config.realign.eval_batch_size), checkpoint=directory / "partial",
                     progress=self.progress,
@@ -219,9 +225,12 @@ class ModelAuditor:
     # ------------------------------------------------------------------ one task
     def audit_task(self, task: AuditTask, full: dict[str, Any], others: list[AuditTask], required_keeps: list[int]) -> TaskAudit:
         config = self.config
-        audit = TaskAudit(task.name, task.source, full["value"], full["n"])
-        if full["value"] <= 0:
-            audit.skipped = "the full model answers none of the test examples: there is no task knowledge to carve out"
+        audit = TaskAudit(task.name, task.source, full["value"], full["n"], kind=full["kind"], metric=full["metric"],
+                          reference=full["reference"], higher_is_better=full["higher_is_better"])
+        if math.isnan(retention(full["value"], full["value"], full["reference"], higher_is_better=full["higher_is_better"])):
+            audit.skipped = ("the full model answers none of the test examples: there is no task knowledge to carve out"
+                             if full["higher_is_better"] else "the full model's loss is no better than the unigram "
+                             "entropy of the text: there is no task knowledge to carve out")
             log.warning("[%s] %s: skipped (%s)", self.role, task.name, audit.skipped)
             return audit
         attribution, record, summary = self.attribute(task)
@@ -409,9 +418,11 @@ def compare_models(model: ModelAudit, defended: ModelAudit) -> dict[str, Defense
                     note = f"not reached within {run.budget} labels on the defended model: the multiplier is a lower bound"
         if undefended_labels is not None and defended_labels is not None:
             multiplier = cost_multiplier(float(defended_labels), float(undefended_labels))
+        utility_cost = plain.full_accuracy - guarded.full_accuracy
         comparisons[name] = DefenseComparison(
             task=name, keep=keep, undefended_labels=undefended_labels, defended_labels=defended_labels,
-            censored=censored, cost_multiplier=multiplier, utility_cost=plain.full_accuracy - guarded.full_accuracy,
+            censored=censored, cost_multiplier=multiplier,
+            utility_cost=utility_cost if plain.higher_is_better else -utility_cost,
             fraction_without=(plain.fraction_without, guarded.fraction_without),
             fraction_with=(plain.fraction_with, guarded.fraction_with), note=note,
         )

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeguard.data import BUILTIN_TASKS, TaskData, data_signature, load_task, resolve_task_names
+from moeguard.data.files import DatasetSource
 from moeguard.errors import DataError
-from moeguard.realign.inputs import RealignData, file_data
-
-ACCURACY_KINDS = ("generate", "choice")
+from moeguard.eval.lm_eval_bridge import lm_eval_task
+from moeguard.realign.inputs import RealignData, file_data, held_out
 
 
 @dataclass
@@ -39,20 +39,21 @@ def builtin_audit_tasks(names: list[str] | None, *, pool_size: int, test_size: i
     ]
 
 
-def file_audit_tasks(paths: list[str], *, test_fraction: float, test_size: int, seed: int) -> list[AuditTask]:
-    """One task per JSONL file: a seeded ``test_fraction`` (at most ``test_size`` examples) is held out as the test set."""
-    tasks = []
-    for path in paths:
-        data = file_data(path, test_fraction=test_fraction, seed=seed)
-        if data.pool.kind not in ACCURACY_KINDS:
-            raise DataError(
-                f"{path} holds {data.pool.kind} examples (plain text); an audit measures task accuracy, so it needs "
-                "{\"prompt\", \"answer\"} or {\"prompt\", \"choices\", \"label\"} lines."
-            )
-        tasks.append(AuditTask(data.task, data.pool, data.test.head(test_size), str(Path(path))))
+def user_audit_tasks(
+    paths: list[str], dataset: DatasetSource, *, test_fraction: float, test_size: int, seed: int, metric: str | None = None,
+    answer_pattern: str | None = None, lm_eval_tasks: list[str] = (), lm_eval_include: str | None = None,
+) -> list[AuditTask]:
+    """One task per JSONL file, one for the dataset (if named) and one per lm-eval task, of any task type: a seeded
+    ``test_fraction`` (at most ``test_size`` examples) is held out as the test set."""
+    scoring = {"metric": metric, "answer_pattern": answer_pattern}
+    split = [(file_data(path, test_fraction=test_fraction, seed=seed, **scoring), str(Path(path))) for path in paths]
+    loaded = [dataset.load(**scoring)] if dataset.hf_dataset else []
+    loaded += [lm_eval_task(name, include_path=lm_eval_include) for name in lm_eval_tasks]
+    split += [(held_out(data, test_fraction=test_fraction, seed=seed), data.source) for data in loaded]
+    tasks = [AuditTask(data.task, data.pool, data.test.head(test_size), source) for data, source in split]
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(f"several `data` files give the task name(s) {duplicates} (from the file names); rename them apart.",
-                        arguments=("data",))
+        raise DataError(f"several `data` files (or the dataset) give the task name(s) {duplicates} (from the file "
+                        "names); rename them apart.", arguments=("data",))
     return tasks

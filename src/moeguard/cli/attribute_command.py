@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_list, print_json
+from moeguard.cli.common import add_dataset_arguments, add_model_arguments, describe_choices, load_model, parse_list, print_json, user_task
 from moeguard.errors import InputError
 
 
@@ -27,11 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="a built-in task name (see moeguard.data.BUILTIN_TASKS)")
     source.add_argument("--data", help="a JSONL file of {prompt, answer}, {prompt, choices, label} or {text} lines")
-    parser.add_argument("--split", default="train", help="split of a built-in task (default: train, the attacker's own data)")
+    add_dataset_arguments(parser, source)
+    parser.add_argument("--split", default="train", help="split of a built-in task or a dataset (default: train, the "
+                        "attacker's own data)")
     parser.add_argument("--samples", type=int, default=256, help="number of examples (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in task's examples")
     parser.add_argument("--tokens", choices=TOKEN_MODES, default="all",
-                        help="whose routing counts: every token, the prompt's, or the answer's (default: all)")
+                        help="whose routing counts: every token, the prompt's, or the answer's (the reference answer, the "
+                        "correct choice; default: all)")
     parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                         help=f"criteria to collect statistics for (default: {','.join(DEFAULT_CRITERIA)}; "
                         "frequency, gate_mass and co-activation are always collected): " + describe_choices(CRITERIA))
@@ -49,13 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_data(args: argparse.Namespace):
-    from moeguard.data import load_jsonl, load_task
+    from moeguard.data import load_task
 
     if args.samples < 1:
         raise InputError(f"--samples must be a positive integer, got {args.samples}.")
     if args.task:
+        user_task(args)  # refuses --metric / --answer-pattern for built-in tasks
         return load_task(args.task, args.split, limit=args.samples, seed=args.seed)
-    return load_jsonl(args.data).head(args.samples)
+    return user_task(args, split=args.split, limit=args.samples)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, AuditConfig, presets={"--quick": AuditConfig.quick_preset()}, flags=FLAGS,
                          exclude=("model", "tasks", "data", "quick", "loading"))
     parser.add_argument("--json", action="store_true", help="print report.json's headline rows as JSON")
-    parser.set_defaults(run=run, resume_with="")
+    parser.set_defaults(run=run, resume_with="", argument_flags={"tasks": "--task"})
 
 
 def config_from(args: argparse.Namespace):

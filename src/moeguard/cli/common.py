@@ -56,8 +56,9 @@ def task_names(text: str) -> list[str]:
 
 
 def describe_choices(table: Mapping[str, Any]) -> str:
-    """``"name: help; name: help"`` of a registry (criteria, acquisition functions, scopes, defenses)."""
-    return "; ".join(f"{name}: {entry.help}" for name, entry in table.items())
+    """``"name: help; name: help"`` of a registry (criteria, acquisition functions, scopes, defenses; or names
+    mapped to their help, as the metrics)."""
+    return "; ".join(f"{name}: {entry if isinstance(entry, str) else entry.help}" for name, entry in table.items())
 
 
 def print_json(obj: Any) -> None:
@@ -123,7 +124,7 @@ def add_config_arguments(
             help_text += ": " + describe_choices(choices)
         shown = [f"default {_shown(default)}"] + [f"{name}: {_shown(getattr(p, f.name))}" for name, p in presets.items()
                                                   if getattr(p, f.name) != default]
-        if default is None:
+        if default is None or default == []:
             shown = shown[1:]
         if shown:
             help_text += f" ({'; '.join(shown)})"
@@ -155,6 +156,44 @@ def config_from_args(args: argparse.Namespace, cls: type, base: Any = None, *, p
         elif f"{prefix}{f.name}" in given:
             changes[f.name] = given[f"{prefix}{f.name}"]
     return dataclasses.replace(base, **changes)
+
+
+# ---------------------------------------------------------------- user task data
+def add_dataset_arguments(parser: argparse.ArgumentParser, source: argparse._MutuallyExclusiveGroup | None = None) -> None:
+    """``--hf-dataset`` (in ``source``, the command's group of task sources, if given) with its field flags
+    (:class:`moeguard.data.files.DatasetSource`, ``--split`` left to the command), and ``--metric`` /
+    ``--answer-pattern``, how the answers of a generation task given by file or dataset are scored."""
+    from moeguard.data.files import DatasetSource
+    from moeguard.eval import METRICS
+
+    field = DatasetSource.__dataclass_fields__["hf_dataset"]
+    (source or parser).add_argument("--hf-dataset", metavar="NAME", help=field.metadata["help"])
+    add_config_arguments(parser, DatasetSource, exclude=("hf_dataset", "split"))
+    parser.add_argument("--metric", choices=list(METRICS),
+                        help="how generated answers of --data / --hf-dataset are scored (default: the file's header, else "
+                        "exact_match): " + describe_choices(METRICS))
+    parser.add_argument("--answer-pattern", metavar="REGEX",
+                        help="extract the answer from a generation with this regular expression (its group 'answer', else "
+                        "its first group, else the match) before it is scored")
+
+
+def user_task(args: argparse.Namespace, *, split: str = "train", limit: int | None = None):
+    """The task ``--data`` (a JSONL file) or ``--hf-dataset`` (with its field flags) gives, scored as ``--metric`` /
+    ``--answer-pattern`` say; None when neither is given."""
+    from moeguard.data import load_jsonl
+    from moeguard.data.files import DatasetSource
+
+    scoring = {"metric": args.metric, "answer_pattern": args.answer_pattern}
+    if getattr(args, "hf_dataset", None):
+        source = dataclasses.replace(config_from_args(args, DatasetSource), hf_dataset=args.hf_dataset, split=split)
+        return source.load(limit=limit, **scoring)
+    data = getattr(args, "data", None)
+    if data:
+        return load_jsonl(data, **scoring).head(limit)
+    if any(value is not None for value in scoring.values()):
+        raise InputError("--metric and --answer-pattern score the answers of --data or --hf-dataset; built-in tasks "
+                         "declare their own metric.")
+    return None
 
 
 # ---------------------------------------------------------------- the model

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from moeguard.cli.common import add_model_arguments, load_model, print_json
+from moeguard.cli.common import add_dataset_arguments, add_model_arguments, load_model, print_json, user_task
 from moeguard.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="score a model: exact match, multiple-choice accuracy or perplexity, per task"
+        "evaluate", help="score a model per task: generated answers (exact match, ROUGE-L, ...), multiple-choice accuracy, "
+        "language-modelling loss and perplexity"
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="built-in task name(s), comma-separated, or 'all'")
-    source.add_argument("--data", help="a JSONL file in the data contract, or a datasets source (file, directory or hub id)")
+    source.add_argument("--data", help="a JSONL file in the data contract (an optional first line declares the metric)")
     source.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness task names, comma-separated (needs the lm-eval extra)")
+    add_dataset_arguments(parser, source)
     parser.add_argument("--lm-eval-include", metavar="DIR", help="with --lm-eval: a directory of extra harness task YAML files")
-    parser.add_argument("--split", default=None, help="split: train|pool|test for --task (default test); dataset split for --data (default train)")
-    parser.add_argument("--columns", default=None, help="for a datasets source: field=column pairs, e.g. prompt=question,answer=solution")
+    parser.add_argument("--split", default=None, help="split: train|pool|test for --task (default test); dataset split for "
+                        "--hf-dataset (default train)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each task")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default: 64)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation cap (default: longest answer + 3)")
@@ -28,40 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run, argument_flags={"include_path": "--lm-eval-include"})
 
 
-def parse_columns(text: str | None) -> dict[str, str] | None:
-    """``"prompt=question,answer=solution"`` -> ``{"prompt": "question", "answer": "solution"}``."""
-    if not text:
-        return None
-    mapping = {}
-    for part in text.split(","):
-        field, sep, column = part.partition("=")
-        if not sep or not field.strip() or not column.strip():
-            raise InputError(f"--columns takes field=column pairs separated by commas, e.g. prompt=question,answer=solution; got {part!r}.")
-        mapping[field.strip()] = column.strip()
-    return mapping
-
-
 def load_datas(args: argparse.Namespace) -> list:
-    from moeguard.data import load_hf_dataset, load_jsonl, load_task, resolve_task_names
+    from moeguard.data import load_task, resolve_task_names
 
     if args.task is not None:
-        if args.columns:
-            raise InputError("--columns applies to --data sources only.")
-        split = args.split or "test"
-        return [load_task(name, split, limit=args.limit) for name in resolve_task_names(args.task)]
-    if args.data.endswith(".jsonl") and args.columns is None:
-        return [load_jsonl(args.data).head(args.limit)]
-    return [load_hf_dataset(args.data, split=args.split or "train", columns=parse_columns(args.columns), limit=args.limit)]
+        user_task(args)  # refuses --metric / --answer-pattern for built-in tasks
+        return [load_task(name, args.split or "test", limit=args.limit) for name in resolve_task_names(args.task)]
+    return [user_task(args, split=args.split or "train", limit=args.limit)]
 
 
 def format_table(results: dict) -> str:
-    rows = [("task", "metric", "value", "95% CI", "n", "seconds")]
+    """One row per task: its metric, value and interval (a language-modelling loss also as a perplexity, with the
+    unigram entropy it is compared with)."""
+    rows = [("task", "metric", "value", "95% CI", "n", "seconds", "")]
     for result in results.values():
-        rows.append(
-            (result.task, result.metric, f"{result.value:.4f}", f"{result.ci_low:.4f}-{result.ci_high:.4f}", str(result.n), f"{result.seconds:.2f}")
-        )
+        note = f"perplexity {result.perplexity:.4f}, unigram {result.reference:.4f}" if result.perplexity is not None else ""
+        rows.append((result.task, result.metric, f"{result.value:.4f}", f"{result.ci_low:.4f}-{result.ci_high:.4f}",
+                     str(result.n), f"{result.seconds:.2f}", note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 or i == 6 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in rows)
 
 
 def run_harness(args: argparse.Namespace) -> int:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, load_model, print_json, task_names
+from moeguard.cli.common import (
+    add_config_arguments,
+    add_dataset_arguments,
+    add_model_arguments,
+    config_from_args,
+    load_model,
+    print_json,
+    task_names,
+    user_task,
+)
 
 FIGURE_NAME = "recovery.png"
 
@@ -25,9 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, help="pruned model directory written by `moeguard prune`")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="built-in target task (its pool split is labelled, its test split measured)")
-    source.add_argument("--data", help="JSONL file of the target task (generate or choice examples) used as the pool")
+    source.add_argument("--data", help="JSONL file of the target task (prompt/answer, choice or text lines) used as the pool")
+    add_dataset_arguments(parser, source)
+    parser.add_argument("--split", default="train", help="split of --hf-dataset (default train)")
     parser.add_argument("--test-data", help="JSONL test set for --data (default: hold out --test-fraction of --data)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of --data held out as test set (default 0.2)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="share of --data or --hf-dataset held out as test set (default 0.2)")
     add_config_arguments(parser, RealignConfig, flags={"scope": "--train", "target_retention": "--target"})
     parser.add_argument("--pool-size", type=int, default=512, help="pool examples of a built-in --task (default 512)")
     parser.add_argument("--test-size", type=int, default=200, help="test examples of a built-in --task (default 200)")
@@ -45,14 +57,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def realign_data(args: argparse.Namespace, config):
     """The pool, test set and other tasks the options describe."""
     from moeguard.data import load_task
-    from moeguard.realign.inputs import builtin_data, file_data
+    from moeguard.errors import InputError
+    from moeguard.realign.inputs import builtin_data, file_data, held_out
 
     names = task_names(args.other_tasks) if args.other_tasks is not None else None if args.task else []
     if args.task:
+        user_task(args)  # refuses --metric / --answer-pattern for built-in tasks
         return builtin_data(args.task, pool_size=args.pool_size, test_size=args.test_size, other_size=args.other_size,
                             other_tasks=names, seed=config.seed)
     others = [load_task(name, "test", limit=args.other_size) for name in names or []]
-    return file_data(args.data, test_path=args.test_data, test_fraction=args.test_fraction, seed=config.seed, others=others)
+    if args.hf_dataset:
+        if args.test_data:
+            raise InputError("--test-data goes with --data; a dataset's test set is held out of it (--test-fraction).")
+        return held_out(user_task(args, split=args.split), test_fraction=args.test_fraction, seed=config.seed, others=others)
+    return file_data(args.data, test_path=args.test_data, test_fraction=args.test_fraction, seed=config.seed, others=others,
+                     metric=args.metric, answer_pattern=args.answer_pattern)
 
 
 def run(args: argparse.Namespace) -> int:

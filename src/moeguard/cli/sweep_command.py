@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 
 from moeguard.attribution import CRITERIA, DEFAULT_CRITERIA, TOKEN_MODES
-from moeguard.cli.common import add_model_arguments, describe_choices, load_model, parse_list, print_json, task_names
+from moeguard.cli.common import (
+    add_dataset_arguments,
+    add_model_arguments,
+    describe_choices,
+    load_model,
+    parse_list,
+    print_json,
+    task_names,
+    user_task,
+)
 from moeguard.errors import InputError
 
 
@@ -22,8 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "knowledge_loss.png into --out; rerunning the same command continues an interrupted sweep.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--task", required=True,
-                        help="built-in task name, or a JSONL file (then it is also the attribution data unless --attribution)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="built-in task name, or a JSONL file (then it is also the attribution data unless "
+                        "--attribution)")
+    add_dataset_arguments(parser, source)
+    parser.add_argument("--split", default="train", help="split of --hf-dataset (default train)")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
     parser.add_argument("--attribution", help="attribution JSON of --task on this model (default: computed on the task's train split)")
     parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
@@ -59,10 +71,16 @@ def run(args: argparse.Namespace) -> int:
     random_seeds = parse_list(args.random_seeds, int, what="--random-seeds")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}.")
-    task_file = None if args.task in BUILTIN_TASKS or not Path(args.task).suffix else args.task
-    check_output(args.out, inputs=[local_model_path(args.model), args.attribution, task_file, args.perplexity_data],
-                 directory=True, resumable=True)
-    task = load_jsonl(task_file) if task_file else args.task
+    task_file = args.task if args.task and args.task not in BUILTIN_TASKS and Path(args.task).suffix else None
+    check_output(args.out, inputs=[local_model_path(args.model), args.attribution, task_file, args.hf_dataset,
+                                   args.perplexity_data], directory=True, resumable=True)
+    if args.hf_dataset:
+        task = user_task(args, split=args.split)
+    elif task_file:
+        task = load_jsonl(task_file, metric=args.metric, answer_pattern=args.answer_pattern)
+    else:
+        user_task(args)  # refuses --metric / --answer-pattern for built-in tasks
+        task = args.task
     others = task_names(args.other_tasks)
     perplexity_data = load_jsonl(args.perplexity_data) if args.perplexity_data else None
     if args.attribution:

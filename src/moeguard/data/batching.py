@@ -4,6 +4,10 @@ A generate example becomes ``prompt + answer + eos``, a choice example ``prompt 
 right choice + eos`` (for training; evaluation scores every choice), an lm example its
 text. Prompts are encoded with the tokenizer's special tokens (a ``bos`` where the
 tokenizer adds one), continuations without, the usual way to score a continuation.
+Where the model's :class:`~moeguard.models.PromptFormat` says so (by default: when the
+tokenizer has a chat template), a prompt is first written as a user turn of the chat
+template (with the system prompt, and the opening of the assistant's turn), so the
+continuation is the assistant's answer; plain text (lm) is never templated.
 
 Batches are padded on the right: every real token then keeps the position it has
 without padding and, under the causal mask, never sees a pad, so no position ids are
@@ -27,6 +31,7 @@ import torch
 
 from moeguard.data.examples import Example, TaskData, require_examples
 from moeguard.errors import DataError, InputError
+from moeguard.models.prompting import PromptFormat
 
 log = logging.getLogger("moeguard.data")
 
@@ -50,9 +55,35 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompts as token ids, with the tokenizer's own special tokens (e.g. bos)."""
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
+def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The chat of one prompt: an optional system message, then the prompt as the user's message."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], prompt_format: PromptFormat | None = None) -> list[list[int]]:
+    """Prompts as token ids, written as ``prompt_format`` says (default: the chat template when the tokenizer
+    has one).
+
+    Through the chat template: the rendered conversation up to the opening of the
+    assistant's turn (the template's own special tokens, nothing added); otherwise the
+    prompt (after the system prompt and a blank line, if one is given) with the
+    tokenizer's own special tokens (e.g. bos).
+    """
+    if not prompts:
+        return []
+    prompt_format = prompt_format or PromptFormat()
+    if prompt_format.uses_template(tokenizer):
+        rendered = [tokenizer.apply_chat_template(chat_messages(p, prompt_format.system_prompt), tokenize=False,
+                                                  add_generation_prompt=True) for p in prompts]
+        return [list(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    if prompt_format.system_prompt:
+        prompts = [f"{prompt_format.system_prompt}\n\n{p}" for p in prompts]
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Plain texts (lm) as token ids, with the tokenizer's own special tokens (never a chat template)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]] if texts else []
 
 
 def encode_continuations(tokenizer: Any, texts: Sequence[str], *, eos: bool) -> list[list[int]]:
@@ -63,15 +94,21 @@ def encode_continuations(tokenizer: Any, texts: Sequence[str], *, eos: bool) -> 
     return [list(ids) + closing for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[Example]) -> list[EncodedExample]:
-    """Token ids of each example (see the module docstring for the layout)."""
-    if not examples:
-        return []
-    if examples[0].kind == "lm":
-        return [EncodedExample([], ids) for ids in encode_prompts(tokenizer, [e.text for e in examples])]
-    prompts = encode_prompts(tokenizer, [e.prompt for e in examples])
-    targets = encode_continuations(tokenizer, [e.target for e in examples], eos=True)
-    return [EncodedExample(p, t) for p, t in zip(prompts, targets)]
+def encode_examples(
+    tokenizer: Any, examples: Sequence[Example], prompt_format: PromptFormat | None = None
+) -> list[EncodedExample]:
+    """Token ids of each example, in order (see the module docstring for the layout); the examples may be
+    of several kinds (a training mixture)."""
+    texts = [i for i, e in enumerate(examples) if e.kind == "lm"]
+    prompted = [i for i, e in enumerate(examples) if e.kind != "lm"]
+    encoded: list[EncodedExample | None] = [None] * len(examples)
+    for i, ids in zip(texts, encode_texts(tokenizer, [examples[i].text for i in texts])):
+        encoded[i] = EncodedExample([], ids)
+    prompts = encode_prompts(tokenizer, [examples[i].prompt for i in prompted], prompt_format)
+    targets = encode_continuations(tokenizer, [examples[i].target for i in prompted], eos=True)
+    for i, prompt, target in zip(prompted, prompts, targets):
+        encoded[i] = EncodedExample(prompt, target)
+    return encoded
 
 
 def truncate(encoded: EncodedExample, max_length: int | None) -> EncodedExample:
@@ -119,12 +156,11 @@ def cut_to_context(data: TaskData, encoded: Sequence[EncodedExample], context: i
 
 
 def fit_to_context(data: TaskData, encoded: Sequence[EncodedExample], context: int | None) -> list[EncodedExample]:
-    """``encoded`` (the examples of ``data``) within ``context`` tokens: lm texts cut, other examples refused if longer."""
-    if data.kind == "lm":
-        return cut_to_context(data, encoded, context)
-    refuse_beyond_context(data, [len(e.prompt) + len(e.target) for e in encoded], context,
-                          what="its prompt and answer together")
-    return list(encoded)
+    """``encoded`` (the examples of ``data``, of one kind or a mixture) within ``context`` tokens: lm texts cut,
+    other examples refused if longer."""
+    lengths = [0 if example.kind == "lm" else len(e.prompt) + len(e.target) for e, example in zip(encoded, data.examples)]
+    refuse_beyond_context(data, lengths, context, what="its prompt and answer together")
+    return cut_to_context(data, encoded, context)  # only texts can be longer now
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +204,7 @@ def batches(
     seed: int = 0,
     epochs: int | None = 1,
     context: int | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of ``data``: dicts of CPU tensors.
 
@@ -181,14 +218,17 @@ def batches(
     epoch); ``epochs=None`` repeats the data forever. ``max_length`` truncates every
     example (see :func:`truncate`); ``context`` (the model's, :func:`context_length`)
     cuts lm texts and refuses other examples that do not fit (:func:`fit_to_context`).
-    Everything is checked before the first batch is made.
+    Everything is checked before the first batch is made. Prompts are written as
+    ``prompt_format`` says (pass the model's ``prompt_format``; default: the chat template
+    when the tokenizer has one).
     """
     require_examples(data)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise InputError(f"max_length must be a positive integer or None, got {max_length!r}.")
-    encoded = fit_to_context(data, [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples)], context)
+    encoded = [truncate(e, max_length) for e in encode_examples(tokenizer, data.examples, prompt_format)]
+    encoded = fit_to_context(data, encoded, context)
     return _batches(encoded, batch_size=batch_size, pad_id=pad_id_of(tokenizer), shuffle=shuffle, seed=seed, epochs=epochs)
 
 

@@ -1,4 +1,5 @@
-"""Task examples and datasets: the three kinds of data moeguard evaluates and trains on."""
+"""Task examples and datasets: the three kinds of data moeguard evaluates and trains on
+(the task types of :mod:`moeguard.data.task_types`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from moeguard.errors import DataError
 
 KINDS = ("generate", "choice", "lm")
+MIXED = "mixed"  # the kind of a training mixture of tasks of several kinds (trained on, never scored)
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class Example:
 
     - generate: ``prompt`` and the exact ``answer`` a model must produce after it;
     - choice: ``prompt``, candidate ``choices`` and the index ``label`` of the right one;
-    - lm: a ``text`` for language modelling (perplexity).
+    - lm: a ``text`` for language modelling (scored by its loss).
     """
 
     prompt: str = ""
@@ -58,7 +60,12 @@ class TaskData:
     """The examples of one task, all of one ``kind``; ``source`` says where they came from.
 
     ``origins[i]``, when known, says where example ``i`` was read (``"data.jsonl line
-    4"``), so that an error about one example can point at it.
+    4"``), so that an error about one example can point at it. ``metric`` is the metric
+    the task is scored by (None: its task type's default; generate tasks declare one of
+    exact_match, normalized_match, token_f1, rouge_l) and ``answer_pattern`` a regular
+    expression that extracts the answer from a generation before it is compared (see
+    :mod:`moeguard.eval.text_metrics`). A training mixture of several kinds has kind
+    ``"mixed"``.
     """
 
     name: str
@@ -66,14 +73,16 @@ class TaskData:
     examples: list[Example] = field(default_factory=list)
     source: str = ""
     origins: list[str] = field(default_factory=list)
+    metric: str | None = None
+    answer_pattern: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in (*KINDS, MIXED):
             raise DataError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
         if self.origins and len(self.origins) != len(self.examples):
             raise DataError(f"task {self.name!r}: {len(self.origins)} origins for {len(self.examples)} examples.")
         for position, example in enumerate(self.examples):
-            if example.kind != self.kind:
+            if example.kind != self.kind and self.kind != MIXED:
                 raise DataError(
                     f"task {self.name!r} ({self.source or 'in memory'}): example {position} is a {example.kind} "
                     f"example but the task holds {self.kind} examples; keep one kind per file."
@@ -95,7 +104,8 @@ class TaskData:
         """The examples at ``indices`` (in that order) as a new task."""
         indices = list(indices)
         origins = [self.origins[i] for i in indices] if self.origins else []
-        return TaskData(name or self.name, self.kind, [self.examples[i] for i in indices], self.source, origins)
+        return TaskData(name or self.name, self.kind, [self.examples[i] for i in indices], self.source, origins,
+                        metric=self.metric, answer_pattern=self.answer_pattern)
 
     def head(self, limit: int | None) -> "TaskData":
         """The first ``limit`` examples (all of them for ``None``)."""
@@ -103,15 +113,18 @@ class TaskData:
 
 
 def mixture(datas: Sequence[TaskData], *, name: str = "mixture") -> TaskData:
-    """All examples of several tasks of one kind, concatenated (shuffle with ``batches``)."""
+    """All examples of several tasks, concatenated, to train on (shuffle with ``batches``).
+
+    Tasks of one kind give a task of that kind; tasks of several kinds a ``"mixed"`` one,
+    which can be trained on but not scored.
+    """
     if not datas:
         raise DataError("a mixture needs at least one task.")
     kinds = {data.kind for data in datas}
-    if len(kinds) > 1:
-        raise DataError(f"cannot mix tasks of different kinds ({', '.join(sorted(kinds))}); mix tasks of one kind.")
     examples = [example for data in datas for example in data.examples]
     origins = [data.origin(i) for data in datas for i in range(len(data))]
-    return TaskData(name, datas[0].kind, examples, "+".join(data.source or data.name for data in datas), origins)
+    kind = datas[0].kind if len(kinds) == 1 else MIXED
+    return TaskData(name, kind, examples, "+".join(data.source or data.name for data in datas), origins)
 
 
 def require_examples(data: TaskData) -> TaskData:
@@ -129,6 +142,8 @@ def data_signature(parts: Iterable[tuple[str, TaskData]]) -> str:
     digest = hashlib.sha256()
     for role, data in parts:
         digest.update(f"{role}|{data.name}|{data.kind}|{len(data)}\n".encode())
+        if data.metric is not None or data.answer_pattern is not None:
+            digest.update(f"metric|{data.metric}|{data.answer_pattern}\n".encode())
         for example in data.examples:
             digest.update((json.dumps(example.to_json(), sort_keys=True) + "\n").encode())
     return digest.hexdigest()

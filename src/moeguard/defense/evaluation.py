@@ -179,12 +179,13 @@ class ModelEvaluation:
     name: str
     source: str | None
     fingerprint: str
-    utility: dict[str, float]
-    knowledge: dict[str, dict[str, float]]  # criterion -> {keep: accuracy retained}
+    utility: dict[str, float]  # each task's score in its metric (scoring)
+    knowledge: dict[str, dict[str, float]]  # criterion -> {keep: target retained}
     best_knowledge: dict[str, float]  # keep -> accuracy retained by the attacker's best criterion
     attacks: dict[str, KeepAttacks]
     authorised: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # how each task is scored (SweepResult.scoring)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -257,7 +258,8 @@ def _realign_config(settings: DefenseEvalSettings, scope: str, lr: float, seed: 
 def _attack_run(result: RealignResult, reference: float, criterion: str, scope: str, lr: float, seed: int, target: float) -> AttackRun:
     """What a re-alignment run cost, with retention measured against ``reference`` (the model under attack,
     unpruned and untouched: for the router re-init attack that is not the model re-aligned)."""
-    retentions = [retention(r.accuracy, reference) for r in result.rounds]
+    retentions = [retention(r.accuracy, reference, result.reference_score, higher_is_better=result.higher_is_better)
+                  for r in result.rounds]
     threshold = labels_to_reach([r.labels for r in result.rounds], [r.steps for r in result.rounds], retentions, target)
     return AttackRun(
         criterion, scope, lr, seed, threshold.labels, threshold.steps, result.final.labels, result.final.steps,
@@ -308,23 +310,37 @@ def _attack_grid(
     return runs, results
 
 
+def teacher_labelled(moe: MoEModel, pool: TaskData, answers: list[str]) -> TaskData:
+    """``pool`` answered by the model's own ``answers`` (its greedy answers, or its picked choices), scored as
+    the pool is; a language-modelling pool is returned as it is (a text is its own label)."""
+    if pool.kind == "lm":
+        return pool
+    if pool.kind == "choice":
+        examples = [Example(prompt=e.prompt, choices=e.choices, label=e.choices.index(a)) for e, a in zip(pool, answers)]
+    else:
+        examples = [Example(prompt=e.prompt, answer=a) for e, a in zip(pool, answers)]
+    return TaskData(pool.name, pool.kind, examples, f"teacher answers of {moe.source}", metric=pool.metric,
+                    answer_pattern=pool.answer_pattern)
+
+
 def _distillation(
     moe: MoEModel, keep: dict[int, list[int]], scope: str, lr: float, reference: float, settings: DefenseEvalSettings,
     run: Run, out: Path,
 ) -> dict[str, Any]:
-    """The pruned student learns the full model's own greedy answers on the pool: no human label is used."""
+    """The pruned student learns the full model's own answers on the pool (greedy answers, picked choices): no
+    human label is used. On language-modelling text this is the grid's own attack (text needs no labels)."""
     base = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
     # The teacher's answers do not depend on the configuration: one saved unit per keep count.
     teacher = (out.parent / "teacher_pool.json").relative_to(run.path).as_posix()
-    answers = run.get_or_compute(teacher, lambda: evaluate(moe, moe.tokenizer, base.pool).predictions)
-    pool = TaskData(base.pool.name, "generate", [Example(prompt=e.prompt, answer=a) for e, a in zip(base.pool, answers)],
-                    f"teacher answers of {moe.source}")
+    answers = [] if base.pool.kind == "lm" else run.get_or_compute(
+        teacher, lambda: evaluate(moe, moe.tokenizer, base.pool).predictions)
+    pool = teacher_labelled(moe, base.pool, answers)
     runs = []
     for seed in settings.adaptive_seeds:
         result = _run_realign(moe, RealignData(pool, base.test), _realign_config(settings, scope, lr, seed), keep,
                               out / f"seed{seed}")
         runs.append(_attack_run(result, reference, "distillation", scope, lr, seed, settings.target_retention))
-    return _adaptive_summary(runs, teacher_queries=len(pool))
+    return _adaptive_summary(runs, teacher_queries=len(answers))
 
 
 def _router_reinit(
@@ -367,7 +383,7 @@ def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings) -> dict[str, A
     protocol = make_protocol(moe, settings.permitted)
     before = evaluate(tuned, tuned.tokenizer, test_data).value
     stream = batches(tuned.tokenizer, train_data, batch_size=settings.attack.batch_size, shuffle=True, seed=0, epochs=None,
-                     context=context_length(tuned))
+                     context=context_length(tuned), prompt_format=tuned.prompt_format)
     trained = train(tuned, stream, steps=settings.authorised_steps, lr=settings.authorised_lr,
                     parameters=group_parameters(tuned, settings.permitted), progress=False)
     after = evaluate(tuned, tuned.tokenizer, test_data).value
@@ -433,6 +449,7 @@ def evaluate_model(
         attacks=attacks,
         authorised=authorised,
         seconds=time.perf_counter() - start,
+        scoring={task: sweep.scoring[task] for task in settings.tasks},
     )
 
 

@@ -90,7 +90,7 @@ def harden(
     objective = DefenseObjective(moe, config, task_of_example, len(tasks), seed=settings.seed)
     stream = batches(
         moe.tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length, shuffle=True,
-        seed=settings.seed, epochs=None, context=context_length(moe),
+        seed=settings.seed, epochs=None, context=context_length(moe), prompt_format=moe.prompt_format,
     )
     wall, cpu = time.perf_counter(), time.process_time()
     identity = None

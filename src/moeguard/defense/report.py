@@ -45,13 +45,15 @@ def markdown_tables(evaluation: DefenseEvaluation) -> str:
         f"{attack['acquisition']} acquisition); grid {len(settings['criteria'])} criteria x {len(settings['scopes'])} "
         f"scopes x {len(settings['lrs'])} learning rates x {len(settings['seeds'])} seeds per keep count.",
         "",
-        "**Utility** (exact-match accuracy of the full model on every task)",
+        "**Utility** (the full model's score on every task in its metric: exact-match accuracy unless the task says "
+        "otherwise; a language-modelling loss is lower-is-better and left out of the largest drop)",
         "",
         "| model | " + " | ".join(tasks) + " | largest drop vs undefended |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
+    scored = [t for t in tasks if base.scoring.get(t, {}).get("higher_is_better", True)]
     for model in models:
-        drop = max(base.utility[t] - model.utility[t] for t in tasks)
+        drop = max((base.utility[t] - model.utility[t] for t in scored), default=0.0)
         lines.append(f"| {model.name} | " + " | ".join(f"{model.utility[t]:.3f}" for t in tasks) + f" | {drop * 100:.1f} pts |")
     keeps = [str(k) for k in settings["keeps"]]
     lines += [
@@ -132,8 +134,7 @@ def utility_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
         xs = [i + (number - (len(evaluation.models) - 1) / 2) * width for i in range(len(tasks))]
         axis.bar(xs, [model.utility[t] for t in tasks], width=width, label=model.name)
     axis.set_xticks(range(len(tasks)), tasks)
-    axis.set_ylabel("exact-match accuracy")
-    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("score (exact-match accuracy unless the task says otherwise)")
     axis.set_title("utility of the full model")
     axis.legend(fontsize=8)
     return save_figure(figure, path)

@@ -1,8 +1,18 @@
-"""Evaluating a moeguard model with lm-evaluation-harness (the optional ``lm-eval`` extra).
+"""Evaluating a moeguard model with lm-evaluation-harness (the optional ``lm-eval`` extra), and harness
+tasks as moeguard tasks.
 
-The model is wrapped in lm-eval's own ``HFLM`` class, so harness tasks score it
-exactly as they score any Hugging Face model. Prompts get the tokenizer's special
-tokens (a bos where the tokenizer defines one), as in moeguard's own scoring.
+:func:`run_lm_eval` wraps the model in lm-eval's own ``HFLM`` class, so harness tasks
+score it exactly as they score any Hugging Face model (also inside
+``moe.mask_experts(...)``: the harness then scores the masked model, a sweep point).
+Prompts get the tokenizer's special tokens (a bos where the tokenizer defines one), as
+in moeguard's own scoring.
+
+:func:`lm_eval_task` turns a harness task's evaluation documents into a moeguard task, with
+the harness's own prompts and targets (zero-shot): multiple-choice tasks become choice
+tasks (each choice after the task's target delimiter, scored by log-likelihood as the
+harness's ``acc``), generation and log-likelihood tasks generation tasks (the target as
+the answer), rolling log-likelihood tasks (perplexity) language-modelling tasks. Then
+every stage (attribution, sweep, re-alignment, the audit) works on it as on any task.
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moeguard.errors import InputError
+from moeguard.data.examples import Example, TaskData
+from moeguard.errors import DataError, InputError
 
 INSTALL_HINT = "lm-evaluation-harness is not installed; install the extra with: pip install 'moeguard[lm-eval]'"
 
@@ -89,3 +100,48 @@ def run_lm_eval(
         task: {metric: float(value) for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
         for task, metrics in output["results"].items()
     }
+
+
+def lm_eval_task(name: str, *, include_path: str | os.PathLike | None = None, limit: int | None = None) -> TaskData:
+    """The evaluation documents of the harness task ``name`` as a moeguard task (see the module docstring).
+
+    ``include_path`` adds a directory of task YAML files; ``limit`` caps the documents.
+    """
+    _, _, TaskManager = _import_lm_eval()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise InputError(f"lm-eval include path {include_path} is not a directory of task YAML files.",
+                         arguments=("include_path",))
+    manager = task_manager(TaskManager, [name], include_path)
+    if name not in manager.all_tasks:
+        raise InputError(f"lm-eval does not know the task {name!r}; list the known ones with `lm_eval --tasks list`, "
+                         "or point `include_path` at a directory with its YAML file.", arguments=("include_path",))
+    task = manager.load_task_or_group([name]).get(name)
+    if not hasattr(task, "eval_docs"):
+        raise InputError(f"lm-eval task {name!r} is a group of tasks; name its tasks one by one.")
+    docs = list(task.eval_docs)[:limit]
+    delimiter = task.config.target_delimiter
+    examples = [harness_example(task, doc, delimiter, f"lm-eval task {name} document {i}") for i, doc in enumerate(docs)]
+    if not examples:
+        raise DataError(f"lm-eval task {name!r} has no evaluation documents.")
+    return TaskData(name, examples[0].kind, examples, f"lm-eval:{name}")
+
+
+def harness_example(task: Any, doc: Any, delimiter: str, where: str) -> Example:
+    """One harness document as an :class:`Example` of the task type its output type scores."""
+    output = task.OUTPUT_TYPE
+    if output == "loglikelihood_rolling":
+        return Example(text=str(task.doc_to_target(doc)))
+    prompt = task.doc_to_text(doc)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: the harness writes its prompt as {type(prompt).__name__}, not text; moeguard "
+                        "reads tasks whose doc_to_text gives the prompt.")
+    target = task.doc_to_target(doc)
+    if output == "multiple_choice":
+        choices = [delimiter + str(choice) for choice in task.doc_to_choice(doc)]
+        label = target if isinstance(target, int) else [c.removeprefix(delimiter) for c in choices].index(str(target))
+        return Example(prompt=prompt, choices=tuple(choices), label=int(label))
+    if isinstance(target, list):
+        target = target[0]
+    if isinstance(target, int) and output != "generate_until":
+        target = task.doc_to_choice(doc)[target]
+    return Example(prompt=prompt, answer=(delimiter if output == "loglikelihood" else "") + str(target))

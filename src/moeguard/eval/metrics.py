@@ -1,4 +1,4 @@
-"""Pure functions behind the task metrics: token log-likelihoods and confidence intervals."""
+"""Pure functions behind the task metrics: token log-likelihoods and confidence intervals (Wilson, bootstrap)."""
 
 from __future__ import annotations
 
@@ -46,21 +46,35 @@ def perplexity(nll_sums: torch.Tensor, token_counts: torch.Tensor) -> float:
     return math.exp(float(nll_sums.sum()) / max(1, int(token_counts.sum())))
 
 
-def bootstrap_perplexity_interval(
-    nll_sums: torch.Tensor, token_counts: torch.Tensor, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+def bootstrap_ratio_interval(
+    numerators: torch.Tensor, denominators: torch.Tensor, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of :func:`perplexity`, resampling whole examples.
+    """Percentile bootstrap interval of ``sum_i a_i / sum_i b_i``, resampling whole examples.
 
-    Each resample draws n examples with replacement and recomputes
-    ``exp(sum nll / sum tokens)``; the interval is the (1-level)/2 and (1+level)/2
-    quantiles of those values.
+    Each resample draws n examples with replacement and recomputes the ratio; the
+    interval is the (1-level)/2 and (1+level)/2 quantiles of those values. With every
+    ``b_i = 1`` this is the interval of a mean (ROUGE-L, token F1); with ``a_i`` a text's
+    summed token loss and ``b_i`` its token count, that of the mean token loss.
     """
-    n = nll_sums.shape[0]
+    n = numerators.shape[0]
     if n == 0:
         return (math.nan, math.nan)
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, n, (resamples, n), generator=generator)
-    nll, tokens = nll_sums.double().cpu()[picks].sum(1), token_counts.double().cpu()[picks].sum(1).clamp(min=1)
-    values = torch.exp(nll / tokens)
+    values = numerators.double().cpu()[picks].sum(1) / denominators.double().cpu()[picks].sum(1).clamp(min=1e-300)
     low, high = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype))
     return (float(low), float(high))
+
+
+def bootstrap_mean_interval(values: torch.Tensor, **kwargs) -> tuple[float, float]:
+    """:func:`bootstrap_ratio_interval` of the mean of per-example ``values``."""
+    return bootstrap_ratio_interval(values, torch.ones_like(values, dtype=torch.float64), **kwargs)
+
+
+def bootstrap_perplexity_interval(
+    nll_sums: torch.Tensor, token_counts: torch.Tensor, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`perplexity`: ``exp`` of the interval of the mean token loss
+    (:func:`bootstrap_ratio_interval` of ``nll_sums / token_counts``; exp is monotone)."""
+    low, high = bootstrap_ratio_interval(nll_sums, token_counts, resamples=resamples, seed=seed, level=level)
+    return (math.exp(low), math.exp(high))

@@ -7,6 +7,7 @@ from moeguard.models.layers import ExpertTensor, GroupRouting, MoELayer
 from moeguard.models.loading import load_moe
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest, RealignRecord
 from moeguard.models.moe_model import MoEModel, ParameterCounts
+from moeguard.models.prompting import PromptFormat
 from moeguard.models.routing import RoutingCapture, RoutingEvent
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MoELayer",
     "MoEModel",
     "ParameterCounts",
+    "PromptFormat",
     "PruneManifest",
     "RealignRecord",
     "RoutingCapture",

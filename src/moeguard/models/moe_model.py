@@ -21,6 +21,7 @@ from moeguard.models.fingerprint import fingerprint as weights_fingerprint
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.layers import MoELayer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
+from moeguard.models.prompting import PromptFormat
 from moeguard.models.routing import RoutingCapture, RoutingEvent
 from moeguard.models.surgery import RouterRestriction, prune_in_place, shape_mismatches
 
@@ -61,6 +62,7 @@ class MoEModel:
         self.model = model
         self.layers = layers
         self.tokenizer = tokenizer
+        self.prompt_format = PromptFormat()  # how prompts are written (chat template, system prompt)
         self.source = source
         if manifest is not None:
             manifest.check_against(layers, source=f"the prune manifest of {source or 'the model'}")

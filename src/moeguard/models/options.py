@@ -1,4 +1,4 @@
-"""How a model is loaded: the options every command and the audit share, as one object."""
+"""How a model is loaded and prompted: the options every command and the audit share, as one object."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass
 from moeguard.fields import setting
 from moeguard.models.loading import load_moe_on
 from moeguard.models.moe_model import MoEModel
+from moeguard.models.prompting import CHAT_TEMPLATE_MODES, PromptFormat
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Where and how a model's weights are loaded (see :func:`moeguard.models.loading.load_moe_on`)."""
+    """Where and how a model's weights are loaded (see :func:`moeguard.models.loading.load_moe_on`), and
+    how its prompts are written (:class:`PromptFormat`)."""
 
     dtype: str = setting("float32", "weight dtype to load ('auto': the checkpoint's own)", choices=DTYPES)
     device: str | None = setting(None, "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)")
@@ -22,7 +24,18 @@ class LoadOptions:
     trust_remote_code: bool = setting(False, "allow code from the model repository")
     allow_pickle_weights: bool = setting(False, "load weights stored as pickles (pytorch_model.bin) when a model has no "
                                                 "safetensors; unpickling can run code planted in the file")
+    chat_template: str = setting("auto", "write prompts through the tokenizer's chat template: auto (when it has one), "
+                                 "on (required) or off", choices=CHAT_TEMPLATE_MODES)
+    system_prompt: str | None = setting(None, "system message of every prompt (without a chat template: a first "
+                                        "paragraph)")
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.chat_template, self.system_prompt)
 
     def load(self, source: str | os.PathLike) -> MoEModel:
         """Load the model at ``source`` (a directory or hub id) with these options."""
-        return load_moe_on(source, **asdict(self))
+        weights = {k: v for k, v in asdict(self).items() if k not in ("chat_template", "system_prompt")}
+        moe = load_moe_on(source, **weights)
+        moe.prompt_format = self.prompt_format
+        return moe

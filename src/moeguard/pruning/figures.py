@@ -1,4 +1,4 @@
-"""The knowledge-loss figure of a sweep: accuracy retained vs fraction of experts kept."""
+"""The knowledge-loss figure of a sweep: task retention vs fraction of experts kept."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def _curve(result: SweepResult, label: str, measure) -> tuple[list[float], list[
 
 
 def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
-    """Three panels: the target task's accuracy retained, the other tasks' mean accuracy
-    retained, and the target task's answer loss (grey line: the full model).
+    """Three panels: the target task's retention, the other tasks' mean retention, and the
+    target task's answer loss (grey line: the full model). Retention is the share of the full
+    model's score kept (of its gain over the unigram reference, for a language-modelling loss).
 
     One line per criterion; the random (mean over seeds, min-max band) and
     least-used baselines are drawn grey and black, dashed and dotted.
@@ -35,9 +36,10 @@ def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     panels = [
-        (axes[0], lambda p: result.retained(p), f"target task: {result.task}", "accuracy retained (pruned / full model)"),
+        (axes[0], lambda p: result.retained(p), f"target task: {result.task} ({result.metric()})",
+         "retained (pruned vs full model)"),
         (axes[1], result.others_retained, f"other tasks (mean of {len(result.other_tasks)})",
-         "accuracy retained (pruned / full model)"),
+         "retained (pruned vs full model)"),
         (axes[2], lambda p: math.nan if p.answer_loss is None else p.answer_loss, f"target task: {result.task}",
          "answer loss (nats per token)"),
     ]
@@ -51,7 +53,7 @@ def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
                 axis.fill_between(xs, low, high, color=style.get("color", "C0"), alpha=0.15, linewidth=0)
         full = measure(result.full)
         if math.isnan(full):
-            axis.text(0.5, 0.5, "undefined: the full model\nanswers none of these right", ha="center", va="center",
+            axis.text(0.5, 0.5, "undefined: the full model is\nno better than no knowledge", ha="center", va="center",
                       transform=axis.transAxes, color="0.4")
             axis.set_xlim(1.0, 0.0)
             axis.set_ylim(0.0, 1.05)
@@ -66,6 +68,6 @@ def knowledge_loss_figure(result: SweepResult, path: str | Path) -> Path:
     axes[1].legend(loc="best", fontsize=8)
     full = result.full.accuracy[result.task]
     name = Path(result.model).name if result.model else "model"
-    figure.suptitle(f"Knowledge loss under expert pruning: {name}, full-model accuracy on {result.task} {full:.2f}",
+    figure.suptitle(f"Knowledge loss under expert pruning: {name}, full-model {result.metric()} on {result.task} {full:.2f}",
                     fontsize=10)
     return save_figure(figure, Path(path))

@@ -2,11 +2,14 @@
 
 For one target task, every (criterion, keep count) point is evaluated in mask mode
 (:meth:`MoEModel.mask_experts`: the same function as the physically pruned model,
-without reloading or copying anything): the target task's accuracy, every other
-task's accuracy and perplexity. Two baselines a real criterion must beat are
-always included: ``random`` experts, and the least used ones by
-``baseline_criterion``. Accuracy *retained* is a point's accuracy over the full
-model's.
+without reloading or copying anything): the target task's score, every other
+task's score and perplexity. Tasks may be of any task type, each scored by its own
+metric (``accuracy[task]`` holds the score: an accuracy, a ROUGE-L, a token loss).
+Two baselines a real criterion must beat are always included: ``random`` experts,
+and the least used ones by ``baseline_criterion``. A point's *retention* of a task is
+the share of the full model's gain over the task's no-knowledge reference that it
+keeps (:func:`moeguard.data.task_types.retention`: its accuracy over the full model's
+for accuracy-like metrics).
 
 With an output directory the sweep is a resumable run (:class:`moeguard.runs.Run`):
 ``sweep.json`` is rewritten after every point and a rerun with the same model, task
@@ -35,7 +38,8 @@ from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA, check_criter
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches, encode_examples, load_task, mixture
 from moeguard.data.batching import context_length, pad_id_of
 from moeguard.errors import InputError, PlanError
-from moeguard.eval import evaluate, evaluate_tasks
+from moeguard.data.task_types import retention
+from moeguard.eval import evaluate, evaluate_tasks, scoring
 from moeguard.eval.evaluate import eval_mode, scored_sequences
 from moeguard.io import check_output, read_json
 from moeguard.models import MoEModel
@@ -59,7 +63,7 @@ class SweepPoint:
     seed: int | None
     fraction_kept: float
     kept: list[list[int]]
-    accuracy: dict[str, float]
+    accuracy: dict[str, float]  # each task's score in its metric (SweepResult.scoring)
     perplexity: float | None
     seconds: float
     answer_loss: float | None = None  # the target task's, see answer_loss()
@@ -72,8 +76,9 @@ class SweepPoint:
 @dataclass
 class SweepResult:
     """A finished sweep: the full model, every point, the attribution the plans came from, and where
-    the files went. ``evaluated`` are the keys of the points this call evaluated (the others were
-    resumed from ``out_dir``)."""
+    the files went. ``scoring[task]`` says how a task is scored (``kind``, ``metric``, ``reference``,
+    ``higher_is_better``: :class:`moeguard.eval.TaskResult`'s). ``evaluated`` are the keys of the
+    points this call evaluated (the others were resumed from ``out_dir``)."""
 
     task: str
     model: str | None
@@ -82,6 +87,7 @@ class SweepResult:
     full: SweepPoint
     points: list[SweepPoint]
     settings: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: Path | None = None
     attribution: Attribution | None = None
     attribution_path: Path | None = None
@@ -92,13 +98,19 @@ class SweepResult:
         return [task for task in self.full.accuracy if task != self.task]
 
     def retained(self, point: SweepPoint, task: str | None = None) -> float:
-        """``accuracy(point) / accuracy(full)`` on ``task`` (the target by default); NaN if the full model scores 0."""
+        """The retention of ``task`` (the target by default) at ``point``: ``(score - reference) / (full - reference)``
+        (``score / full`` for accuracy-like metrics); NaN if the full model is no better than the reference."""
         task = task or self.task
-        full = self.full.accuracy[task]
-        return point.accuracy[task] / full if full > 0 else math.nan
+        scoring = self.scoring.get(task, {})
+        return retention(point.accuracy[task], self.full.accuracy[task], scoring.get("reference", 0.0),
+                         higher_is_better=scoring.get("higher_is_better", True))
+
+    def metric(self, task: str | None = None) -> str:
+        """The metric ``task`` (the target by default) is scored by."""
+        return self.scoring.get(task or self.task, {}).get("metric", "accuracy")
 
     def others_retained(self, point: SweepPoint) -> float:
-        """Mean accuracy retained over the other tasks: the knowledge lost outside the target task."""
+        """Mean retention over the other tasks: the knowledge lost outside the target task."""
         values = [self.retained(point, task) for task in self.other_tasks]
         values = [v for v in values if not math.isnan(v)]
         return sum(values) / len(values) if values else math.nan
@@ -131,12 +143,13 @@ class SweepResult:
             "model_fingerprint": self.model_fingerprint,
             "num_experts": self.num_experts,
             "settings": self.settings,
+            "scoring": self.scoring,
             "full": asdict(self.full),
             "points": [asdict(p) for p in self.points],
         }
 
     def mean_retained(self, criterion: str, keep: int) -> float:
-        """Target accuracy retained at ``keep``, averaged over the seeds of ``criterion``."""
+        """Target retention at ``keep``, averaged over the seeds of ``criterion``."""
         if not any(p.criterion == criterion and p.keep == keep for p in self.points):
             raise InputError(f"the sweep has no point for {criterion!r} at keep={keep}.")
         return self.mean_over_seeds(criterion, keep, self.retained)
@@ -152,13 +165,13 @@ class SweepResult:
         labels = list(dict.fromkeys(p.criterion for p in self.points))
         full_loss = f"{self.full.answer_loss:.3f}" if self.full.answer_loss is not None else "-"
         lines = [
-            f"knowledge loss on {self.task}: full model accuracy {self.full.accuracy[self.task]:.3f}, answer loss "
+            f"knowledge loss on {self.task}: full model {self.metric()} {self.full.accuracy[self.task]:.3f}, answer loss "
             f"{full_loss} nats/token" + (f", perplexity {self.full.perplexity:.3f}" if self.full.perplexity is not None else "")
         ]
         tables = [
-            ("target accuracy retained (pruned / full)", self.retained),
+            (f"target {self.metric()} retained (pruned vs full)", self.retained),
             (f"target answer loss (nats/token; full model {full_loss})", lambda p: math.nan if p.answer_loss is None else p.answer_loss),
-            ("other tasks' accuracy retained (mean)", self.others_retained),
+            ("other tasks' retention (mean)", self.others_retained),
         ]
         for title, measure in tables:
             lines.append(f"{title}, by experts kept per layer:")
@@ -185,7 +198,7 @@ def default_keeps(layers: Sequence[Any]) -> list[int]:
 
 
 def text_of_tasks(datas: Sequence[TaskData]) -> TaskData:
-    """The tasks' prompts and answers as plain text (lm data), for perplexity when no text corpus is given."""
+    """The tasks' prompts and answers (and texts) as plain text (lm data), for perplexity when no text corpus is given."""
     texts = [
         TaskData(data.name, "lm", [Example(text=e.prompt + e.target) for e in data.examples], data.source)
         for data in datas
@@ -230,9 +243,9 @@ def _attribution_for(
         data = attribution_data or (task if isinstance(task, TaskData) else load_task(task, "train", limit=attribution_limit))
         logger.info("attributing %s on %d examples", data.name, len(data))
         record = collect_attribution(
-            moe, batches(moe.tokenizer, data, batch_size=batch_size, context=context_length(moe)), tokens=tokens,
-            criteria=needed, task=data.name, task_source=data.source, total_batches=-(-len(data) // batch_size),
-            progress=progress,
+            moe, batches(moe.tokenizer, data, batch_size=batch_size, context=context_length(moe),
+                         prompt_format=moe.prompt_format), tokens=tokens, criteria=needed, task=data.name,
+            task_source=data.source, total_batches=-(-len(data) // batch_size), progress=progress,
         )
         if out_dir is not None:
             path = record.save(out_dir / ATTRIBUTION_NAME)
@@ -262,24 +275,25 @@ def _plans(
 
 
 def answer_loss(moe: MoEModel, data: TaskData, batch_size: int) -> float:
-    """Mean teacher-forced loss per answer token, ``-sum_i log p(a_i | prompt_i) / sum_i |a_i|`` (nats).
+    """Mean teacher-forced loss per answer token, ``-sum_i log p(a_i | prompt_i) / sum_i |a_i|`` (nats):
+    on the reference answer, the correct choice, or (lm) the text itself.
 
     Unlike exact match it moves with every bit of knowledge lost, also where a
     small model gets few answers entirely right.
     """
-    encoded = encode_examples(moe.tokenizer, data.examples)
+    encoded = encode_examples(moe.tokenizer, data.examples, moe.prompt_format)
     with eval_mode(moe.model):
         log_likelihood, counts = scored_sequences(moe.model, encoded, pad_id_of(moe.tokenizer), batch_size)
     return float(-log_likelihood.sum() / counts.sum().clamp_min(1))
 
 
 def evaluate_point(moe: MoEModel, point: SweepPoint, datas: list[TaskData], text: TaskData | None, batch_size: int) -> None:
-    """Fill ``point`` with ``moe`` as it is (masked or not): every task's accuracy, the first task's
+    """Fill ``point`` with ``moe`` as it is (masked or not): every task's score, the first task's
     answer loss, perplexity on ``text``, and the seconds it took."""
     start = time.perf_counter()
     point.accuracy = {name: r.value for name, r in evaluate_tasks(moe, moe.tokenizer, datas, batch_size=batch_size).items()}
     point.answer_loss = answer_loss(moe, datas[0], batch_size)
-    point.perplexity = evaluate(moe, moe.tokenizer, text, batch_size=batch_size).value if text is not None else None
+    point.perplexity = evaluate(moe, moe.tokenizer, text, batch_size=batch_size).perplexity if text is not None else None
     point.seconds = time.perf_counter() - start
 
 
@@ -329,11 +343,6 @@ def run_sweep(
     target = _task_data(task, limit)
     others = [_task_data(t, limit) for t in (other_tasks if other_tasks is not None else BUILTIN_TASKS)]
     datas = [target] + [d for d in others if d.name != target.name]
-    unscored = [d.name for d in datas if d.kind == "lm"]
-    if unscored:
-        raise InputError(f"task(s) {unscored} are plain text (lm) and have no accuracy; sweep tasks need answers "
-                         "(prompt/answer or multiple choice). Pass plain text as `perplexity_data`.",
-                         arguments=("perplexity_data",))
     text = perplexity_data if perplexity_data is not None else text_of_tasks(datas)
     if text.kind != "lm":
         raise InputError(f"perplexity data {text.name!r} holds {text.kind} examples; give lm data ({{\"text\": ...}} lines).")
@@ -344,6 +353,7 @@ def run_sweep(
     plans = _plans(record, moe, criteria, keeps, baseline_criterion, random_seeds)
 
     fingerprint = moe.fingerprint()
+    task_scoring = {d.name: scoring(moe.tokenizer, d, context=context_length(moe)) for d in datas}
     settings = {
         "attribution": {"task": record.task, "created": record.created, "samples": record.samples, "tokens": record.tokens},
         "tasks": {d.name: d.source for d in datas},
@@ -360,8 +370,8 @@ def run_sweep(
     evaluated: list[str] = []
 
     def save(full: SweepPoint, points: list[SweepPoint]) -> SweepResult:
-        result = SweepResult(target.name, moe.source, fingerprint, moe.num_experts, full, points, settings, out, record,
-                             record_path, evaluated)
+        result = SweepResult(target.name, moe.source, fingerprint, moe.num_experts, full, points, settings, task_scoring,
+                             out, record, record_path, evaluated)
         if run is not None:
             run.save_json(RESULT_NAME, result.to_dict())
         return result
@@ -385,9 +395,10 @@ def run_sweep(
             with moe.mask_experts(plan.keep_sets()):
                 evaluate_point(moe, point, datas, text, batch_size)
             evaluated.append(point.key)
-            logger.info("%s keep=%d: %s accuracy %.3f (retained %.3f)", point.criterion, point.keep, target.name,
-                        point.accuracy[target.name], point.accuracy[target.name] / full.accuracy[target.name]
-                        if full.accuracy[target.name] else math.nan)
+            scored = task_scoring[target.name]
+            logger.info("%s keep=%d: %s %s %.3f (retained %.3f)", point.criterion, point.keep, target.name, scored["metric"],
+                        point.accuracy[target.name], retention(point.accuracy[target.name], full.accuracy[target.name],
+                                                               scored["reference"], higher_is_better=scored["higher_is_better"]))
         points.append(point)
         save(full, points)
         bar.update(1)
@@ -422,7 +433,7 @@ def load_sweep(path: str | Path) -> SweepResult:
     try:
         return SweepResult(
             data["task"], data["model"], data["model_fingerprint"], data["num_experts"], SweepPoint(**data["full"]),
-            [SweepPoint(**p) for p in data["points"]], data.get("settings", {}), path.parent,
+            [SweepPoint(**p) for p in data["points"]], data.get("settings", {}), data.get("scoring", {}), path.parent,
         )
     except (KeyError, TypeError) as error:
         raise InputError(f"{path} is not a moeguard sweep result (missing or malformed {error}).") from None

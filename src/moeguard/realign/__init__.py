@@ -7,7 +7,7 @@ trained, ``metrics`` retention, recovery and labels-to-threshold.
 """
 
 from moeguard.realign.acquisition import ACQUISITIONS, Acquisition
-from moeguard.realign.inputs import RealignData, builtin_data, file_data
+from moeguard.realign.inputs import RealignData, builtin_data, file_data, held_out
 from moeguard.realign.loop import realign
 from moeguard.realign.metrics import Threshold, labels_to_reach, recovery, retention
 from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord, label_schedule
@@ -25,6 +25,7 @@ __all__ = [
     "Threshold",
     "builtin_data",
     "file_data",
+    "held_out",
     "label_schedule",
     "labels_to_reach",
     "realign",

@@ -9,8 +9,9 @@ already taken at the N answer-predicting positions, so a batch never holds more
 than its answer tokens x vocabulary. Scores are "higher = label first".
 
 The answer of an unlabelled example is the model's own prediction (its greedy
-continuation), so ``answer_mask`` marks predicted tokens. As everywhere in
-moeguard, ``logits[b, t]`` predicts token ``t + 1``.
+continuation, or its most likely choice), so ``answer_mask`` marks predicted tokens;
+a language-modelling text is its own answer (every token of it is read). As
+everywhere in moeguard, ``logits[b, t]`` predicts token ``t + 1``.
 
 Score-based functions rank examples one by one (least confidence, margin,
 entropy, sequence NLL, and the routing share lost to pruning); the set-based ones
@@ -299,7 +300,8 @@ class Acquisition:
     only at the answer-predicting positions); ``reads_labelled`` that the labelled
     examples' values are needed too; ``sketched`` that BADGE's random sketches are drawn;
     ``parent_routing`` that the values are the unpruned parent's routing shares,
-    measured once before the first round.
+    measured once before the first round. ``kinds`` are the task types it applies to;
+    ``why_not`` says why not to the others.
     """
 
     name: str
@@ -311,6 +313,8 @@ class Acquisition:
     reads_labelled: bool = False
     sketched: bool = False
     parent_routing: bool = False
+    kinds: tuple[str, ...] = ("generate", "choice", "lm")
+    why_not: str = ""
 
 
 # Adding an acquisition function is one entry here (and its pure function above).
@@ -330,7 +334,10 @@ ACQUISITIONS: dict[str, Acquisition] = {a.name: a for a in (
     Acquisition("badge", "k-means++ seeding over sketched last-layer gradient embeddings (uncertainty + diversity)",
                 lambda r: badge_embeddings(r.logits, r.hidden, r.answer_mask, *r.sketches),
                 lambda c: kmeans_pp_seeding(c.values, c.k, c.generator), reads_logits=True, reads_hidden=True,
-                sketched=True),
+                sketched=True, kinds=("generate", "choice"),
+                why_not="its embeddings are gradients for the model's own guessed labels, a stand-in for answers it "
+                        "has not been given; a text is its own label, so they would not be the gradients training "
+                        "follows (sequence_nll ranks texts by their actual loss)"),
     Acquisition("routing", "largest share of the unpruned parent's routing mass that went to removed experts",
                 parent_routing=True),
 )}

@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moeguard.data import BUILTIN_TASKS, TaskData, data_signature, load_jsonl, load_task
-from moeguard.data.examples import require_examples
+from moeguard.data.examples import MIXED, require_examples
 from moeguard.errors import DataError, InputError
-
-ACCURACY_KINDS = ("generate", "choice")
 
 
 @dataclass
@@ -33,17 +31,18 @@ class RealignData:
         return data_signature((("pool", self.pool), ("test", self.test), *(("other", d) for d in self.others)))
 
     def check(self) -> None:
-        """Refuse empty sets and data without an accuracy (lm text has a perplexity, not an accuracy)."""
+        """Refuse empty sets, mixtures of kinds, and a test set of another kind than the pool."""
         require_examples(self.pool)
         require_examples(self.test)
         for data in (self.pool, self.test, *self.others):
             require_examples(data)
-            if data.kind not in ACCURACY_KINDS:
-                raise DataError(
-                    f"task {data.name!r} ({data.source or 'in memory'}) holds {data.kind} examples; re-alignment "
-                    "measures accuracy, so it needs generate or choice examples ({'prompt', 'answer'} or "
-                    "{'prompt', 'choices', 'label'})."
-                )
+            if data.kind == MIXED:
+                raise DataError(f"task {data.name!r} ({data.source or 'in memory'}) mixes examples of several kinds; "
+                                "give one task per kind.")
+        if self.test.kind != self.pool.kind or self.test.metric != self.pool.metric:
+            raise DataError(f"the test set of {self.task!r} holds {self.test.kind} examples scored by "
+                            f"{self.test.metric or 'the default metric'}, the pool {self.pool.kind} examples scored by "
+                            f"{self.pool.metric or 'the default metric'}; give a test set of the pool's task.")
         names = [d.name for d in self.others]
         if self.task in names or len(set(names)) != len(names):
             raise InputError(f"the other tasks {names} must have distinct names, different from the target {self.task!r}.")
@@ -69,6 +68,18 @@ def builtin_data(
     return RealignData(pool, test, others)
 
 
+def held_out(data: TaskData, *, test_fraction: float = 0.2, seed: int = 0, others: list[TaskData] | None = None) -> RealignData:
+    """``data`` split into a pool and a seeded ``test_fraction`` held out as the test set."""
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test_fraction must be between 0 and 1, got {test_fraction!r}.", arguments=("test_fraction",))
+    if len(data) < 2:
+        raise DataError(f"{data.source or data.name} holds {len(data)} example(s); holding out a test set needs at least 2 "
+                        "(or pass a test file).")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, round(len(data) * test_fraction))
+    return RealignData(data.subset(sorted(order[count:])), data.subset(sorted(order[:count])), list(others or []))
+
+
 def file_data(
     path: str | os.PathLike,
     *,
@@ -76,18 +87,14 @@ def file_data(
     test_fraction: float = 0.2,
     seed: int = 0,
     others: list[TaskData] | None = None,
+    metric: str | None = None,
+    answer_pattern: str | None = None,
 ) -> RealignData:
-    """A JSONL file as the pool; the test set is ``test_path`` or a seeded ``test_fraction`` held out of it."""
-    data = load_jsonl(path)
+    """A JSONL file as the pool; the test set is ``test_path`` (scored as the pool is) or a seeded
+    ``test_fraction`` held out of it (:func:`held_out`). ``metric`` / ``answer_pattern`` as in
+    :func:`moeguard.data.load_jsonl`."""
+    data = load_jsonl(path, metric=metric, answer_pattern=answer_pattern)
     if test_path is not None:
-        test = load_jsonl(test_path, name=data.name)
+        test = load_jsonl(test_path, name=data.name, metric=data.metric, answer_pattern=data.answer_pattern)
         return RealignData(data, test, list(others or []))
-    if not 0 < test_fraction < 1:
-        raise InputError(f"test_fraction must be between 0 and 1, got {test_fraction!r}.")
-    if len(data) < 2:
-        raise DataError(f"{path} holds {len(data)} example(s); holding out a test set needs at least 2 (or pass a test file).")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = max(1, round(len(data) * test_fraction))
-    return RealignData(
-        data.subset(sorted(order[held_out:])), data.subset(sorted(order[:held_out])), list(others or [])
-    )
+    return held_out(data, test_fraction=test_fraction, seed=seed, others=others)

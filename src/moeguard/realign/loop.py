@@ -4,7 +4,14 @@ A random seed set is drawn from the pool. Each round then (from the second on)
 scores the unlabelled pool with the acquisition function and labels the best
 batch, fine-tunes the trainable scope on every labelled example with
 :func:`moeguard.training.train`, and measures the target task's and the other
-tasks' test accuracy. The label schedule ends exactly at the budget.
+tasks' test score. The label schedule ends exactly at the budget.
+
+Every task type re-aligns: generation and classification train on the answer (the
+correct choice) after the prompt, language modelling on the text itself (for text, a
+"label" is a text of the pool chosen for training; it costs no answer). Scores are in
+each task's metric (``accuracy`` fields hold the score: an accuracy, a ROUGE-L, a token
+loss) and retention is measured from its no-knowledge reference
+(:func:`moeguard.data.task_types.retention`).
 
 Two entry points share all of it: a pruned model directory (its manifest names
 the parent and the kept experts) or, in mask mode, the unpruned model with a keep
@@ -41,14 +48,14 @@ from moeguard.distributed import (
     sum_over_processes,
 )
 from moeguard.errors import FingerprintMismatchError, InputError, InternalError, ModelError, MoeGuardError, ResumeError
-from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate
+from moeguard.eval.evaluate import ANSWER_TOKEN_MARGIN, evaluate, scoring
 from moeguard.io import check_output, read_json, write_json
 from moeguard.models import MoEModel, RealignRecord, load_moe, normalize_keep_sets
 from moeguard.models.fingerprint import checkpoint_fingerprint, short
 from moeguard.realign.acquisition import ACQUISITIONS
 from moeguard.realign.inputs import RealignData
 from moeguard.realign.metrics import recovery, retention
-from moeguard.realign.pool import pool_values, removed_expert_masks, routing_shares, select
+from moeguard.realign.pool import check_acquisition_for, pool_values, removed_expert_masks, routing_shares, select
 from moeguard.realign.processes import ProcessRows, check_replicas_agree, data_parallel
 from moeguard.realign.result import RealignConfig, RealignResult, RoundRecord
 from moeguard.realign.scopes import TRAIN_SCOPES, LoraAdapters, add_lora, frozen_digest, scope_parameters
@@ -64,14 +71,17 @@ MODEL_DIR = "model"
 
 # ---------------------------------------------------------------- measurements
 def accuracy(moe: MoEModel, data: Any, *, batch_size: int) -> float:
-    """Test accuracy of ``moe`` on ``data``, each process evaluating its share of the examples."""
+    """The test score of ``moe`` on ``data`` in its metric, each process evaluating its share of the examples:
+    ``sum(scores) / sum(weights)`` over every example (the mean score, or the mean token loss of lm texts)."""
     everything = list(range(len(data)))
     local = shard(everything)
-    correct = torch.zeros(0, dtype=torch.float64)
+    rows = torch.zeros(0, 2, dtype=torch.float64)
     if local:
         result = evaluate(moe, moe.tokenizer, data.subset(local), batch_size=batch_size)
-        correct = torch.tensor(result.correct, dtype=torch.float64)
-    return float(gather_rows(everything, local, correct).mean())
+        weights = result.weights if result.weights is not None else [1] * len(result.scores)
+        rows = torch.tensor(list(zip(result.scores, weights)), dtype=torch.float64)
+    totals = gather_rows(everything, local, rows).sum(dim=0)
+    return float(totals[0] / totals[1])
 
 
 def _accuracies(moe: MoEModel, data: RealignData, batch_size: int) -> tuple[float, dict[str, float]]:
@@ -79,8 +89,12 @@ def _accuracies(moe: MoEModel, data: RealignData, batch_size: int) -> tuple[floa
     return target, {other.name: accuracy(moe, other, batch_size=batch_size) for other in data.others}
 
 
-def _mean_other_retention(other: dict[str, float], unpruned_other: dict[str, float]) -> float:
-    values = [retention(other[name], unpruned_other[name]) for name in other]
+def _retention(value: float, unpruned: float, scored: dict[str, Any]) -> float:
+    return retention(value, unpruned, scored["reference"], higher_is_better=scored["higher_is_better"])
+
+
+def _mean_other_retention(other: dict[str, float], unpruned_other: dict[str, float], scoring: dict[str, dict]) -> float:
+    values = [_retention(other[name], unpruned_other[name], scoring[name]) for name in other]
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
 
@@ -106,6 +120,7 @@ def _load_parent(moe: MoEModel, parent: MoEModel | str | Path | None) -> tuple[M
         loaded = True
     if found.tokenizer is None:
         found.tokenizer = moe.tokenizer
+    found.prompt_format = moe.prompt_format
     if manifest.parent_fingerprint_kind == "checkpoint":
         actual = checkpoint_fingerprint(found.source) if found.source and Path(found.source).is_dir() else ""
     else:
@@ -121,7 +136,8 @@ def _load_parent(moe: MoEModel, parent: MoEModel | str | Path | None) -> tuple[M
 
 @dataclass
 class Reference:
-    """Measurements on the unpruned parent, taken once: accuracies and (routing acquisition) pool shares."""
+    """Measurements on the unpruned parent, taken once: scores (in each task's metric) and (routing
+    acquisition) pool shares."""
 
     accuracy: float
     other: dict[str, float]
@@ -142,13 +158,14 @@ def _measure_reference(
 # ---------------------------------------------------------------- the run
 @dataclass
 class _Run:
-    """Everything a round reads and updates."""
+    """Everything a round reads and updates; ``scoring`` says how each task is scored (by name)."""
 
     moe: MoEModel
     data: RealignData
     config: RealignConfig
     trainable: dict[str, nn.Parameter]
     reference: Reference
+    scoring: dict[str, dict[str, Any]]
     labelled: list[int] = field(default_factory=list)
     history: list[RoundRecord] = field(default_factory=list)
     trained_rounds: int = 0  # rounds trained by this call (the others were resumed)
@@ -160,6 +177,7 @@ class _Run:
         tokens = (previous.tokens if previous else 0) + (trained.tokens if trained else 0)
         wall = (previous.wall_seconds if previous else 0.0) + train_seconds + acquire_seconds
         pruned = self.history[0].accuracy if self.history else target
+        scored = self.scoring[self.data.task]
         record = RoundRecord(
             round=round_index,
             labels=len(self.labelled) if round_index else 0,
@@ -167,10 +185,10 @@ class _Run:
             tokens=tokens,
             wall_seconds=wall,
             accuracy=target,
-            retention=retention(target, self.reference.accuracy),
-            recovery=recovery(target, pruned, self.reference.accuracy),
+            retention=_retention(target, self.reference.accuracy, scored),
+            recovery=recovery(target, pruned, self.reference.accuracy, higher_is_better=scored["higher_is_better"]),
             other_accuracy=other,
-            other_retention=_mean_other_retention(other, self.reference.other),
+            other_retention=_mean_other_retention(other, self.reference.other, self.scoring),
             train_loss=trained.final_loss if trained else math.nan,
             train_seconds=train_seconds,
             acquire_seconds=acquire_seconds,
@@ -180,6 +198,8 @@ class _Run:
 
     def max_new_tokens(self) -> int:
         """A generation budget for unlabelled prompts: the longest labelled answer plus a margin."""
+        if self.data.pool.kind != "generate":
+            return 0  # choices are scored, texts are their own answers: nothing is generated
         answers = [self.data.pool.examples[i].target for i in self.labelled]
         lengths = [len(ids) for ids in encode_continuations(self.moe.tokenizer, answers, eos=True)]
         return max(lengths, default=1) + ANSWER_TOKEN_MARGIN
@@ -223,6 +243,7 @@ class _Run:
             seed=round_seed,
             epochs=None,
             context=context_length(self.moe),
+            prompt_format=self.moe.prompt_format,
         ))
         with data_parallel(self.moe, self.trainable) as model:
             trained = train(
@@ -349,8 +370,9 @@ def realign(
         raise InputError("re-alignment needs the model's tokenizer, but none is saved with it; save one beside the weights.")
     data.check()
     config.check(len(data.pool))
+    check_acquisition_for(config.acquisition, data.pool.kind, data.task)
     for part in (data.pool, data.test, *data.others):  # every example fits the model's context, checked up front
-        fit_to_context(part, encode_examples(moe.tokenizer, part.examples), context_length(moe))
+        fit_to_context(part, encode_examples(moe.tokenizer, part.examples, moe.prompt_format), context_length(moe))
     mode = "mask" if keep is not None else "pruned"
     keep_sets, kept, removed = _prune_record(moe, keep)
     if isinstance(parent, MoEModel):
@@ -393,7 +415,8 @@ def realign(
     restore = _restored_afterwards(list(trainable.values())) if mode == "mask" else contextlib.nullcontext()
     digest = frozen_digest(moe, trainable, keep_sets)
     masked = moe.mask_experts(keep) if keep is not None else contextlib.nullcontext()
-    run = _Run(moe, data, config, trainable, reference)
+    scoring_of = {d.name: scoring(moe.tokenizer, d, context=context_length(moe)) for d in (data.test, *data.others)}
+    run = _Run(moe, data, config, trainable, reference, scoring_of)
     schedule = config.schedule()
     try:
         with restore, masked:
@@ -443,8 +466,12 @@ def realign(
 
 
 def _result(run: _Run, mode: str, kept: list[list[int]], fingerprint: str, verified: bool, complete: bool) -> RealignResult:
+    scored = run.scoring[run.data.task]
     return RealignResult(
         task=run.data.task,
+        metric=scored["metric"],
+        reference_score=scored["reference"],
+        higher_is_better=scored["higher_is_better"],
         mode=mode,
         config=run.config.to_dict(),
         model_fingerprint=fingerprint,

@@ -1,4 +1,8 @@
-"""Recovery metrics: how much of the unpruned model's accuracy re-alignment gives back."""
+"""Recovery metrics: how much of the unpruned model's score re-alignment gives back.
+
+Retention is :func:`moeguard.data.task_types.retention` (the share of the unpruned model's
+gain over the task's no-knowledge reference), the same for every task type.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from moeguard.data.task_types import retention
 
-def retention(after: float, unpruned: float) -> float:
-    """``after / unpruned``: the share of the unpruned model's accuracy kept (nan if unpruned is 0)."""
-    return after / unpruned if unpruned > 0 else math.nan
+__all__ = ["Threshold", "labels_to_reach", "recovery", "retention"]
 
 
-def recovery(after: float, pruned: float, unpruned: float) -> float:
+def recovery(after: float, pruned: float, unpruned: float, *, higher_is_better: bool = True) -> float:
     """``(after - pruned) / (unpruned - pruned)``: the share of the pruning loss won back.
 
-    1 means back to the unpruned accuracy, 0 no better than right after pruning,
-    negative worse; nan when pruning lost nothing (``unpruned <= pruned``).
+    1 means back to the unpruned score, 0 no better than right after pruning,
+    negative worse; nan when pruning lost nothing (the pruned model scores as well as
+    the unpruned one: ``unpruned <= pruned``, or ``>=`` for a lower-is-better loss).
     """
     gap = unpruned - pruned
-    return (after - pruned) / gap if gap > 0 else math.nan
+    return (after - pruned) / gap if (gap > 0 if higher_is_better else gap < 0) else math.nan
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Scoring the unlabelled pool: the model's own answers, the acquisition values, the selection.
 
 An unlabelled example has a prompt but no answer, so the model answers it itself
-(greedy generation for generate data, its most likely choice for choice data);
-the acquisition functions then read the model's outputs on prompt + own answer.
-The routing-aware acquisition instead reads the unpruned parent's routing on the
-prompt. Under ``torch.distributed`` each process scores its share of the examples
-and the shares are gathered (:mod:`moeguard.distributed`), so every process
+(greedy generation for generate data, its most likely choice for choice data; a
+language-modelling text needs no answer: it is read as it is); the acquisition
+functions then read the model's outputs on prompt + own answer. The routing-aware
+acquisition instead reads the unpruned parent's routing on the prompt (the text).
+Under ``torch.distributed`` each process scores its share of the examples and the
+shares are gathered (:mod:`moeguard.distributed`), so every process
 sees every value.
 """
 
@@ -16,7 +17,16 @@ from collections.abc import Sequence
 
 import torch
 
-from moeguard.data.batching import EncodedExample, collate, encode_continuations, encode_prompts, model_inputs, pad_id_of, to_device
+from moeguard.data.batching import (
+    EncodedExample,
+    collate,
+    encode_continuations,
+    encode_examples,
+    encode_prompts,
+    model_inputs,
+    pad_id_of,
+    to_device,
+)
 from moeguard.data.examples import TaskData
 from moeguard.distributed import gather_rows, shard
 from moeguard.errors import InputError
@@ -47,15 +57,28 @@ def check_acquisition(name: str) -> Acquisition:
     return ACQUISITIONS[name]
 
 
+def check_acquisition_for(name: str, kind: str, task: str) -> Acquisition:
+    """The acquisition function ``name``, refused for a task type it does not apply to (``kind``)."""
+    entry = check_acquisition(name)
+    if kind not in entry.kinds:
+        usable = [n for n, a in ACQUISITIONS.items() if kind in a.kinds]
+        raise InputError(f"acquisition={name} does not apply to {kind} data (task {task!r}): {entry.why_not}. Choose one "
+                         f"of {', '.join(usable)}.", arguments=("acquisition",))
+    return entry
+
+
 def own_answers(moe: MoEModel, data: TaskData, indices: Sequence[int], *, max_new_tokens: int, batch_size: int) -> list[EncodedExample]:
     """Prompt + the model's own answer (its target tokens) for the examples at ``indices``.
 
     generate: the greedy continuation up to and including eos (at most
-    ``max_new_tokens``); choice: the choice with the highest log-likelihood, + eos.
+    ``max_new_tokens``); choice: the choice with the highest log-likelihood, + eos;
+    lm: the text itself (as a batch encodes it).
     """
     tokenizer = moe.tokenizer
     examples = data.subset(indices)
-    prompts = encode_prompts(tokenizer, [e.prompt for e in examples.examples])
+    if data.kind == "lm":
+        return encode_examples(tokenizer, examples.examples)
+    prompts = encode_prompts(tokenizer, [e.prompt for e in examples.examples], moe.prompt_format)
     if data.kind == "choice":
         picked = evaluate(moe, tokenizer, examples, batch_size=batch_size).predictions
         answers = encode_continuations(tokenizer, picked, eos=True)
@@ -177,7 +200,8 @@ def removed_expert_masks(num_experts: Sequence[int], kept: Sequence[Sequence[int
 def routing_shares(
     parent: MoEModel, data: TaskData, indices: Sequence[int], removed: Sequence[torch.Tensor], *, batch_size: int
 ) -> torch.Tensor:
-    """``[n]``: for each example, the share of the parent's routing mass on its prompt that went to removed experts.
+    """``[n]``: for each example, the share of the parent's routing mass on its prompt (an lm example: its
+    text) that went to removed experts.
 
     :func:`acquisition.routing_loss_share` of the masses summed over every MoE layer
     and every prompt token, read from the routing the parent actually uses.
@@ -188,7 +212,10 @@ def routing_shares(
             "pass the model the pruned model was made from."
         )
     local = shard(indices)
-    prompts = encode_prompts(parent.tokenizer, [data.examples[i].prompt for i in local])
+    if data.kind == "lm":
+        prompts = [e.target for e in encode_examples(parent.tokenizer, [data.examples[i] for i in local])]
+    else:
+        prompts = encode_prompts(parent.tokenizer, [data.examples[i].prompt for i in local], parent.prompt_format)
     lm = causal_lm(parent)
     device = device_of(lm)
     pad_id = pad_id_of(parent.tokenizer)

@@ -96,6 +96,9 @@ class RealignConfig:
 class RoundRecord:
     """The state of the run after one round (round 0: the pruned model before any training).
 
+    ``accuracy`` is the target task's test score in its metric (:attr:`RealignResult.metric`;
+    an accuracy, a ROUGE-L, a token loss), ``other_accuracy`` the other tasks' scores,
+    ``retention`` and ``recovery`` measured as :mod:`moeguard.realign.metrics` says.
     ``steps``/``tokens``/``wall_seconds`` are cumulative; ``wall_seconds`` counts the
     attacker's work (acquisition + training), not the measurements.
     """
@@ -119,7 +122,11 @@ class RoundRecord:
 
 @dataclass
 class RealignResult:
-    """A finished (or loaded) re-alignment run; ``rounds[0]`` is the pruned model before training."""
+    """A finished (or loaded) re-alignment run; ``rounds[0]`` is the pruned model before training.
+
+    Scores (``*_accuracy``) are in the target task's ``metric``; retention is measured from
+    its no-knowledge ``reference_score`` (0, or the unigram loss of lm text).
+    """
 
     task: str
     mode: str  # "pruned" (a pruned model directory) or "mask" (a keep set on the unpruned model)
@@ -136,6 +143,9 @@ class RealignResult:
     history_path: str | None = None
     complete: bool = True
     data_signature: str = ""  # RealignData.signature() of the pool, test set and other tasks
+    metric: str = "exact_match"
+    reference_score: float = 0.0
+    higher_is_better: bool = True
     trained_rounds: int = 0  # rounds this call trained; the others were resumed (not saved in the history)
 
     @property
@@ -177,7 +187,7 @@ class RealignResult:
             f"{self.task}: re-aligned with {self.config['acquisition']} acquisition, scope {self.config['scope']}, "
             f"{final.labels} labels in {len(self.rounds) - 1} rounds ({final.steps} steps, {final.tokens:,} tokens, "
             f"{final.wall_seconds:.1f}s)",
-            f"  accuracy: unpruned {self.unpruned_accuracy:.3f}, pruned {self.pruned_accuracy:.3f}, "
+            f"  {self.metric}: unpruned {self.unpruned_accuracy:.3f}, pruned {self.pruned_accuracy:.3f}, "
             f"re-aligned {final.accuracy:.3f} (retention {final.retention:.3f}, recovery {final.recovery:.3f})",
         ]
         if final.other_accuracy:

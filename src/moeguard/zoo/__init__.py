@@ -10,7 +10,7 @@ from moeguard.zoo.cache import (
     resolve_model_source,
 )
 from moeguard.zoo.card import CARD_JSON
-from moeguard.zoo.config import TINY_DEMO, DemoConfig
+from moeguard.zoo.config import TINY_DEMO, TINY_TYPES_DEMO, DemoConfig
 from moeguard.zoo.demo import build_demo_model, train_demo
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "CARD_JSON",
     "DEMO_SOURCE",
     "TINY_DEMO",
+    "TINY_TYPES_DEMO",
     "DemoConfig",
     "build_demo_model",
     "cache_root",

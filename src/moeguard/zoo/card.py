@@ -52,13 +52,20 @@ def render_card(card: dict[str, Any]) -> str:
         f"at start, {training['load_average_end']:.2f} at end",
         f"- torch {card['versions']['torch']}, transformers {card['versions']['transformers']}, moeguard {card['versions']['moeguard']}",
         "",
-        "## Test accuracy (exact match, greedy decoding)",
+        "## Test scores",
         "",
-        "| task | accuracy | 95% CI | n |",
-        "|---|---|---|---|",
+        "Generation tasks by greedy decoding, classification by the most likely choice, language modelling by the "
+        "mean next-token loss (nats per character). *Best* is the best score any model can reach (for the bracket "
+        "language: the loss of the process that draws the texts); *share of best* is the share of the way from no "
+        "knowledge (0, or the unigram entropy of the text) to it.",
+        "",
+        "| task | type | metric | score | 95% CI | best | share of best | n |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task, result in card["accuracy"].items():
-        lines.append(f"| {task} | {result['value']:.3f} | {result['ci_low']:.3f}-{result['ci_high']:.3f} | {result['n']} |")
+        best, share = result.get("best", float("nan")), result.get("share_of_best", float("nan"))
+        lines.append(f"| {task} | {result.get('kind', 'generate')} | {result['metric']} | {result['value']:.3f} | "
+                     f"{result['ci_low']:.3f}-{result['ci_high']:.3f} | {best:.3f} | {share:.3f} | {result['n']} |")
     lines += [
         "",
         "## Routing specialisation",

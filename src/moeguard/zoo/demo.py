@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 
 import moeguard
-from moeguard.data import batches, build_char_tokenizer, load_task, mixture
+from moeguard.data import TaskData, batches, build_char_tokenizer, load_task, mixture
+from moeguard.data.task_types import retention, task_type
+from moeguard.data.tasks import task_spec
 from moeguard.eval import evaluate_tasks
 from moeguard.io import atomic_dir, atomic_write_text, check_output, write_json
 from moeguard.models import MoEModel
@@ -103,7 +106,7 @@ def train_demo(
 
     ``out_dir`` becomes an HF model directory (config.json, safetensors, tokenizer)
     with a model card (README.md) and ``demo_card.json``: data, seed, steps, wall and
-    CPU time, per-task test accuracy and routing specialisation. It appears only when
+    CPU time, per-task test score (and its share of the best possible) and routing specialisation. It appears only when
     complete; an interrupted run resumes from its state beside ``out_dir`` (``.<name>.partial``).
     ``extra_loss`` is added to the training loss (see :func:`moeguard.training.train`).
     Training runs on one intra-op thread (faster for a model this small).
@@ -143,8 +146,8 @@ def _train_demo(out_dir: Path, config: DemoConfig, *, seed: int, extra_loss: Ext
         tokenizer.save_pretrained(tmp)
         write_json(tmp / CARD_JSON, card)
         atomic_write_text(tmp / "README.md", render_card(card))
-    accuracy = ", ".join(f"{task} {r['value']:.3f}" for task, r in card["accuracy"].items())
-    log.info("demo model written to %s (test exact match: %s)", out_dir, accuracy)
+    scores = ", ".join(f"{task} {r['metric']} {r['value']:.3f}" for task, r in card["accuracy"].items())
+    log.info("demo model written to %s (test scores: %s)", out_dir, scores)
     return out_dir
 
 
@@ -156,12 +159,41 @@ def _describe(extra_loss: ExtraLoss | None) -> Any:
     return settings() if callable(settings) else getattr(extra_loss, "__qualname__", type(extra_loss).__name__)
 
 
+def best_possible(config: DemoConfig, data: TaskData) -> float:
+    """The best score any model can reach on a built-in task's ``data`` (its test split): 1 for an
+    accuracy-like metric; for a language-modelling task whose process is known (``body_log_prob``),
+    the loss of that process per character. The first character of a text (its tag's first letter,
+    no other task's) is predicted from the start of the sequence, where the training loss only ever
+    sees texts (prompts carry no loss): its best loss is ``-log`` of this task's share of the training
+    texts (0 when it is the only language-modelling task), and the rest of the tag follows from it."""
+    if task_type(data.kind).higher_is_better:
+        return 1.0
+    spec = task_spec(data.name)
+    if spec.body_log_prob is None:
+        return math.nan
+    texts = [task for task in config.tasks if task_spec(task).kind == "lm"]
+    share = config.examples_of(data.name) / sum(config.examples_of(task) for task in texts)
+    loss, characters = 0.0, 0
+    for example in data.examples:
+        body = example.text.removeprefix(f"{spec.tag} ")
+        loss += -math.log(share) - sum(spec.body_log_prob(body))
+        characters += len(example.text)
+    return loss / characters
+
+
 def demo_card(moe: MoEModel, tokenizer: Any, config: DemoConfig, *, seed: int, result: TrainResult, load_start: float) -> dict[str, Any]:
-    """Everything the model card reports: evaluate the trained model and measure its routing."""
+    """Everything the model card reports: evaluate the trained model (each task's score, the best score
+    possible, and the share of the way from no knowledge to it) and measure its routing."""
     import transformers
 
     tasks = list(config.tasks)
-    accuracy = evaluate_tasks(moe, tokenizer, [load_task(task, "test") for task in tasks], batch_size=200)
+    tests = {task: load_task(task, "test") for task in tasks}
+    accuracy = evaluate_tasks(moe, tokenizer, list(tests.values()), batch_size=200)
+    scores = {}
+    for task, r in accuracy.items():
+        best = best_possible(config, tests[task])
+        scores[task] = {**r.to_dict(), "best": best,
+                        "share_of_best": retention(r.value, best, r.reference, higher_is_better=r.higher_is_better)}
     counts = moe.parameter_counts()
     return {
         "moeguard_demo": True,
@@ -185,7 +217,7 @@ def demo_card(moe: MoEModel, tokenizer: Any, config: DemoConfig, *, seed: int, r
             "load_average_start": load_start,
             "load_average_end": _load_average(),
         },
-        "accuracy": {task: r.to_dict() for task, r in accuracy.items()},
+        "accuracy": scores,  # each task's test score in its metric (accuracy, ROUGE-L, loss)
         "routing": routing_specialisation(moe, tokenizer, tasks),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "moeguard": moeguard.__version__},
     }

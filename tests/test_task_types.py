@@ -1,0 +1,93 @@
+"""The task-type table: retention on hand-made numbers, the language-modelling reference, metric
+declarations in files, and every task type through evaluation, sweep and re-alignment on a small
+model trained on tasks of all three types."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moeguard.data import Example, TaskData, load_jsonl, load_task, save_jsonl
+from moeguard.data.task_types import TASK_TYPES, retention, unigram_entropy, unigram_reference
+from moeguard.errors import DataError, InputError
+from moeguard.realign.metrics import recovery
+
+
+def test_accuracy_retention_is_the_share_of_the_full_accuracy_kept():
+    assert retention(0.45, 0.9) == pytest.approx(0.5)
+    assert retention(0.9, 0.9) == 1.0
+    assert math.isnan(retention(0.3, 0.0))  # the full model knows nothing: nothing to retain
+
+
+def test_loss_retention_is_the_share_of_the_full_models_improvement_over_the_reference_kept():
+    # unigram reference 2.0 nats, full model 0.5: a pruned model at 1.25 keeps half the improvement
+    assert retention(1.25, 0.5, 2.0, higher_is_better=False) == pytest.approx(0.5)
+    assert retention(0.5, 0.5, 2.0, higher_is_better=False) == 1.0
+    assert retention(2.0, 0.5, 2.0, higher_is_better=False) == 0.0  # knows token frequencies only
+    assert retention(2.6, 0.5, 2.0, higher_is_better=False) == pytest.approx(-0.4)  # worse than token frequencies
+    assert retention(0.35, 0.5, 2.0, higher_is_better=False) == pytest.approx(1.1)  # better than the full model
+    assert math.isnan(retention(1.0, 2.5, 2.0, higher_is_better=False))  # full model no better than the reference
+    # 90% of the way means the same on both: a pruned loss of 0.65 is 90% retention of 2.0 -> 0.5
+    assert retention(0.65, 0.5, 2.0, higher_is_better=False) == pytest.approx(retention(0.81, 0.9))
+    assert recovery(1.0, 1.5, 0.5, higher_is_better=False) == pytest.approx(0.5)  # won back half of the loss rise
+    assert math.isnan(recovery(0.4, 0.5, 0.5, higher_is_better=False))
+
+
+def test_the_unigram_reference_is_the_entropy_of_the_scored_token_frequencies():
+    # tokens 1, 1, 2, 3: p = 1/2, 1/4, 1/4
+    assert unigram_entropy([1, 1, 2, 3]) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert unigram_entropy([7, 7, 7]) == 0.0 and math.isnan(unigram_entropy([]))
+    # each text's first token (bos) is never predicted, so it is not scored
+    assert unigram_reference([[0, 1, 1], [0, 2, 3]]) == pytest.approx(unigram_entropy([1, 1, 2, 3]))
+    assert [t.reference([[0, 1, 2]]) for t in TASK_TYPES.values()] == [0.0, 0.0, pytest.approx(math.log(2))]
+
+
+def test_a_files_header_declares_its_metric_and_answer_pattern_and_they_round_trip(tmp_path):
+    data = TaskData("summaries", "generate", [Example(prompt="key the fox=", answer="fox")], "memory", metric="rouge_l",
+                    answer_pattern=r"answer: (.*)")
+    path = save_jsonl(data, tmp_path / "summaries.jsonl")
+    assert path.read_text().splitlines()[0] == '{"metric": "rouge_l", "answer_pattern": "answer: (.*)"}'
+    loaded = load_jsonl(path)
+    assert (loaded.metric, loaded.answer_pattern, loaded.examples) == ("rouge_l", r"answer: (.*)", data.examples)
+    assert load_jsonl(path, metric="rouge_l").metric == "rouge_l"
+    with pytest.raises(InputError, match="line 1 declares metric 'rouge_l', but metric='token_f1' was given"):
+        load_jsonl(path, metric="token_f1")
+    plain = save_jsonl(TaskData("qa", "generate", data.examples), tmp_path / "qa.jsonl")
+    assert load_jsonl(plain).metric is None and load_jsonl(plain, metric="token_f1").metric == "token_f1"
+    with pytest.raises(DataError, match="metric 'loss' does not score generate examples"):
+        load_jsonl(plain, metric="loss")
+
+
+def test_built_in_tasks_cover_every_type_and_mixtures_of_kinds_train_but_are_not_scored():
+    kinds = {name: load_task(name, limit=1).kind for name in ("topic", "dyck", "keywords")}
+    assert kinds == {"topic": "choice", "dyck": "lm", "keywords": "generate"}
+    from moeguard.data import mixture
+    from moeguard.eval import evaluate
+
+    mixed = mixture([load_task(name, limit=2) for name in kinds])
+    assert mixed.kind == "mixed"
+    with pytest.raises(InputError, match="mixes examples of several kinds"):
+        evaluate(object(), object(), mixed)
+
+
+def test_classification_attributes_and_trains_on_the_correct_choice_and_text_on_every_token():
+    from conftest import tiny_moe
+    from moeguard.attribution import collect_attribution
+    from moeguard.data import batches, build_char_tokenizer
+    from moeguard.data.batching import IGNORE_INDEX
+
+    tokenizer = build_char_tokenizer()
+    choice = TaskData("mc", "choice", [Example(prompt="cls fox cat=", choices=("animal", "fruit"), label=0),
+                                       Example(prompt="cls fig=", choices=("animal", "fruit"), label=1)])
+    batch = next(batches(tokenizer, choice, batch_size=2))
+    for row, example in enumerate(choice.examples):
+        labelled = batch["input_ids"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(labelled) == example.choices[example.label] + "<eos>"
+    moe = tiny_moe("qwen3_moe")
+    answer = collect_attribution(moe, batches(tokenizer, choice, batch_size=2), tokens="answer", criteria=["frequency"],
+                                 progress=False)
+    assert answer.token_counts[0] == len("animal<") + len("fruit<")  # each choice's characters and its eos
+    text = TaskData("lm", "lm", [Example(text="dyck (())."), Example(text="dyck []().")])
+    batch = next(batches(tokenizer, text, batch_size=2))
+    assert (batch["labels"] == batch["input_ids"]).all()  # every token of a text is trained on (the first is never predicted)
