@@ -115,3 +115,28 @@ def top_set_overlap(card: dict, first: str, second: str) -> float:
 
     pairs = [(top(a), top(b)) for a, b in zip(frequency[first], frequency[second])]
     return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
+
+
+# Every task of the trained task-types model reaches this share of the best score possible (its card's
+# share_of_best: accuracy, ROUGE-L, or the share of the way from the unigram loss to the bracket
+# language's own loss), or the tests that use it cannot mean anything.
+TINY_TYPES_FLOOR = 0.9
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_types():
+    """Path of a small trained MoE (``moeguard.zoo.TINY_TYPES_DEMO``: Qwen3-MoE, 2 layers, 8 experts, top-2)
+    that knows one task of each type: upper (generation, exact match), topic (classification), dyck
+    (language modelling) and keywords (generation, ROUGE-L). Trained once, then reused from the cache."""
+    import json
+
+    from moeguard.zoo import CARD_JSON, TINY_TYPES_DEMO, demo_model_path
+
+    path = demo_model_path(TINY_TYPES_DEMO, seed=0, progress=False)
+    shares = {task: r["share_of_best"] for task, r in json.loads((path / CARD_JSON).read_text())["accuracy"].items()}
+    short = {task: value for task, value in shares.items() if value < TINY_TYPES_FLOOR}
+    if short:
+        pytest.fail(f"the task-types test model ({path}) reached {shares} of the best scores: {sorted(short)} below the "
+                    f"floor {TINY_TYPES_FLOOR}; the recipe (moeguard.zoo.TINY_TYPES_DEMO) no longer learns every task.",
+                    pytrace=False)
+    return path

@@ -91,3 +91,70 @@ def test_classification_attributes_and_trains_on_the_correct_choice_and_text_on_
     text = TaskData("lm", "lm", [Example(text="dyck (())."), Example(text="dyck []().")])
     batch = next(batches(tokenizer, text, batch_size=2))
     assert (batch["labels"] == batch["input_ids"]).all()  # every token of a text is trained on (the first is never predicted)
+
+
+# ---------------------------------------------------------------- every type through the stages, on a trained model
+TYPES = {"topic": "choice", "dyck": "lm", "keywords": "generate"}
+
+
+@pytest.fixture(scope="module")
+def types_model(trained_tiny_types):
+    from moeguard.models import load_moe
+
+    return load_moe(trained_tiny_types)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, acquisition", [("topic", "badge"), ("dyck", "routing"), ("keywords", "entropy")])
+def test_every_task_type_sweeps_and_realigns_on_a_trained_model(types_model, task, acquisition, one_thread):
+    from moeguard.pruning.sweep import run_sweep
+    from moeguard.realign import RealignConfig, builtin_data, realign
+
+    others = [name for name in TYPES if name != task]
+    swept = run_sweep(types_model, task, criteria=["frequency"], keeps=[2], other_tasks=others, limit=40,
+                      attribution_limit=64, progress=False)
+    scored = swept.scoring[task]
+    assert scored["kind"] == TYPES[task] and {swept.scoring[o]["kind"] for o in others} == {TYPES[o] for o in others}
+    assert swept.metric(task) == {"topic": "choice_accuracy", "dyck": "loss", "keywords": "rouge_l"}[task]
+    full, reference = swept.full.accuracy[task], scored["reference"]
+    # the full model knows the task (the fixture checked it on the whole test split)
+    assert (full >= 0.8) if scored["higher_is_better"] else (full < 0.5 * reference)
+    # pruned to its 2 least used experts of 8, the model loses most of the task; retention is measured in the
+    # task's own metric from its no-knowledge reference (0, or the unigram loss of the text)
+    damaged = next(p for p in swept.points if p.criterion.startswith("least_used"))
+    assert swept.retained(damaged) == pytest.approx((damaged.accuracy[task] - reference) / (full - reference))
+    assert swept.retained(damaged) < 0.7
+    # re-aligning that plan on the task (an lm task trains on its texts) wins back a good part of the loss
+    data = builtin_data(task, pool_size=64, test_size=40, other_size=16, other_tasks=others)
+    settings = RealignConfig(budget=32, rounds=2, steps_per_round=20, lr=3e-3, acquisition=acquisition, eval_batch_size=40)
+    result = realign(types_model, data, settings, keep=dict(enumerate(damaged.kept)), progress=False)
+    assert (result.metric, result.reference_score) == (swept.metric(task), pytest.approx(reference))
+    assert result.unpruned_accuracy == pytest.approx(full, rel=1e-4)
+    assert result.pruned_accuracy == pytest.approx(damaged.accuracy[task], rel=1e-4)
+    for record in result.rounds:
+        assert record.retention == pytest.approx(retention(record.accuracy, full, reference,
+                                                           higher_is_better=scored["higher_is_better"]), rel=1e-4)
+    assert result.final.recovery >= 0.25, result.describe()
+    assert result.final.retention >= result.rounds[0].retention + 0.2, result.describe()
+
+
+@pytest.mark.slow
+def test_the_audit_attacks_every_task_type_and_its_report_shows_each_in_its_metric(trained_tiny_types, tmp_path, one_thread):
+    from moeguard.audit import run_audit
+    from test_audit import quick_config, render_in_chromium
+
+    report = run_audit(quick_config(trained_tiny_types, tmp_path / "audit", tasks=list(TYPES), keeps=[4, 2]), progress=False)
+    rows = {row["task"]: row for row in report.headline()}
+    assert {name: row["kind"] for name, row in rows.items()} == TYPES
+    assert rows["dyck"]["metric"] == "loss" and rows["dyck"]["full_accuracy"] < rows["dyck"]["reference"]
+    assert rows["keywords"]["metric"] == "rouge_l" and rows["topic"]["metric"] == "choice_accuracy"
+    for name, task in report.model.tasks.items():
+        assert task.skipped is None and {row["keep"] for row in task.sweep} == {8, 4, 2}
+        assert all(run.budget == 12 for run in task.realign_runs)
+    text = report.describe()
+    assert "dyck" in text and "loss in nats per token" in text and "rouge_l" in text
+    page = (tmp_path / "audit" / "report.html").read_text()
+    assert "unigram" in page and "choice_accuracy" in page
+    # last, as it skips where Chromium is not installed: the page renders every task's row and figure
+    values, _ = render_in_chromium(tmp_path / "audit" / "report.html", tmp_path)
+    assert int(values["summary_rows"]) == 1 + len(TYPES) and values["broken"] == "0" and int(values["width"]) <= 1280

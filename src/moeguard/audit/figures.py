@@ -34,7 +34,7 @@ def headline_figure(audit: ModelAudit, target: float, path: str | Path, defended
     axis.set_xticks(range(len(names)), names)
     axis.set_ylim(0, 112)
     axis.set_ylabel("experts the attacker keeps (% of all)")
-    axis.set_title(f"Smallest share of experts that keeps {target:.0%} of each task's accuracy (lower = cheaper to carve out)",
+    axis.set_title(f"Smallest share of experts that keeps {target:.0%} of each task's score (lower = cheaper to carve out)",
                    fontsize=9)
     axis.legend(fontsize=8, loc="upper left", ncols=2)
     axis.grid(axis="y", alpha=0.3)

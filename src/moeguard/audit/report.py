@@ -96,7 +96,8 @@ class AuditReport:
             start = f"  {row['task']:<12}{row['kind']:<10}{row['metric']:<17}{row['full_accuracy']:>7.3f}"
             if row["metric"] == "loss":
                 notes.append(f"  {row['task']}: loss in nats per token (lower is better); retention is the share of the full "
-                             f"model's improvement over the unigram entropy of the text, {row['reference']:.3f}")
+                             f"model's improvement over the unigram entropy of the text, {row['reference']:.3f}; its "
+                             "labels are texts trained on")
             if row["skipped"]:
                 lines.append(f"{start}  skipped: {row['skipped']}")
                 continue
@@ -182,7 +183,8 @@ def _summary_table(report: AuditReport) -> str:
             html.escape(row["task"]), kind, full,
             f"{_pct(row['fraction_without'])} ({_cell(row['keep_without'])} per layer)" if row["keep_without"] else "100% (no prune kept it)",
             f"{_pct(row['fraction_with'])} ({_cell(row['keep_with'])} per layer)" if row["keep_with"] else "100%",
-            "-" if row["labels"] is None else (f"{row['labels']} labels, {row['steps']} steps<br><span class='meta'>"
+            "-" if row["labels"] is None else (f"{row['labels']} {'texts' if row['kind'] == 'lm' else 'labels'}, "
+                                               f"{row['steps']} steps<br><span class='meta'>"
                                                f"{_cell(row['tokens'], ',')} tokens, {_cell(row['seconds'], '.1f')} s</span>"),
             f"{_cell(row['parameters_total'], ',')} / {_cell(row['parameters_active'], ',')}<br>"
             f"<span class='meta'>{_cell(row['compression_ratio'], '.2f')}x smaller</span>",

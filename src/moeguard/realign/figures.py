@@ -1,4 +1,4 @@
-"""Recovery curves: accuracy retained vs labels used, one line per acquisition function."""
+"""Recovery curves: the task retained vs labels used, one line per acquisition function."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | 
     figure, axes = plt.subplots(1, 2 if has_others else 1, figsize=(11 if has_others else 6, 4.2), sharey=True, squeeze=False)
     axes = axes[0]
     target = first.config.get("target_retention", 0.9)
-    panels = [(axes[0], lambda r: r.retention, f"target task: {first.task}")]
+    panels = [(axes[0], lambda r: r.retention, f"target task: {first.task} ({first.metric})")]
     if has_others:
         panels.append((axes[1], lambda r: r.other_retention, "other tasks (mean retention)"))
     for axis, measure, panel_title in panels:
@@ -50,12 +50,13 @@ def recovery_figure(results: Mapping[str, Sequence[RealignResult]], path: str | 
         axis.axhline(1.0, color="0.7", linewidth=0.8)
         axis.axhline(target, color="0.5", linewidth=0.8, linestyle=":")
         axis.set_title(panel_title)
-        axis.set_xlabel("labelled examples")
+        # a language-modelling task's "labels" are the texts chosen for training
+        axis.set_xlabel("labelled examples" if first.higher_is_better else "texts trained on")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy retained (vs unpruned model)")
+    axes[0].set_ylabel("retained (vs unpruned model)")
     axes[0].legend(loc="lower right", fontsize=8)
     figure.suptitle(
-        title or f"Re-alignment of {first.task}: unpruned accuracy {first.unpruned_accuracy:.2f}, "
+        title or f"Re-alignment of {first.task}: unpruned {first.metric} {first.unpruned_accuracy:.2f}, "
         f"pruned {first.pruned_accuracy:.2f}",
         fontsize=10,
     )
