@@ -43,14 +43,21 @@ def harness_task(tmp_path) -> str:
 
 
 @pytest.mark.slow
-def test_a_local_harness_task_gives_the_same_accuracy_as_moeguard(trained_tiny, tmp_path):
+def test_a_local_harness_task_gives_the_same_accuracy_as_moeguard_also_on_a_masked_model(trained_tiny, tmp_path):
     include = harness_task(tmp_path)
-    ours = evaluate(load_moe(trained_tiny), None, CHOICES)
+    moe = load_moe(trained_tiny)
+    ours = evaluate(moe, None, CHOICES)
     assert ours.correct == [True, True, False, True]
     from_directory = run_lm_eval(trained_tiny, ["moeguard_caps"], include_path=include)
-    from_moe = run_lm_eval(load_moe(trained_tiny), ["moeguard_caps"], include_path=include)
+    from_moe = run_lm_eval(moe, ["moeguard_caps"], include_path=include)
     assert from_directory["moeguard_caps"]["acc,none"] == pytest.approx(ours.value)
     assert from_moe["moeguard_caps"]["acc,none"] == pytest.approx(ours.value)
+    # a sweep point: the harness scores the model with all but 2 experts per layer masked, as moeguard does
+    for keep in ({0: [0, 1], 1: [0, 1]}, {0: [6, 7], 1: [6, 7]}):
+        with moe.mask_experts(keep):
+            masked = evaluate(moe, None, CHOICES)
+            harness = run_lm_eval(moe, ["moeguard_caps"], include_path=include)
+        assert harness["moeguard_caps"]["acc,none"] == pytest.approx(masked.value)
 
 
 def test_unknown_harness_tasks_and_a_missing_harness_are_explained(trained_tiny, tmp_path, monkeypatch):

@@ -158,3 +158,30 @@ def test_the_audit_attacks_every_task_type_and_its_report_shows_each_in_its_metr
     # last, as it skips where Chromium is not installed: the page renders every task's row and figure
     values, _ = render_in_chromium(tmp_path / "audit" / "report.html", tmp_path)
     assert int(values["summary_rows"]) == 1 + len(TYPES) and values["broken"] == "0" and int(values["width"]) <= 1280
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["topic", "dyck"])
+def test_the_defense_evaluation_attacks_a_classification_or_a_language_modelling_task(trained_tiny_types, target,
+                                                                                     tmp_path, one_thread):
+    from moeguard.defense.evaluation import DefenseEvalSettings, evaluate_defenses
+    from moeguard.defense.report import write_report
+    from moeguard.realign import RealignConfig
+
+    settings = DefenseEvalSettings(
+        target_task=target, tasks=tuple(TYPES), keeps=(4, 2), attack_keeps=(2,), criteria=("frequency",), scopes=("all",),
+        lrs=(3e-3,), seeds=(0,), attack=RealignConfig(budget=32, rounds=2, steps_per_round=10, batch_size=16,
+                                                      acquisition="random"),
+        pool_size=64, test_size=24, attribution_samples=32, authorised_steps=3, authorised_examples=64,
+    )
+    result = evaluate_defenses({"undefended": trained_tiny_types, "same": trained_tiny_types}, settings, tmp_path,
+                               progress=False)
+    write_report(result, tmp_path)
+    base, same = result.models
+    assert base.scoring[target]["kind"] == TYPES[target] and base.scoring["dyck"]["metric"] == "loss"
+    assert base.utility == same.utility and result.multipliers(same, "2")["labels_worst_case"] == 1.0
+    attack = base.attacks["2"]
+    assert attack.runs and all(-2 < run.final_retention <= 1.5 for run in attack.runs)
+    distillation = attack.adaptive["distillation"]
+    # classification is distilled from the model's own picked choices; text needs no teacher
+    assert distillation["teacher_queries"] == (0 if target == "dyck" else settings.pool_size)

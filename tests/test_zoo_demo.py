@@ -40,7 +40,8 @@ def test_the_tiny_trained_model_loads_with_stock_auto_classes_and_its_card_is_ri
         assert measured.value >= TINY_ACCURACY_FLOOR, f"{task}: {measured.value}"
     readme = (trained_tiny / "README.md").read_text()
     upper = card["accuracy"]["upper"]["value"]
-    for text in ("seed 0", f"{card['training']['steps']:,} steps", "wall time", f"| upper | {upper:.3f}", "Routing specialisation"):
+    for text in ("seed 0", f"{card['training']['steps']:,} steps", "wall time", f"| upper | generate | exact_match | {upper:.3f}",
+                 "Routing specialisation"):
         assert text in readme
     assert set(card["routing"]["effective_experts"]) == set(card["config"]["tasks"])
 

@@ -26,20 +26,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(run=run_export)
 
 
+def shown(example) -> str:
+    """One example as a line: prompt + answer, prompt + [choices] -> the right one, or the text."""
+    if example.kind == "lm":
+        return example.text
+    if example.kind == "choice":
+        return f"{example.prompt} {list(example.choices)} -> {example.target}"
+    return f"{example.prompt}{example.answer}"
+
+
 def run_list(args: argparse.Namespace) -> int:
     from moeguard.data import BUILTIN_TASKS, TASK_SPECS, load_task
+    from moeguard.data.task_types import check_metric
     from moeguard.data.tasks import DEFAULT_SIZES
 
     rows = []
     for name in BUILTIN_TASKS:
-        example = load_task(name, "test", limit=1).examples[0]
-        rows.append({"task": name, "skill": TASK_SPECS[name].skill, "prompt": example.prompt, "answer": example.answer})
+        data = load_task(name, "test", limit=1)
+        rows.append({"task": name, "kind": data.kind, "metric": check_metric(data.kind, data.metric, name),
+                     "skill": TASK_SPECS[name].skill, "example": data.examples[0].to_json(),
+                     "shown": shown(data.examples[0])})
     if args.json:
-        print_json({"tasks": rows, "split_sizes": DEFAULT_SIZES})
+        print_json({"tasks": [{k: v for k, v in row.items() if k != "shown"} for row in rows], "split_sizes": DEFAULT_SIZES})
         return 0
-    width = max(len(row["task"]) for row in rows)
+    width, skill = max(len(row["task"]) for row in rows), max(len(row["skill"]) for row in rows)
     for row in rows:
-        print(f"{row['task']:<{width}}  {row['skill']:<45}  e.g. {row['prompt']}{row['answer']}")
+        print(f"{row['task']:<{width}}  {row['kind']:<8}  {row['metric']:<15}  {row['skill']:<{skill}}  e.g. {row['shown']}")
     sizes = ", ".join(f"{split} {size:,}" for split, size in DEFAULT_SIZES.items())
     print(f"\nsplits (disjoint prompts): {sizes} examples per task by default")
     return 0

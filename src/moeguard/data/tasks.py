@@ -218,11 +218,11 @@ TASK_SPECS: dict[str, TaskSpec] = {
         TaskSpec("caesar", "rot", f"shift each letter {CAESAR_SHIFT} places along the alphabet", _generate(_caesar)),
         TaskSpec("upper", "up", "write a word in capitals", _generate(_upper)),
         TaskSpec("count", "count", "count how often a letter occurs in a word", _generate(_count)),
-        TaskSpec("topic", "cls", f"classify a phrase by the topic of most of its words ({', '.join(TOPICS)})", _topic,
+        TaskSpec("topic", "cls", f"the topic most words of a phrase share ({', '.join(TOPICS)})", _topic,
                  kind="choice"),
-        TaskSpec("dyck", "dyck", "language modelling of balanced brackets of two kinds (depth <= 4)", _dyck, kind="lm",
+        TaskSpec("dyck", "dyck", "text of balanced brackets of two kinds", _dyck, kind="lm",
                  body_log_prob=dyck_log_prob),
-        TaskSpec("keywords", "key", "write the content words of a sentence, fillers left out (ROUGE-L)", _keywords,
+        TaskSpec("keywords", "key", "write the content words of a sentence", _keywords,
                  metric="rouge_l"),
     )
 }
