@@ -42,6 +42,15 @@ def tiny_moe(family: str, **overrides):
     return copy.deepcopy(_CACHE[key])
 
 
+def tiny_char_moe(family: str):
+    """:func:`tiny_moe` with the character tokenizer of the built-in tasks (its vocabulary of 128 holds them)."""
+    from moeguard.data import build_char_tokenizer
+
+    moe = tiny_moe(family)
+    moe.tokenizer = build_char_tokenizer()
+    return moe
+
+
 def padded_batch(vocab: int = 128, *, batch: int = 3, length: int = 10, seed: int = 0):
     """Random token ids with left padding of different lengths (pad id 0)."""
     generator = torch.Generator().manual_seed(seed)

@@ -182,6 +182,32 @@ def test_an_identical_copy_as_the_defended_model_costs_the_attacker_exactly_as_m
 
 
 @pytest.mark.slow
+def test_the_audit_measures_the_head_start_at_the_attackers_keep_count(trained_tiny, tmp_path, one_thread):
+    from moeguard.attack import HeadStartSettings
+
+    small = HeadStartSettings(
+        selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",), try_router_reinit=False,
+        try_canonicalise=False, carve_steps=20, scratch_steps=30, student_batch=16, evaluate_every=10, tuning_seeds=(),
+        report_seeds=(0,), curve_test_size=24, selection_examples=16, resamples=100,
+    )
+    config = quick_config(trained_tiny, tmp_path, tasks=["upper"], keeps=[4, 2], headstart=True, headstart_attack=small)
+    report = run_audit(config, progress=False)
+    task = report.model.tasks["upper"]
+    # The attacker's smallest carve, or (its label budget too small) the largest keep count it tried to re-align.
+    tried = max(run.keep for run in task.realign_runs) if task.realign_runs else None
+    assert task.headstart["keep"] == (task.cost.keep if task.cost else task.keep_without if task.keep_without not in (None, 8) else tried)
+    assert task.headstart["target"] == pytest.approx(0.9 * task.headstart["full_accuracy"])
+    row = report.headline()[0]
+    assert row["head_start"] == task.headstart["describe"]
+    assert {"flops", "tokens"} <= set(task.headstart["head_start"])
+    assert (tmp_path / report.figures["headstart"]).stat().st_size > 0
+    assert "Head start: what the stolen weights save" in (tmp_path / "report.html").read_text()
+    again = run_audit(config, progress=False)
+    assert again.model.work["headstart"] == {"reused": 1, "computed": 0}
+    assert again.model.tasks["upper"].headstart["describe"] == task.headstart["describe"]
+
+
+@pytest.mark.slow
 def test_user_data_files_are_audited_like_builtin_tasks(trained_tiny, tmp_path, one_thread):
     from moeguard.data import load_task, save_jsonl
 

@@ -1,4 +1,4 @@
-"""The defense evaluation: attack-cost arithmetic on hand-made runs, the tables, and one small end-to-end run."""
+"""The defense evaluation: its settings, the authorised task, and one small end-to-end run."""
 
 from __future__ import annotations
 
@@ -7,37 +7,13 @@ import math
 
 import pytest
 
-from moeguard.data import BUILTIN_TASKS, load_task
-from moeguard.defense.costs import AttackRun, cost_multiplier, grid_cost
+from moeguard.attack import HeadStartSettings
+from moeguard.attack.labels import LabelSettings
+from moeguard.data import BUILTIN_TASKS
+from moeguard.defense.costs import cost_multiplier
 from moeguard.defense.evaluation import DefenseEvalSettings, authorised_task
 from moeguard.errors import InputError
 from moeguard.realign import RealignConfig
-
-
-def run(criterion, scope, lr, seed, labels, steps, budget=(100, 40)):
-    return AttackRun(criterion=criterion, scope=scope, lr=lr, seed=seed, labels=labels, steps=steps, budget_labels=budget[0],
-                     budget_steps=budget[1], final_retention=0.9 if labels is not None else 0.5)
-
-
-def test_the_worst_case_is_the_attackers_best_configuration_averaged_over_its_seeds():
-    runs = [
-        run("frequency", "all", 1e-3, 0, 20, 10),
-        run("frequency", "all", 1e-3, 1, 40, 20),  # config mean 30 labels, 15 steps
-        run("reap", "router", 1e-3, 0, 10, 30),
-        run("reap", "router", 1e-3, 1, None, None),  # not reached: counts as the budget (100, 40)
-    ]
-    labels = grid_cost(runs, "labels")
-    assert labels.best == ("frequency", "all", 1e-3)
-    assert labels.best_cost == 30 and labels.mean_cost == (30 + 55) / 2
-    assert not labels.censored and labels.reached == 3 and labels.runs == 4
-    steps = grid_cost(runs, "steps")
-    assert steps.best == ("frequency", "all", 1e-3) and steps.best_cost == 15 and steps.mean_cost == (15 + 35) / 2
-
-
-def test_a_best_configuration_with_an_unreached_seed_is_flagged_as_a_lower_bound():
-    runs = [run("frequency", "all", 1e-3, 0, None, None), run("frequency", "all", 1e-3, 1, 10, 5)]
-    cost = grid_cost(runs, "labels")
-    assert cost.best_cost == 55 and cost.censored
 
 
 def test_cost_multiplier_handles_a_free_undefended_attack():
@@ -57,18 +33,27 @@ def test_the_authorised_task_is_new_to_every_model_and_its_splits_are_disjoint()
 
 
 def test_settings_are_checked_before_any_work():
-    with pytest.raises(InputError, match="target task"):
-        DefenseEvalSettings(target_task="reverse", tasks=("upper",)).check()
-    with pytest.raises(InputError, match=r"attack keep counts \[4, 3\]"):
-        DefenseEvalSettings(attack_keeps=(4, 3)).check()
+    with pytest.raises(InputError, match="target tasks"):
+        DefenseEvalSettings(target_tasks=("reverse",), tasks=("upper",)).check()
+    with pytest.raises(InputError, match="attack_keeps"):
+        DefenseEvalSettings(attack_keeps=()).check()
     with pytest.raises(InputError, match="unknown attribution criterion"):
         DefenseEvalSettings(criteria=("frequency", "magic")).check()
-    with pytest.raises(InputError, match="trainable scope"):
-        DefenseEvalSettings(scopes=("everything",)).check()
+    with pytest.raises(InputError, match="both tuning and report seeds"):
+        DefenseEvalSettings(headstart=HeadStartSettings(tuning_seeds=(1,), report_seeds=(1, 2))).check()
+    with pytest.raises(InputError, match="unknown acquisition"):
+        DefenseEvalSettings(labels=LabelSettings(acquisitions=("psychic",))).check()
+
+
+TINY_HEADSTART = HeadStartSettings(
+    selections=("attribution", "random"), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",),
+    try_router_reinit=False, carve_steps=20, scratch_steps=30, student_batch=16, warmup_steps=5, evaluate_every=10,
+    tuning_seeds=(100,), report_seeds=(0, 1), curve_test_size=24, selection_examples=16, resamples=200,
+)
 
 
 @pytest.mark.slow
-def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model_against_itself_as_1x(
+def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model_against_itself_as_the_same(
     trained_tiny, tmp_path, one_thread
 ):
     import json
@@ -77,44 +62,45 @@ def test_an_evaluation_runs_end_to_end_resumes_from_its_cache_and_scores_a_model
     from moeguard.defense.report import TABLE_NAME, write_report
 
     settings = DefenseEvalSettings(
-        target_task="reverse", tasks=("reverse", "upper"), keeps=(6, 4), attack_keeps=(4,), criteria=("frequency",),
-        scopes=("all",), lrs=(1e-3,), seeds=(0,),
-        attack=RealignConfig(budget=32, rounds=2, steps_per_round=3, batch_size=16, acquisition="random"), pool_size=64,
-        test_size=16, attribution_samples=32, authorised_steps=3, authorised_examples=64,
+        target_tasks=("upper",), tasks=("reverse", "upper"), keeps=(6, 4), attack_keeps=(2,), criteria=("frequency",),
+        headstart=TINY_HEADSTART, labels=LabelSettings(acquisitions=("sequence_nll",), round_steps=(3,), label_lrs=(3e-3,), label_tuning_seeds=(100,)),
+        attack=RealignConfig(budget=16, rounds=2, steps_per_round=3, batch_size=8, acquisition="sequence_nll"),
+        pool_size=32, test_size=16, attribution_samples=32, authorised_steps=3, authorised_examples=64,
     )
     models = {"undefended": trained_tiny, "same": trained_tiny}
     result = evaluate_defenses(models, settings, tmp_path, progress=False)
     write_report(result, tmp_path)  # the tables and figures are drawn from the result, at the edge
     base, same = result.models
-    assert base.utility == same.utility and base.utility["reverse"] > 0.8  # >= 0.95 of 200 examples; these are 16
-    assert result.multipliers(same, "4") == {"labels_worst_case": 1.0, "labels_mean": 1.0, "steps_worst_case": 1.0, "steps_mean": 1.0}
+    assert base.utility == same.utility and base.utility["upper"] > 0.8
+    key = "upper/keep2"
+    ours, theirs = same.headstart[key], base.headstart[key]
+    assert ours.scratch_shared and not theirs.scratch_shared
+    # The same weights attacked the same way give the same curves and the same head start.
+    assert [c.points for c in ours.carve.curves] == [c.points for c in theirs.carve.curves]
+    assert ours.head_start["flops"].value == theirs.head_start["flops"].value
+    multiplier = result.label_multiplier(same, key)
+    assert multiplier is not None and multiplier.value == 1.0
     assert same.authorised["compliant"]
-    # Adaptive attacks are cached under the configuration they ran with (frequency/all/lr=1e-3 is the only one).
-    adaptive = tmp_path / "runs" / "same" / "keep4" / "adaptive"
-    assert (adaptive / "distillation" / "frequency-all-lr0.001" / "seed0" / "history.json").is_file()
-    assert (adaptive / "router_reinit" / "frequency-all-lr0.001" / "seed0" / "history.json").is_file()
-    assert (adaptive / "distillation" / "teacher_pool.json").is_file()
-    history = tmp_path / "runs" / "same" / "keep4" / "attacks" / "frequency-all-lr0.001-seed0" / "history.json"
-    stamp = history.stat().st_mtime_ns
+    curve = tmp_path / "runs" / "same" / "headstart" / "upper-keep2" / "carve" / "report"
+    saved_curve = next(curve.glob("*/seed0/curve.json"))
+    stamp = saved_curve.stat().st_mtime_ns
     again = evaluate_defenses(models, settings, tmp_path, progress=False)
-    assert history.stat().st_mtime_ns == stamp  # the finished run was read back, not run again
+    assert saved_curve.stat().st_mtime_ns == stamp  # the finished curve was read back, not trained again
+
     def measured(evaluation):
         return [{k: v for k, v in m.items() if k != "seconds"} for m in evaluation.to_dict()["models"]]
 
-    assert measured(again) == measured(result)
+    def without_time(value):
+        if isinstance(value, dict):
+            return {k: without_time(v) for k, v in value.items() if k != "seconds"}
+        if isinstance(value, list):
+            return [without_time(v) for v in value]
+        return "nan" if isinstance(value, float) and math.isnan(value) else value  # nan != nan
+
+    assert without_time(measured(again)) == without_time(measured(result))
     saved = json.loads((tmp_path / "defense_eval.json").read_text())
     assert [m["name"] for m in saved["models"]] == ["undefended", "same"]
-    assert "Attack cost at keep 4" in (tmp_path / TABLE_NAME).read_text()
-    assert {"utility", "knowledge_loss", "attack_cost", "recovery_keep4"} <= set(saved["figures"])
+    assert "Head start" in (tmp_path / TABLE_NAME).read_text()
+    assert {"utility", "knowledge_loss", "headstart_curves", "headstart_vs_utility"} <= set(saved["figures"])
     with pytest.raises(InputError, match="other settings"):
-        evaluate_defenses(models, dataclasses.replace(settings, attack=dataclasses.replace(settings.attack, budget=16)),
-                          tmp_path, progress=False)
-
-
-def test_adaptive_attacks_of_different_best_configurations_never_share_a_cache(tmp_path):
-    from moeguard.defense.evaluation import adaptive_dir
-
-    dirs = {adaptive_dir(tmp_path, attack, config) for attack in ("distillation", "router_reinit")
-            for config in [("ablation", "all", 1e-3), ("ablation", "all", 3e-3), ("ablation", "experts", 1e-3),
-                           ("reap", "all", 1e-3)]}
-    assert len(dirs) == 8
+        evaluate_defenses(models, dataclasses.replace(settings, pool_size=48), tmp_path, progress=False)

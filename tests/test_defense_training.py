@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_moe
+from conftest import tiny_char_moe
 
 from moeguard.data import batches, build_char_tokenizer, load_task, mixture
 from moeguard.defense.attacker import attacker_parameters, simulated_attack
@@ -25,9 +25,7 @@ TASKS = [load_task(name, "train", limit=48) for name in ("addition", "reverse")]
 
 
 def char_moe(family: str = "mixtral"):
-    moe = tiny_moe(family)
-    moe.tokenizer = TOKENIZER
-    return moe
+    return tiny_char_moe(family)
 
 
 def first_batch(size: int = 16, tasks=TASKS):

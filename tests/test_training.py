@@ -129,6 +129,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert not checkpoint.exists(), "a finished run removes its checkpoint"
 
 
+def test_evaluations_run_every_few_steps_in_eval_mode_and_can_end_training():
+    moe = fresh_model()
+    seen = []
+
+    def evaluate(step):
+        seen.append((step, moe.model.training, torch.is_grad_enabled()))
+        return step >= 6
+
+    result = train(moe, task_batches(), steps=20, lr=1e-3, progress=False, evaluate=evaluate, evaluate_every=3)
+    assert seen == [(3, False, False), (6, False, False)]
+    assert result.steps == 6 and len(result.losses) == 6
+    with pytest.raises(InputError, match="evaluate_every"):
+        train(moe, task_batches(), steps=2, lr=1e-3, progress=False, evaluate=evaluate)
+
+
 def test_a_short_iterator_ends_training_early():
     moe = fresh_model()
     result = train(moe, itertools.islice(task_batches(), 3), steps=10, lr=1e-3, progress=False)

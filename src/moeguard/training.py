@@ -35,6 +35,9 @@ ExtraLoss = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
 # Optional batch entry: what the batch's summed token loss is divided by instead of its own
 # labelled-token count (data parallelism: a share of the whole batch's count, see realign.processes).
 LOSS_NORMALISER = "loss_normaliser"
+# Called after every ``evaluate_every`` optimizer steps with the number of steps done (the model in eval
+# mode); returning True ends training there.
+Evaluate = Callable[[int], bool | None]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normaliser: float | None = None) -> torch.Tensor:
@@ -166,6 +169,16 @@ def _diverged(message: str, checkpoint: _Checkpoint | None, lr: float) -> Traini
     return TrainingDivergedError(f"{message}; training diverged, lower the learning rate (lr={lr}).")
 
 
+def _evaluated(lm: nn.Module, evaluate: Evaluate, steps_done: int) -> bool:
+    """Run ``evaluate`` in eval mode without gradients; True when it asks training to stop."""
+    lm.eval()
+    try:
+        with torch.no_grad():
+            return bool(evaluate(steps_done))
+    finally:
+        lm.train()
+
+
 def _progress_bar(steps: int, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -190,6 +203,8 @@ def train(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 200,
     checkpoint_settings: Mapping[str, Any] | None = None,
+    evaluate: Evaluate | None = None,
+    evaluate_every: int = 0,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (one batch per step).
 
@@ -197,7 +212,8 @@ def train(
     gradient); the others get no gradient during the run and are left untouched.
     The loss is ``lm_loss + router_aux_loss_coef * aux_loss + extra_loss(model, batch,
     outputs)``, where ``aux_loss`` is the load-balancing loss the model returns with
-    ``output_router_logits=True``. Fewer steps are run if ``batches`` runs out.
+    ``output_router_logits=True`` (the outputs carry the hidden states when ``extra_loss``
+    has a true ``needs_hidden_states``). Fewer steps are run if ``batches`` runs out.
     The model is left in eval mode.
 
     ``checkpoint`` is the directory of the run's saved state (see the module
@@ -205,6 +221,11 @@ def train(
     names and shapes, and ``checkpoint_settings``: what the caller knows identifies
     the run (its model, data and options). A non-finite loss, or non-finite weights
     at a checkpoint, raise :class:`TrainingDivergedError` and discard the saved state.
+
+    ``evaluate(step)`` is called after every ``evaluate_every`` steps (steps done so
+    far, the model in eval mode, no gradient) and ends training there when it returns
+    True (the result then counts the steps done). A resumed run calls it again for the
+    steps after its checkpoint only, so measurements are the caller's to keep.
     """
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}.")
@@ -215,6 +236,9 @@ def train(
     trainable = [p for p in (parameters if parameters is not None else lm.parameters()) if p.requires_grad]
     if not trainable:
         raise InputError("nothing to train: none of the given parameters requires a gradient.")
+    if evaluate is not None and (not isinstance(evaluate_every, int) or evaluate_every < 1):
+        raise InputError(f"evaluate_every must be a positive integer with evaluate, got {evaluate_every!r}.",
+                         arguments=("evaluate_every",))
     chosen = {id(p) for p in trainable}
     frozen = [p for p in lm.parameters() if p.requires_grad and id(p) not in chosen]
     optimizer = torch.optim.AdamW(_decay_groups(trainable, weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -259,6 +283,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps=steps, lr=lr, warmup=warmup, min_ratio=min_lr_ratio)
             aux = {"output_router_logits": True} if router_aux_loss_coef else {}
+            if getattr(extra_loss, "needs_hidden_states", False):
+                aux["output_hidden_states"] = True
             outputs = lm(**model_inputs(batch), **aux)
             ce = token_cross_entropy(outputs.logits, batch["labels"], batch.get(LOSS_NORMALISER))
             loss = ce
@@ -285,6 +311,9 @@ def train(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if bar.disable and progress and (step + 1) % max(1, steps // 10) == 0:
                 log.info("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
+            if evaluate is not None and (step + 1) % evaluate_every == 0 and _evaluated(lm, evaluate, step + 1):
+                step += 1
+                break
             if saved_state is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 if not all(bool(torch.isfinite(p).all()) for p in trainable):
                     raise _diverged(f"the weights became non-finite at step {step}", saved_state, lr)

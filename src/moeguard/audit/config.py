@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from moeguard.attack.measure import HeadStartSettings
 from moeguard.attribution.scores import CRITERIA, check_criterion
 from moeguard.data.files import DatasetSource
 from moeguard.errors import InputError
@@ -20,7 +21,13 @@ DEMO_MODEL = DEMO_SOURCE
 # What --quick changes: fewer examples, one criterion, one re-alignment keep count, a small label budget.
 QUICK_REALIGN = RealignConfig(budget=24, rounds=3, steps_per_round=12)
 QUICK = dict(quick=True, criteria=("frequency",), max_realign_keeps=1, forensics=False, test_size=40, other_size=12,
-             pool_size=96, attribution_examples=48)
+             pool_size=96, attribution_examples=48, headstart=False)
+# The audit's head start: one configuration per arm (no tuning), one seed, short caps; defense-eval measures it in full.
+AUDIT_HEADSTART = HeadStartSettings(
+    selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",), try_router_reinit=False,
+    try_canonicalise=False, carve_steps=200, scratch_steps=300, student_batch=16, evaluate_every=50, tuning_seeds=(),
+    report_seeds=(0,), curve_test_size=64, selection_examples=64,
+)
 
 
 @dataclass
@@ -71,6 +78,9 @@ class AuditConfig:
     keeps: list[int] | None = setting(None, "experts per layer to sweep (default: 100/75/50/37.5/25% of them)")
     max_realign_keeps: int = setting(3, "keep counts re-aligned at most, from the largest that needs it down")
     forensics: bool = setting(True, "carve the attacker's model and check that `moeguard detect` recognises it")
+    headstart: bool = setting(True, "measure the carver's head start over training from scratch at the attacker's keep count")
+    headstart_attack: HeadStartSettings = field(default_factory=lambda: AUDIT_HEADSTART, metadata={
+        "help": "the audit's head start (a reduced one: defense-eval tunes both arms)"})
     test_size: int = setting(100, "test examples per task")
     other_size: int = setting(30, "test examples per other task (what re-alignment costs elsewhere)")
     pool_size: int = setting(256, "pool examples per built-in task (the attacker's data)")
@@ -130,9 +140,15 @@ class AuditConfig:
             self.realign_config(acquisition).check(pool_size=realign.budget)
         if self.keeps is not None and (not self.keeps or any(k < 1 for k in self.keeps)):
             raise InputError(f"`keeps` must list positive expert counts, got {self.keeps!r}.", arguments=("keeps",))
+        if self.headstart:
+            self.headstart_settings().check()
         if self.compare is not None and self.compare == self.model:
             raise InputError(f"compare={self.compare} names the audited model itself; give the defended model.",
                              arguments=("compare",))
+
+    def headstart_settings(self) -> HeadStartSettings:
+        """The head start's settings, at the audit's target."""
+        return replace(self.headstart_attack, target_share=self.target)
 
     def realign_config(self, acquisition: str) -> RealignConfig:
         """The settings of one re-alignment run of this audit's attacker, with ``acquisition``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeguard.audit.results import ModelAudit
+from moeguard.attack.headstart import BOUND_MARKS
 from moeguard.plotting import pyplot, save_figure
 
 
@@ -54,6 +55,40 @@ def defense_figure(comparisons: dict, path: str | Path) -> Path:
     axis.set_xticks(range(len(rows)), names)
     axis.set_ylabel("labels to re-align to the target")
     axis.set_title("Attack cost with and without the defense ('+': not reached within the budget, a lower bound)", fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    return save_figure(figure, Path(path))
+
+
+def headstart_figure(audit: ModelAudit, path: str | Path, defended: ModelAudit | None = None) -> Path:
+    """Per task: the carver's head start H (compute from scratch / compute to carve and re-align, with its interval),
+    on the audited model and, given ``defended``, on the defended one. Above 1 the stolen weights save compute."""
+    plt = pyplot()
+    names = [name for name, task in audit.tasks.items() if task.headstart]
+    series = [("audited", audit, "#08519c")] + ([("defended", defended, "#a63603")] if defended is not None else [])
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 2), 4.0))
+    width = 0.8 / len(series)
+    for index, (label, model, colour) in enumerate(series):
+        for position, name in enumerate(names):
+            task = model.tasks.get(name)
+            if task is None or not task.headstart:
+                continue
+            h = task.headstart["head_start"]["flops"]
+            value = float(h["value"])
+            low, high = (float(v) for v in h["interval"])
+            x = position + (index - (len(series) - 1) / 2) * width
+            axis.bar([x], [value], width, color=colour, label=label if position == 0 else None)
+            axis.errorbar([x], [value], yerr=[[max(0.0, value - low)], [max(0.0, high - value)]], color="k", capsize=3)
+            mark = BOUND_MARKS[h["bound"]].strip()
+            axis.annotate(f"{mark}{value:.1f}", (x, value), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                          textcoords="offset points")
+    axis.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
+    axis.axhline(2.0, color="tab:green", linewidth=0.8, linestyle="--", label="H = 2")
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("head start H (FLOPs)")
+    axis.set_title("Compute to train the carved architecture from scratch / to carve and re-align "
+                   "('>=': scratch did not reach the target within its cap)", fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     return save_figure(figure, Path(path))

@@ -59,6 +59,7 @@ class AuditReport:
                 "compression_ratio": task.compressed.ratio if task.compressed else None,
                 "skipped": task.skipped,
                 "detected": task.forensics["derived"] if task.forensics else None,
+                "head_start": task.headstart["describe"] if task.headstart else None,
             }
             if name in self.defense:
                 comparison = self.defense[name]
@@ -87,7 +88,7 @@ class AuditReport:
         lines = [f"prunability audit of {self.model.source} (fingerprint {self.model.fingerprint[:12]}), target "
                  f"{target:.0%} of each task's score:"]
         header = (f"  {'task':<12}{'type':<10}{'metric':<17}{'full':>7}{'keep w/o':>10}{'keep with':>11}{'labels':>8}"
-                  f"{'steps':>7}{'params':>12}{'ratio':>7}")
+                  f"{'steps':>7}{'params':>12}{'ratio':>7}{'head start':>24}")
         if self.defense:
             header += f"{'cost x':>8}{'utility':>9}"
         lines.append(header)
@@ -103,7 +104,7 @@ class AuditReport:
                 continue
             line = (f"{start}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
                     f"{_num(row['labels']):>8}{_num(row['steps']):>7}{_num(row['parameters_total'], ','):>12}"
-                    f"{_num(row['compression_ratio'], '.2f'):>7}")
+                    f"{_num(row['compression_ratio'], '.2f'):>7}{_num(row['head_start']):>24}")
             if row["task"] in self.defense:
                 comparison = self.defense[row["task"]]
                 line += f"{comparison.describe_multiplier():>8}{comparison.utility_cost:>+9.3f}"
@@ -165,7 +166,8 @@ def _cell(value: Any, spec: str = "") -> str:
 def _summary_table(report: AuditReport) -> str:
     compare = bool(report.defense)
     head = ["task", "type / metric", "full-model score", "experts kept, pruning alone", "experts kept, with re-alignment",
-            "re-alignment cost", "carved model: parameters total / active per token"]
+            "re-alignment cost", "carved model: parameters total / active per token",
+            "head start H (FLOPs) [95% CI]"]
     if compare:
         head += ["defense cost multiplier", "utility cost"]
     rows = []
@@ -188,6 +190,7 @@ def _summary_table(report: AuditReport) -> str:
                                                f"{_cell(row['tokens'], ',')} tokens, {_cell(row['seconds'], '.1f')} s</span>"),
             f"{_cell(row['parameters_total'], ',')} / {_cell(row['parameters_active'], ',')}<br>"
             f"<span class='meta'>{_cell(row['compression_ratio'], '.2f')}x smaller</span>",
+            _cell(row["head_start"]),
         ]
         if compare and row["task"] in report.defense:
             comparison = report.defense[row["task"]]
@@ -332,6 +335,21 @@ def render_html(report: AuditReport, out: Path) -> str:
     parts.append(_figures_section(out, audits, "recovery", "retention vs labelled examples", wide=True))
     parts.append(_tables_section(audits, lambda task: bool(task.realign_runs), _realign_table, lambda task: ""))
     parts.append(_forensics_section(audits))
+    if "headstart" in report.figures:
+        hs = config["headstart_attack"]
+        parts.append("<h2>Head start: what the stolen weights save in compute</h2>")
+        parts.append(
+            "<p class='note'>Whoever holds the weights holds a free teacher, so labels cost the carver nothing; what the "
+            "weights give is compute. At the attacker's keep count, a carve (experts chosen by attribution on the model "
+            f"itself) and a freshly initialised model of the carved architecture both train on the full model's own answers "
+            f"(batch {hs['student_batch']}, lr {', '.join(f'{v:g}' for v in hs['carve_lrs'])}) until they reach "
+            f"{target:.0%} of its accuracy. H = compute from scratch / compute to carve and re-align (FLOPs: 6 x active "
+            "parameters x training tokens, 2 x for the teacher's labels and logits and the carve's attribution). This is "
+            f"the audit's reduced measurement (one configuration, seeds {list(hs['report_seeds'])}, caps of "
+            f"{hs['scratch_steps']} scratch / {hs['carve_steps']} carve steps; '&ge;': scratch did not reach the target "
+            "within its cap); <code>moeguard defense-eval</code> tunes both arms on tuning seeds and reports fresh seeds "
+            "with intervals.</p>")
+        parts.append(_image(out, report.figures["headstart"], "Head start per task"))
     parts.append("<h2>Defense comparison</h2>")
     if report.compare is None:
         parts.append("<p class='note'>No defended model was given. Run <code>moeguard harden</code> and audit again with "

@@ -99,6 +99,7 @@ class TaskAudit:
     realign_runs: list[RealignRun] = field(default_factory=list)
     specialisation: dict[str, Any] | None = None
     forensics: dict[str, Any] | None = None
+    headstart: dict[str, Any] | None = None  # the head start at the attacker's keep count (HeadStartResult summary)
     figures: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from moeguard.attack import AttackTask, HeadStartResult, measure_head_start
 from moeguard.attribution import Attribution, collect_attribution, scores
 from moeguard.attribution.figures import score_heatmap
 from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA
@@ -262,9 +263,27 @@ class ModelAuditor:
             log.warning("[%s] forensics skipped with a device_map: run `moeguard detect` on a pruned checkpoint", self.role)
         elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
             audit.forensics = self.forensics(task, attack_kept)
+        if config.headstart:
+            keep = headstart_keep(audit, runs, max(self.moe.num_experts))
+            if keep is not None:
+                audit.headstart = self.headstart(task, keep)
         audit.al_vs_random = al_vs_random(runs, config)
         audit.figures = self.task_figures(task, record, swept, runs)
         return audit
+
+    def headstart(self, task: AuditTask, keep: int) -> dict[str, Any]:
+        """The carver's head start at ``keep`` experts per layer (the audit's reduced settings), summarised."""
+        settings = self.config.headstart_settings()
+        attack_task = AttackTask(task.name, task.prompts(settings.prompts_needed()), task.test)
+        directory = self.directory("headstart", task=task.name, data=attack_task.signature(), keep=keep,
+                                   settings=settings.to_dict())
+        with stage("headstart", self.seconds):
+            done = (directory / "full_accuracy.json").is_file()
+            result = measure_head_start(self.moe, attack_task, keep, settings, out=directory, progress=self.progress)
+        self.cache.count("headstart", reused=int(done), computed=int(not done))
+        summary = headstart_summary(result)
+        log.info("[%s] head start %s keep %d: H = %s (FLOPs)", self.role, task.name, keep, result.head_start["flops"].describe())
+        return summary
 
     def realign_search(self, task: AuditTask, plans: list[BestPlan], without: BestPlan | None,
                        other_tests: list[TaskData], required_keeps: list[int]) -> list[RealignRun]:
@@ -364,6 +383,32 @@ class ModelAuditor:
         )
 
 
+def headstart_keep(audit: TaskAudit, runs: list[RealignRun], experts: int) -> int | None:
+    """Where the head start is measured: the attacker's smallest successful carve (with or without re-alignment), else
+    the largest keep count it tried to re-align (with a free teacher it may get further than with its label budget)."""
+    if audit.cost is not None:
+        return audit.cost.keep
+    if audit.keep_without is not None and audit.keep_without < experts:
+        return audit.keep_without
+    return runs[0].keep if runs else None
+
+
+def headstart_summary(result: HeadStartResult) -> dict[str, Any]:
+    """What the audit keeps of a head start: H in both units, the steps of each arm, their curves for the figure."""
+    target = result.target
+
+    def arm(results: Any) -> dict[str, Any]:
+        costs = results.costs(target)
+        return {"configuration": results.chosen, "reached": sum(c.reached for c in costs), "runs": len(costs),
+                "steps": sum(c.steps for c in costs) / len(costs), "flops": sum(c.flops for c in costs) / len(costs),
+                "curves": [{"flops": [curve.overhead_flops + p.tokens * curve.flops_per_token for p in curve.points],
+                            "accuracy": [p.accuracy for p in curve.points]} for curve in results.curves]}
+
+    return {"keep": result.keep, "full_accuracy": result.full_accuracy, "target": target,
+            "head_start": {unit: h.to_dict() for unit, h in result.head_start.items()},
+            "describe": result.head_start["flops"].describe(), "scratch": arm(result.scratch), "carve": arm(result.carve)}
+
+
 def al_vs_random(runs: list[RealignRun], config: AuditConfig) -> dict[str, Any] | None:
     """Labels to the target with active learning and with the baseline at the first re-aligned keep count."""
     if not runs:
@@ -448,7 +493,7 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
     """
     from datetime import datetime, timezone
 
-    from moeguard.audit.figures import defense_figure, headline_figure
+    from moeguard.audit.figures import defense_figure, headline_figure, headstart_figure
     from moeguard.audit.report import AuditReport, write_report
 
     start = time.perf_counter()
@@ -480,6 +525,9 @@ def run_audit(config: AuditConfig, *, progress: bool = True) -> "AuditReport":
         audited, config.target, out / FIGURES_DIR / "headline.png", compared).name)}
     if comparisons:
         figures["defense"] = str(Path(FIGURES_DIR) / defense_figure(comparisons, out / FIGURES_DIR / "defense.png").name)
+    if any(task.headstart for task in audited.tasks.values()):
+        figures["headstart"] = str(Path(FIGURES_DIR) / headstart_figure(
+            audited, out / FIGURES_DIR / "headstart.png", compared).name)
     report = AuditReport(
         config=config.to_dict(), model=audited, compare=compared, defense=comparisons, versions=versions(),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), seconds=time.perf_counter() - start,

@@ -21,9 +21,16 @@ class AuditTask:
     pool: TaskData
     test: TaskData
     source: str
+    builtin: bool = False
+    seed: int = 0
 
     def realign_data(self, others: list[TaskData]) -> RealignData:
         return RealignData(self.pool, self.test, others)
+
+    def prompts(self, count: int) -> TaskData:
+        """Prompts for a carver who labels with the full model: ``count`` fresh ones of a built-in task (its pool
+        split; the audit's pool is their prefix), the pool of a data file."""
+        return load_task(self.name, "pool", limit=count, seed=self.seed) if self.builtin else self.pool
 
     def signature(self) -> str:
         return data_signature((("pool", self.pool), ("test", self.test)))
@@ -34,7 +41,7 @@ def builtin_audit_tasks(names: list[str] | None, *, pool_size: int, test_size: i
     names = resolve_task_names(",".join(names)) if names is not None else list(BUILTIN_TASKS)
     return [
         AuditTask(name, load_task(name, "pool", limit=pool_size, seed=seed), load_task(name, "test", limit=test_size, seed=seed),
-                  f"built-in task {name}")
+                  f"built-in task {name}", builtin=True, seed=seed)
         for name in names
     ]
 

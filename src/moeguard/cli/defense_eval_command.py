@@ -7,8 +7,8 @@ import argparse
 from moeguard.cli.common import add_config_arguments, add_model_arguments, config_from_args, loading_options, print_json
 from moeguard.errors import InputError
 
-# The grid's scopes, learning rates and seeds replace the attacker's scope, lr and seed.
-GRID_FIELDS = ("scope", "lr", "seed")
+# The label-paying attacker's grid replaces these settings of its re-alignment runs, and its target is the head start's.
+GRID_FIELDS = ("acquisition", "steps_per_round", "lr", "seed", "target_retention")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,19 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "defense-eval",
-        help="decide whether a defense works: utility, knowledge loss, attack cost over an attacker grid, "
-        "adaptive attacks, authorised use",
+        help="decide whether a defense works: utility, knowledge loss, the carver's head start over training from "
+        "scratch, labels to the target, authorised use",
         description=(
-            "Evaluate the undefended model and each defended model with the same data and budgets (see "
-            "moeguard.defense.evaluation). Every attack run is saved when it finishes; rerun the same command to "
-            "continue an interrupted evaluation. Writes OUT/defense_eval.json, OUT/defense_eval.md and OUT/figures/."
+            "Evaluate the undefended model and each defended model with the same data and the same strongest attacker "
+            "(see moeguard.defense.evaluation and moeguard.attack). Every run is saved when it finishes; rerun the same "
+            "command to continue an interrupted evaluation. Writes OUT/defense_eval.json, OUT/defense_eval.md and "
+            "OUT/figures/."
         ),
     )
     add_model_arguments(parser, help="the undefended model (directory, hub id or 'demo')")
     parser.add_argument("--defended", action="append", required=True, metavar="NAME=PATH",
                         help="a defended model and the name it gets in the tables (repeatable)")
     parser.add_argument("--out", required=True, help="output directory (also holds the per-run cache)")
-    add_config_arguments(parser, DefenseEvalSettings, flags={"permitted": "--permit", "target_retention": "--target"},
+    add_config_arguments(parser, DefenseEvalSettings, flags={"permitted": "--permit"},
                          exclude=GRID_FIELDS)
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the tables")
     parser.set_defaults(run=run, resume_with="")

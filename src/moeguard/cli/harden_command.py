@@ -22,8 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser)
+    budgets = "; ".join(f"{name} hardens with " + ", ".join(f"{k} {v:g}" for k, v in m.harden.items())
+                        for name, m in METHODS.items() if m.harden)
     parser.add_argument("--method", choices=list(METHODS), default="entangle",
-                        help="the defense (default entangle): " + describe_choices(METHODS))
+                        help="the defense (default entangle): " + describe_choices(METHODS)
+                        + (f" ({budgets} unless given below)" if budgets else ""))
     parser.add_argument("--tasks", default="all", help="built-in tasks the model must stay good at ('all' or a,b,c)")
     parser.add_argument("--data", action="append", default=[], metavar="JSONL",
                         help="a task of your own (JSONL, one task per file; repeatable), instead of --tasks")
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeguard.defense.harden import harden_to_directory, load_defense_tasks
+    from moeguard.defense.harden import harden_to_directory, load_defense_tasks, method_settings
     from moeguard.defense.objective import defense_config
     from moeguard.io import check_output
     from moeguard.zoo import local_model_path
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attacker_trainables is not None:
         overrides["attacker_trainables"] = args.attacker_trainables
     config = defense_config(args.method, strength=args.strength, **overrides)
-    settings = config_from_args(args, HardenSettings)
+    settings = config_from_args(args, HardenSettings, method_settings(args.method))
     train_tasks, test_tasks = load_defense_tasks(args.tasks, args.data, train_examples=args.train_examples,
                                                  eval_examples=args.eval_examples, seed=settings.seed)
     moe = load_model(args)

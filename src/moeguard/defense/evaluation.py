@@ -1,28 +1,30 @@
-"""The evaluation that decides whether a defense works: every model, same data, same budgets.
+"""The evaluation that decides whether a defense works: every model, same data, same attacker.
 
-For each model (the undefended one first, then the defended ones) and the
-attacker's target task:
+For each model (the undefended one first, then the defended ones):
 
-1. utility and knowledge loss: :func:`moeguard.pruning.run_sweep` on the model
-   itself (attribution on the defended model, every criterion, keep 6/4/2 of 8);
-   the full model's accuracy on every task is the utility;
-2. attack cost: :func:`moeguard.realign.realign` in mask mode over the attacker
-   grid (criteria x trainable scopes x learning rates x seeds), experts chosen by
-   the criterion's attribution *on the model under attack*; labels and steps to
-   the target retention (:mod:`moeguard.defense.costs`);
-3. adaptive attacks: sequence-level distillation of the pruned student from the
-   full model's own answers (no human labels), and re-initialising the routers
-   before re-alignment, both with the attacker's best grid configuration;
-4. authorised use: a fine-tune of the protocol's permitted groups on a task none
-   of the models has seen, and the verifier's verdict on it.
+1. utility and knowledge loss: :func:`moeguard.pruning.run_sweep` of each target task
+   on the model itself (attribution on the model under attack, every criterion, the
+   knowledge-loss keep counts); the full model's accuracy on every task is the utility;
+2. the carver's head start at each target task and attack keep count
+   (:func:`moeguard.attack.measure_head_start`): the strongest carve-and-re-align
+   attacker against a fresh model of the carved architecture, both trained on the
+   model's own answers to the same target, tuned on tuning seeds and reported on fresh
+   seeds, ``H = C_scratch / C_carve`` with a bootstrap interval. By default the scratch
+   arm is measured once, on the undefended model, and read at each defended model's
+   target (``scratch_reference``; a fresh model learns from the answers alone, which
+   the defenses barely change);
+3. labels to the target in the paper's regime (:func:`moeguard.attack.labels.measure_labels_to_target`)
+   for the same carve: the label-paying attacker's best acquisition, steps per round
+   and learning rate, and the label multiplier against the undefended model;
+4. authorised use: a fine-tune of the protocol's permitted groups on a task none of
+   the models has seen, and the verifier's verdict on it.
 
-Every unit of work (a sweep point, an attack run, an adaptive attack, the
-authorised fine-tune) is saved when it finishes under ``out/runs/<model>/``; a
-rerun with the same settings and models skips what is done, so the evaluation can be
-stopped and continued at will (other settings, or another model under a name already
-evaluated, are refused: :class:`moeguard.runs.Run`). One log line is printed per
-attack run. Models are loaded one at a time. The result is returned; its tables and
-figures are written by :func:`moeguard.defense.report.write_report`.
+Every unit of work (a sweep point, a training curve, a re-alignment run, the authorised
+fine-tune) is saved when it finishes under ``out/runs/<model>/``; a rerun with the same
+settings and models skips what is done, so the evaluation can be stopped and continued
+at will (other settings, or another model under a name already evaluated, are refused:
+:class:`moeguard.runs.Run`). Models are loaded one at a time. The result is returned;
+its tables and figures are written by :func:`moeguard.defense.report.write_report`.
 """
 
 from __future__ import annotations
@@ -34,17 +36,18 @@ import random
 import string
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moeguard.attribution import Attribution, scores
+from moeguard.attack import AttackTask, HeadStartResult, HeadStartSettings, measure_head_start
+from moeguard.attack.headstart import Interval, bootstrap_ratio_interval, censoring_bound, describe_ratio
+from moeguard.attack.labels import LABEL_ATTACKER, LabelSettings, LabelsResult, measure_labels_to_target
+from moeguard.attack.measure import carve_keep_sets
 from moeguard.attribution.scores import CRITERIA, check_criterion
-from moeguard.data import Example, TaskData, batches
+from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches
 from moeguard.data.batching import context_length
-from moeguard.defense.costs import AttackRun, GridCost, configuration_label, cost_multiplier, grid_cost
+from moeguard.defense.costs import cost_multiplier
 from moeguard.defense.parameter_groups import check_group_names, group_parameters
 from moeguard.defense.protocol import make_protocol
 from moeguard.defense.verify import verify_fine_tune
@@ -54,70 +57,60 @@ from moeguard.fields import setting
 from moeguard.io import check_output
 from moeguard.models import MoEModel
 from moeguard.models.options import LoadOptions
-from moeguard.pruning.plans import make_plan
 from moeguard.pruning.sweep import SweepResult, run_sweep
-from moeguard.realign import RealignConfig, RealignData, RealignResult, builtin_data, realign
-from moeguard.realign.metrics import labels_to_reach, retention
-from moeguard.realign.scopes import TRAIN_SCOPES, check_scope
+from moeguard.realign import RealignConfig, builtin_data
 from moeguard.runs import Run
 from moeguard.training import train
 
 log = logging.getLogger("moeguard.defense")
 
-EVALUATION_FORMAT = 1
-
-
-# The attacker of the defense evaluation: a larger budget in more, shorter rounds than the one
-# default (so costs resolve to 32 labels), batch 16, and random acquisition, which isolates what
-# the grid varies (attribution, scope, learning rate) and costs nothing per round. The grid's
-# scopes, learning rates and seeds replace ``scope``, ``lr`` and ``seed``.
-ATTACKER = RealignConfig(budget=256, rounds=8, steps_per_round=15, batch_size=16, acquisition="random")
+EVALUATION_FORMAT = 2
 
 
 @dataclass
 class DefenseEvalSettings:
-    """The shared data and budgets of an evaluation (every model gets exactly these)."""
+    """The shared data, attacker and budgets of an evaluation (every model gets exactly these)."""
 
-    target_task: str = setting("reverse", "the attacker's task (built-in)")
+    target_tasks: tuple[str, ...] = setting(("reverse", "count"), "the attacker's tasks (built-in)", choices=BUILTIN_TASKS)
     tasks: tuple[str, ...] = setting(("addition", "reverse", "sort", "caesar", "upper", "count"),
-                                     "tasks whose utility is measured")
+                                     "tasks whose utility is measured", choices=BUILTIN_TASKS)
     keeps: tuple[int, ...] = setting((6, 4, 2), "keep counts of the knowledge loss")
-    attack_keeps: tuple[int, ...] = setting((4, 2), "keep counts the attacker prunes to and re-aligns (each a full grid)")
-    criteria: tuple[str, ...] = setting(("frequency", "reap", "ablation"), "attribution criteria of the attacker grid",
+    attack_keeps: tuple[int, ...] = setting((4, 2), "keep counts the attacker carves to (head start and labels)")
+    criteria: tuple[str, ...] = setting(("frequency", "reap", "ablation"), "attribution criteria of the knowledge loss",
                                         choices=CRITERIA)
-    scopes: tuple[str, ...] = setting(("router", "experts", "all"), "what the attacker fine-tunes", choices=TRAIN_SCOPES)
-    lrs: tuple[float, ...] = setting((1e-4, 3e-4, 1e-3, 3e-3), "learning rates of the attacker grid")
-    seeds: tuple[int, ...] = setting((0, 1, 2), "attack seeds")
-    attack: RealignConfig = field(default_factory=lambda: ATTACKER, metadata={"help": "each attack run's re-alignment"})
-    pool_size: int = setting(512, "pool examples of the target task")
-    test_size: int = setting(100, "test examples per task")
-    attribution_samples: int = setting(256, "training examples the attribution is computed on")
-    adaptive_seeds: tuple[int, ...] = setting((0,), "seeds of the adaptive attacks")
+    headstart: HeadStartSettings = field(default_factory=HeadStartSettings,
+                                         metadata={"help": "the head start's attacker and baseline"})
+    scratch_reference: bool = setting(True, "measure training from scratch on the first (undefended) model only and "
+                                      "read it at every model's target")
+    label_regime: bool = setting(True, "also measure labels to the target (the attacker pays for labels)")
+    labels: LabelSettings = field(default_factory=LabelSettings, metadata={"help": "the label-paying attacker's grid"})
+    attack: RealignConfig = field(default_factory=lambda: LABEL_ATTACKER,
+                                  metadata={"help": "each label-paying re-alignment run (its grid axes replaced)"})
+    pool_size: int = setting(512, "pool examples of the label-paying attacker")
+    test_size: int = setting(100, "test examples per task (utility, knowledge loss, labels)")
+    attribution_samples: int = setting(256, "training examples the knowledge-loss attribution is computed on")
     permitted: tuple[str, ...] = setting(("router", "attention"), "groups the authorised fine-tune trains")
     authorised_steps: int = setting(150, "steps of the authorised fine-tune")
     authorised_lr: float = setting(3e-3, "learning rate of the authorised fine-tune")
     authorised_examples: int = setting(2000, "training examples of the authorised fine-tune")
 
-    @property
-    def target_retention(self) -> float:
-        return self.attack.target_retention
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def check(self) -> None:
-        if self.target_task not in self.tasks:
-            raise InputError(f"the target task {self.target_task!r} must be one of the evaluated tasks {list(self.tasks)}.")
-        outside = [k for k in self.attack_keeps if k not in self.keeps]
-        if not self.attack_keeps or outside:
-            raise InputError(f"attack keep counts {list(self.attack_keeps)} must be among the knowledge-loss keep counts "
-                             f"{list(self.keeps)}.")
-        if not (self.criteria and self.scopes and self.lrs and self.seeds):
-            raise InputError("the attacker grid needs at least one criterion, scope, learning rate and seed.")
+        missing = [task for task in self.target_tasks if task not in self.tasks]
+        if not self.target_tasks or missing:
+            raise InputError(f"the target tasks {list(self.target_tasks)} must be among the evaluated tasks "
+                             f"{list(self.tasks)}.", arguments=("target_tasks", "tasks"))
+        if not self.attack_keeps or any(not isinstance(k, int) or k < 1 for k in self.attack_keeps):
+            raise InputError(f"`attack_keeps` must list positive keep counts, got {list(self.attack_keeps)}.",
+                             arguments=("attack_keeps",))
+        if not self.keeps:
+            raise InputError("`keeps` needs at least one keep count.", arguments=("keeps",))
         for criterion in self.criteria:
             check_criterion(criterion)
-        for scope in self.scopes:
-            check_scope(scope)
+        self.headstart.check()
+        self.labels.check(self.headstart.report_seeds)
         self.attack.check(pool_size=self.pool_size)
         check_group_names(self.permitted, what="permitted group")
 
@@ -146,51 +139,51 @@ def authorised_task(split: str, size: int, seed: int = 0) -> TaskData:
 
 
 # ---------------------------------------------------------------- results
-@dataclass
-class KeepAttacks:
-    """The attacks on a model pruned to ``keep`` experts per layer.
-
-    ``best_runs`` are the re-alignment runs of the attacker's best configuration (one
-    per seed; ``best_histories`` their history files); ``adaptive`` the adaptive
-    attacks run with that configuration.
-    """
-
-    keep: int
-    runs: list[AttackRun]
-    labels: GridCost
-    steps: GridCost
-    adaptive: dict[str, dict[str, Any]] = field(default_factory=dict)
-    best_histories: list[str] = field(default_factory=list)
-    best_runs: list[RealignResult] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["best_runs"]
-        for unit in ("labels", "steps"):
-            best = getattr(self, unit).best
-            data[unit]["best"] = configuration_label(best) if best else None
-        return data
+def attack_key(task: str, keep: int) -> str:
+    return f"{task}/keep{keep}"
 
 
 @dataclass
 class ModelEvaluation:
-    """Everything measured on one model; ``attacks`` maps the keep count (as text) to its attacks."""
+    """Everything measured on one model; ``headstart`` and ``labels`` are keyed by :func:`attack_key`."""
 
     name: str
     source: str | None
     fingerprint: str
     utility: dict[str, float]  # each task's score in its metric (scoring)
-    knowledge: dict[str, dict[str, float]]  # criterion -> {keep: target retained}
-    best_knowledge: dict[str, float]  # keep -> accuracy retained by the attacker's best criterion
-    attacks: dict[str, KeepAttacks]
+    knowledge: dict[str, dict[str, dict[str, float]]]  # task -> criterion -> {keep: accuracy retained}
+    best_knowledge: dict[str, dict[str, float]]  # task -> keep -> accuracy retained by the best criterion
+    headstart: dict[str, HeadStartResult] = field(default_factory=dict)
+    labels: dict[str, LabelsResult] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # attack key -> why it was not attacked
     authorised: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     scoring: dict[str, dict[str, Any]] = field(default_factory=dict)  # how each task is scored (SweepResult.scoring)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["attacks"] = {keep: attacks.to_dict() for keep, attacks in self.attacks.items()}
-        return data
+        return {
+            "name": self.name, "source": self.source, "fingerprint": self.fingerprint, "utility": self.utility,
+            "knowledge": self.knowledge, "best_knowledge": self.best_knowledge,
+            "headstart": {key: result.to_dict() for key, result in self.headstart.items()},
+            "labels": {key: result.to_dict() for key, result in self.labels.items()},
+            "skipped": self.skipped, "authorised": self.authorised, "seconds": self.seconds, "scoring": self.scoring,
+        }
+
+
+@dataclass
+class LabelMultiplier:
+    """Mean labels to the target on a defended model over those on the undefended one, with a bootstrap interval;
+    ``bound`` as for the head start (``lower`` when defended runs did not reach the target)."""
+
+    value: float
+    interval: Interval
+    bound: str
+
+    def describe(self) -> str:
+        return describe_ratio(self.value, self.interval, self.bound, "x")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "interval": [self.interval.low, self.interval.high], "bound": self.bound}
 
 
 @dataclass
@@ -205,40 +198,40 @@ class DefenseEvaluation:
     def baseline(self) -> ModelEvaluation:
         return self.models[0]
 
-    def multipliers(self, model: ModelEvaluation, keep: str) -> dict[str, float]:
-        """Cost multipliers at ``keep`` against the baseline: worst case and mean, in labels and steps."""
-        mine, base = model.attacks[keep], self.baseline.attacks[keep]
-        return {
-            f"{unit}_{kind}": cost_multiplier(getattr(getattr(mine, unit), field_), getattr(getattr(base, unit), field_))
-            for unit in ("labels", "steps")
-            for kind, field_ in (("worst_case", "best_cost"), ("mean", "mean_cost"))
-        }
+    def utility_loss(self, model: ModelEvaluation) -> float:
+        """The largest score drop of ``model`` against the baseline over the utility tasks scored higher-is-better
+        (points, >= 0 means lost; a language-modelling loss is left out)."""
+        scored = [t for t in model.utility if self.baseline.scoring.get(t, {}).get("higher_is_better", True)]
+        return max((100 * (self.baseline.utility[t] - model.utility[t]) for t in scored), default=0.0)
+
+    def label_multiplier(self, model: ModelEvaluation, key: str) -> LabelMultiplier | None:
+        mine, base = model.labels.get(key), self.baseline.labels.get(key)
+        if mine is None or base is None or not mine.runs or not base.runs:
+            return None
+        value = cost_multiplier(sum(mine.labels) / len(mine.labels), sum(base.labels) / len(base.labels))
+        # Pruning alone kept the task on the undefended model (no label needed): there is no spread to resample.
+        interval = bootstrap_ratio_interval(mine.labels, base.labels) if any(base.labels) else Interval(value, value)
+        return LabelMultiplier(value, interval, censoring_bound(mine.censored, base.censored))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": EVALUATION_FORMAT,
-            "settings": self.settings,
-            "models": [
-                {**m.to_dict(), "multipliers": {keep: self.multipliers(m, keep) for keep in m.attacks}} for m in self.models
-            ],
-            "figures": self.figures,
-        }
+        models = []
+        for model in self.models:
+            data = model.to_dict()
+            data["utility_loss_points"] = self.utility_loss(model)
+            data["label_multipliers"] = {key: m.to_dict() for key in model.labels
+                                         if (m := self.label_multiplier(model, key)) is not None}
+            models.append(data)
+        return {"format": EVALUATION_FORMAT, "settings": self.settings, "models": models, "figures": self.figures}
 
 
 # ---------------------------------------------------------------- one model
-def _sweep(moe: MoEModel, settings: DefenseEvalSettings, out: Path, progress: bool) -> SweepResult:
+def _sweep(moe: MoEModel, task: str, settings: DefenseEvalSettings, out: Path, progress: bool) -> SweepResult:
     from moeguard.data import load_task
 
     return run_sweep(
-        moe,
-        settings.target_task,
-        out_dir=out / "sweep",
-        criteria=settings.criteria,
-        keeps=list(settings.keeps),
-        other_tasks=list(settings.tasks),
-        limit=settings.test_size,
-        attribution_data=load_task(settings.target_task, "train", limit=settings.attribution_samples),
-        progress=progress,
+        moe, task, out_dir=out / "sweep" / task, criteria=settings.criteria, keeps=list(settings.keeps),
+        other_tasks=[t for t in settings.tasks if t != task], limit=settings.test_size,
+        attribution_data=load_task(task, "train", limit=settings.attribution_samples), progress=progress,
     )
 
 
@@ -250,129 +243,14 @@ def _knowledge(sweep: SweepResult, settings: DefenseEvalSettings) -> tuple[dict[
     return knowledge, best
 
 
-def _realign_config(settings: DefenseEvalSettings, scope: str, lr: float, seed: int) -> RealignConfig:
-    """One attack run's settings: the evaluation's attacker at a point of the grid."""
-    return replace(settings.attack, scope=scope, lr=lr, seed=seed)
-
-
-def _attack_run(result: RealignResult, reference: float, criterion: str, scope: str, lr: float, seed: int, target: float) -> AttackRun:
-    """What a re-alignment run cost, with retention measured against ``reference`` (the model under attack,
-    unpruned and untouched: for the router re-init attack that is not the model re-aligned)."""
-    retentions = [retention(r.accuracy, reference, result.reference_score, higher_is_better=result.higher_is_better)
-                  for r in result.rounds]
-    threshold = labels_to_reach([r.labels for r in result.rounds], [r.steps for r in result.rounds], retentions, target)
-    return AttackRun(
-        criterion, scope, lr, seed, threshold.labels, threshold.steps, result.final.labels, result.final.steps,
-        retentions[-1],
+def _labels_to_target(moe: MoEModel, task: str, keep: int, headstart: HeadStartResult, settings: DefenseEvalSettings,
+                      out: Path) -> LabelsResult:
+    data = builtin_data(task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
+    return measure_labels_to_target(
+        moe, data, lambda seed: carve_keep_sets(moe, headstart, keep, seed), settings.labels,
+        report_seeds=settings.headstart.report_seeds, out=out,
+        base=settings.attack, strategy=settings.headstart.tuning, target_retention=settings.headstart.target_share,
     )
-
-
-def _run_realign(moe: MoEModel, data: RealignData, config: RealignConfig, keep: dict[int, list[int]], out: Path) -> RealignResult:
-    return realign(moe, data, config, keep=keep, out=out, resume=True, progress=False)
-
-
-def _attack_dir(out: Path, criterion: str, scope: str, lr: float, seed: int) -> Path:
-    return out / "attacks" / f"{criterion}-{scope}-lr{lr:g}-seed{seed}"
-
-
-def adaptive_dir(out: Path, attack: str, configuration: tuple[str, str, float]) -> Path:
-    """Where an adaptive attack run with the grid's best ``configuration`` is cached.
-
-    Named by the configuration, so that a cache reused by an evaluation whose best
-    configuration differs (another grid over the same runs) starts a new run instead
-    of refusing to resume one made with other options.
-    """
-    criterion, scope, lr = configuration
-    return out / "adaptive" / attack / f"{criterion}-{scope}-lr{lr:g}"
-
-
-def _keep_sets(moe: MoEModel, attribution: Attribution, criterion: str, keep: int) -> dict[int, list[int]]:
-    return make_plan(scores(attribution, criterion), moe.layers, keep=keep, criterion=criterion).keep_sets()
-
-
-def _attack_grid(
-    name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings, out: Path
-) -> tuple[list[AttackRun], dict[tuple[str, str, float, int], RealignResult]]:
-    data = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
-    plans = {c: _keep_sets(moe, attribution, c, keep) for c in settings.criteria}
-    grid = [(c, s, lr, seed) for c in settings.criteria for s in settings.scopes for lr in settings.lrs for seed in settings.seeds]
-    runs, results = [], {}
-    for number, (criterion, scope, lr, seed) in enumerate(grid, start=1):
-        start = time.perf_counter()
-        result = _run_realign(moe, data, _realign_config(settings, scope, lr, seed), plans[criterion],
-                              _attack_dir(out, criterion, scope, lr, seed))
-        results[(criterion, scope, lr, seed)] = result
-        run = _attack_run(result, reference, criterion, scope, lr, seed, settings.target_retention)
-        runs.append(run)
-        cost = f"{run.labels} labels, {run.steps} steps" if run.reached else f"not reached (> {run.budget_labels} labels)"
-        log.info("[%s] keep %d: attack %d/%d %s/%s/lr=%g/seed %d: %s; final retention %.3f (%.0fs)", name, keep, number,
-                 len(grid), criterion, scope, lr, seed, cost, run.final_retention, time.perf_counter() - start)
-    return runs, results
-
-
-def teacher_labelled(moe: MoEModel, pool: TaskData, answers: list[str]) -> TaskData:
-    """``pool`` answered by the model's own ``answers`` (its greedy answers, or its picked choices), scored as
-    the pool is; a language-modelling pool is returned as it is (a text is its own label)."""
-    if pool.kind == "lm":
-        return pool
-    if pool.kind == "choice":
-        examples = [Example(prompt=e.prompt, choices=e.choices, label=e.choices.index(a)) for e, a in zip(pool, answers)]
-    else:
-        examples = [Example(prompt=e.prompt, answer=a) for e, a in zip(pool, answers)]
-    return TaskData(pool.name, pool.kind, examples, f"teacher answers of {moe.source}", metric=pool.metric,
-                    answer_pattern=pool.answer_pattern)
-
-
-def _distillation(
-    moe: MoEModel, keep: dict[int, list[int]], scope: str, lr: float, reference: float, settings: DefenseEvalSettings,
-    run: Run, out: Path,
-) -> dict[str, Any]:
-    """The pruned student learns the full model's own answers on the pool (greedy answers, picked choices): no
-    human label is used. On language-modelling text this is the grid's own attack (text needs no labels)."""
-    base = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
-    # The teacher's answers do not depend on the configuration: one saved unit per keep count.
-    teacher = (out.parent / "teacher_pool.json").relative_to(run.path).as_posix()
-    answers = [] if base.pool.kind == "lm" else run.get_or_compute(
-        teacher, lambda: evaluate(moe, moe.tokenizer, base.pool).predictions)
-    pool = teacher_labelled(moe, base.pool, answers)
-    runs = []
-    for seed in settings.adaptive_seeds:
-        result = _run_realign(moe, RealignData(pool, base.test), _realign_config(settings, scope, lr, seed), keep,
-                              out / f"seed{seed}")
-        runs.append(_attack_run(result, reference, "distillation", scope, lr, seed, settings.target_retention))
-    return _adaptive_summary(runs, teacher_queries=len(answers))
-
-
-def _router_reinit(
-    moe: MoEModel, keep: dict[int, list[int]], lr: float, reference: float, settings: DefenseEvalSettings, out: Path
-) -> dict[str, Any]:
-    """Throw the (possibly entangled) routers away: fresh random router weights, then re-align everything."""
-    data = builtin_data(settings.target_task, pool_size=settings.pool_size, test_size=settings.test_size, other_tasks=[])
-    student = copy.deepcopy(moe)
-    std = getattr(student.config.get_text_config(), "initializer_range", 0.02)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in student.layers:
-            for param in layer.router_parameters():
-                noise = torch.randn(param.shape, generator=generator) * std if param.ndim > 1 else torch.zeros(param.shape)
-                param.copy_(noise.to(param.dtype))
-    runs = []
-    for seed in settings.adaptive_seeds:
-        result = _run_realign(student, data, _realign_config(settings, "all", lr, seed), keep, out / f"seed{seed}")
-        runs.append(_attack_run(result, reference, "router_reinit", "all", lr, seed, settings.target_retention))
-    return _adaptive_summary(runs)
-
-
-def _adaptive_summary(runs: list[AttackRun], **extra: Any) -> dict[str, Any]:
-    labels, steps = grid_cost(runs, "labels"), grid_cost(runs, "steps")
-    return {
-        "steps_to_target": steps.best_cost,
-        "labels_to_target": labels.best_cost,
-        "reached": labels.reached,
-        "runs": len(runs),
-        "final_retention": sum(r.final_retention for r in runs) / len(runs),
-        **extra,
-    }
 
 
 def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings) -> dict[str, Any]:
@@ -400,30 +278,15 @@ def _authorised_use(moe: MoEModel, settings: DefenseEvalSettings) -> dict[str, A
     return result
 
 
-def _attacks_at(
-    name: str, moe: MoEModel, attribution: Attribution, keep: int, reference: float, settings: DefenseEvalSettings,
-    run: Run, out: Path,
-) -> KeepAttacks:
-    """The grid at one keep count, then the adaptive attacks with its best configuration."""
-    runs, results = _attack_grid(name, moe, attribution, keep, reference, settings, out)
-    labels, steps = grid_cost(runs, "labels"), grid_cost(runs, "steps")
-    criterion, scope, lr = labels.best
-    keep_sets = _keep_sets(moe, attribution, criterion, keep)
-    log.info("[%s] keep %d: adaptive attacks with the best configuration %s", name, keep, configuration_label(labels.best))
-    adaptive = {
-        "distillation": _distillation(moe, keep_sets, scope, lr, reference, settings, run,
-                                      adaptive_dir(out, "distillation", labels.best)),
-        "router_reinit": _router_reinit(moe, keep_sets, lr, reference, settings,
-                                        adaptive_dir(out, "router_reinit", (criterion, "all", lr))),
-    }
-    best = [results[(criterion, scope, lr, seed)] for seed in settings.seeds]
-    return KeepAttacks(keep, runs, labels, steps, adaptive, [r.history_path for r in best if r.history_path], best)
-
-
 def evaluate_model(
-    name: str, moe: MoEModel, settings: DefenseEvalSettings, out: str | Path, *, progress: bool = True
+    name: str, moe: MoEModel, settings: DefenseEvalSettings, out: str | Path, *,
+    scratch: Mapping[str, HeadStartResult] | None = None, progress: bool = True,
 ) -> ModelEvaluation:
-    """Run every measurement of the module docstring on one model (resuming from ``out``, a run of this model)."""
+    """Run every measurement of the module docstring on one model (resuming from ``out``, a run of this model).
+
+    ``scratch`` maps :func:`attack_key` to the head start measured on the reference model,
+    whose scratch arm is then reused.
+    """
     if moe.tokenizer is None:
         raise InputError(f"model {name} ({moe.source}) has no tokenizer; the evaluation needs one.")
     fingerprint = moe.fingerprint()
@@ -431,26 +294,39 @@ def evaluate_model(
                    labels={"model_fingerprint": "model weights"})
     out = run.path
     start = time.perf_counter()
-    log.info("[%s] utility and knowledge loss (sweep of %s)", name, settings.target_task)
-    sweep = _sweep(moe, settings, out, progress)
-    knowledge, best_knowledge = _knowledge(sweep, settings)
-    reference = sweep.full.accuracy[settings.target_task]  # the realign test set is the sweep's test set
-    attacks = {str(keep): _attacks_at(name, moe, sweep.attribution, keep, reference, settings, run, out / f"keep{keep}")
-               for keep in settings.attack_keeps}
+    utility: dict[str, float] = {}
+    scoring: dict[str, dict[str, Any]] = {}
+    knowledge, best_knowledge = {}, {}
+    for task in settings.target_tasks:
+        log.info("[%s] utility and knowledge loss (sweep of %s)", name, task)
+        sweep = _sweep(moe, task, settings, out, progress)
+        utility.update({t: sweep.full.accuracy[t] for t in settings.tasks if t not in utility})
+        scoring.update({t: sweep.scoring[t] for t in settings.tasks if t not in scoring})
+        knowledge[task], best_knowledge[task] = _knowledge(sweep, settings)
+    evaluation = ModelEvaluation(name, moe.source, fingerprint, {t: utility[t] for t in settings.tasks}, knowledge,
+                                 best_knowledge, scoring={t: scoring[t] for t in settings.tasks})
+    for task in settings.target_tasks:
+        attack_task = AttackTask.builtin(task, prompts=settings.headstart.prompts_needed(),
+                                         test_size=settings.headstart.curve_test_size)
+        for keep in settings.attack_keeps:
+            key = attack_key(task, keep)
+            if evaluation.utility[task] <= 0:
+                evaluation.skipped[key] = "the full model answers none of the test examples: nothing to carve out"
+                log.warning("[%s] %s: %s", name, key, evaluation.skipped[key])
+                continue
+            reference = scratch.get(key) if scratch else None
+            log.info("[%s] head start of %s at keep %d", name, task, keep)
+            result = measure_head_start(moe, attack_task, keep, settings.headstart, out=out / "headstart" / f"{task}-keep{keep}",
+                                        scratch=reference.scratch if reference is not None else None, progress=progress)
+            evaluation.headstart[key] = result
+            if settings.label_regime:
+                log.info("[%s] labels to the target of %s at keep %d", name, task, keep)
+                evaluation.labels[key] = _labels_to_target(moe, task, keep, result, settings,
+                                                            out / "labels" / f"{task}-keep{keep}")
     log.info("[%s] authorised fine-tune of %s on a new task", name, ", ".join(settings.permitted))
-    authorised = run.get_or_compute("authorised.json", lambda: _authorised_use(moe, settings))
-    return ModelEvaluation(
-        name=name,
-        source=moe.source,
-        fingerprint=fingerprint,
-        utility={task: sweep.full.accuracy[task] for task in settings.tasks},
-        knowledge=knowledge,
-        best_knowledge=best_knowledge,
-        attacks=attacks,
-        authorised=authorised,
-        seconds=time.perf_counter() - start,
-        scoring={task: sweep.scoring[task] for task in settings.tasks},
-    )
+    evaluation.authorised = run.get_or_compute("authorised.json", lambda: _authorised_use(moe, settings))
+    evaluation.seconds = time.perf_counter() - start
+    return evaluation
 
 
 def evaluate_defenses(
@@ -473,10 +349,12 @@ def evaluate_defenses(
     sources = [model.source if isinstance(model, MoEModel) else str(model) for model in models.values()]
     check_output(out, inputs=sources, directory=True, resumable=True)
     run = Run.open(out, "defense evaluation", {"settings": settings.to_dict()})
-    evaluations = []
+    evaluations: list[ModelEvaluation] = []
     for name, model in models.items():
         moe = model if isinstance(model, MoEModel) else loading.load(model)
-        evaluations.append(evaluate_model(name, moe, settings, run.path / "runs" / names[name], progress=progress))
+        reference = evaluations[0].headstart if evaluations and settings.scratch_reference else None
+        evaluations.append(evaluate_model(name, moe, settings, run.path / "runs" / names[name], scratch=reference,
+                                          progress=progress))
         del moe
         gc.collect()
     return DefenseEvaluation(settings.to_dict(), evaluations)

@@ -53,6 +53,15 @@ class HardenResult:
         return asdict(self)
 
 
+def method_settings(method: str) -> HardenSettings:
+    """The hardening budget of a named defense: the defaults with the method's own (``DefenseMethod.harden``)."""
+    from dataclasses import replace
+
+    from moeguard.defense.objective import METHODS
+
+    return replace(HardenSettings(), **METHODS[method].harden) if method in METHODS else HardenSettings()
+
+
 def task_of_examples(tasks: Sequence[TaskData]) -> torch.Tensor:
     """``[sum of sizes]``: the task number of each example of ``mixture(tasks)``."""
     return torch.cat([torch.full((len(task),), number, dtype=torch.long) for number, task in enumerate(tasks)])
@@ -100,6 +109,7 @@ def harden(
     with objective.attached():
         result = train(
             moe, stream, steps=settings.steps, lr=settings.lr, warmup=settings.warmup, extra_loss=objective,
+            parameters=objective.trainable_parameters(),
             seed=settings.seed, progress=progress, checkpoint=checkpoint, checkpoint_settings=identity,
         )
     terms = objective.log.means()

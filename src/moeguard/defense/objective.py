@@ -5,7 +5,7 @@ While attached it records, in the training forward pass, every router's logits a
 every experts call (inputs, selected experts, routing weights) *with* their autograd
 graph, and turns them into the weighted sum of the selected terms:
 
-``L = L(full) + a * dispersion + b * contribution + c * subset_failure + d * attacker``
+``L = L(full) + a * dispersion + b * contribution + c * subset_failure + d * attacker + e * ntl + f * distill``
 
 - dispersion: :func:`~moeguard.defense.regularizers.routing_dispersion` of
   ``softmax(router logits)`` per layer (for sigmoid-scored routers a monotone
@@ -15,7 +15,21 @@ graph, and turns them into the weighted sum of the selected terms:
 - subset_failure: masked forward passes under sampled expert subsets (random, and
   a task's top experts by the running attribution), hinge at ``L(full) + margin``;
 - attacker: the simulated prune-and-fine-tune attacker of
-  :mod:`moeguard.defense.attacker`, hinge at the same level.
+  :mod:`moeguard.defense.attacker`, hinge at the same level;
+- ntl (meta-learned non-fine-tunability): one simulated attacker per step drawn from
+  a distribution: a keep count, a subset (random, or the experts the carver of
+  :mod:`moeguard.attack.selection` would keep by attribution or by subset search on
+  the task's examples, recomputed every ``ntl_search_every`` steps), fresh routers or not, an optimiser,
+  a learning rate and a number of steps; the hinge level ``gamma`` is the loss a
+  freshly initialised model of the carved architecture reaches with the same
+  optimiser, rate and steps on the same examples (measured once per task and draw),
+  so the carve is pushed to be no better a start than a random initialisation;
+- distill: ``KL(p_ref || p)`` at the answer tokens against the model as it was when
+  the objective was made (a frozen copy), which keeps the full model's answers;
+- repair and key_hold, with keyed embeddings (``keys > 0``, :mod:`moeguard.defense.keys`):
+  the residual stream after the first MoE decoder layer must equal the frozen copy's,
+  and that layer's attention must not write along any token's own key. Only that
+  layer (its attention, router and experts) is trained.
 
 Terms with weight 0 cost nothing. The running attribution is an exponential moving
 average of each task's routing frequencies, per layer, from the training batches.
@@ -23,6 +37,7 @@ average of each task's routing frequencies, per layer, from the training batches
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,17 +46,25 @@ from typing import Any
 
 import torch
 
-from moeguard.defense.attacker import ATTACKER_TRAINABLES, simulated_attack
+from moeguard.attack.selection import select_batch_experts
+from moeguard.attack.students import carved_architecture, scratch_student
+from moeguard.attack.teacher import answer_kl, state_distance
+from moeguard.defense.attacker import ATTACKER_TRAINABLES, OPTIMISERS, simulated_attack
+from moeguard.attack.canonical import first_decoder_layer
+from moeguard.defense.keys import add_keys, key_leak
+from moeguard.defense.keys import trainable_parameters as keyed_trainable_parameters
 from moeguard.defense.regularizers import contribution_dispersion, routing_dispersion, subset_failure
 from moeguard.errors import InputError, PlanError
 from moeguard.models import MoEModel, normalize_keep_sets
 from moeguard.models.routing import routing_arguments
 from moeguard.pruning.plans import LayerLimits, uniform_keep
+from moeguard.realign.acquisition import answer_logits
 from moeguard.training import lm_loss, token_cross_entropy
 
 log = logging.getLogger("moeguard.defense")
 
-TERMS = ("dispersion", "contribution", "subset_failure", "attacker")
+TERMS = ("dispersion", "contribution", "subset_failure", "attacker", "ntl", "distill", "repair", "key_hold")
+NTL_SUBSETS = ("random", "attribution", "search")
 
 
 @dataclass
@@ -65,6 +88,19 @@ class DefenseConfig:
     attacker_steps: int = 3
     attacker_lr: float = 1e-3
     attacker_trainables: str = "all"
+    ntl: float = 0.0
+    distill: float = 0.0
+    repair: float = 0.0
+    key_hold: float = 0.0
+    ntl_steps: tuple[int, ...] = (2, 4, 8)
+    ntl_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    ntl_optimisers: tuple[str, ...] = ("adam", "sgd")
+    ntl_subsets: tuple[str, ...] = NTL_SUBSETS
+    ntl_reinit: float = 0.25
+    ntl_search_every: int = 50
+    keys: float = 0.0
+    key_dims: int = 32
+    key_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in TERMS + ("margin",):
@@ -81,6 +117,16 @@ class DefenseConfig:
             raise InputError("the simulated attacker needs attacker_steps >= 1 and attacker_lr > 0.")
         if not self.keep_counts or any(not isinstance(k, int) or k < 1 for k in self.keep_counts):
             raise InputError(f"keep_counts must be positive integers, got {self.keep_counts!r}.")
+        if not (self.ntl_steps and self.ntl_lrs and self.ntl_optimisers and self.ntl_subsets):
+            raise InputError("the ntl attacker distribution needs steps, learning rates, optimisers and subsets.")
+        if any(o not in OPTIMISERS for o in self.ntl_optimisers) or any(k not in NTL_SUBSETS for k in self.ntl_subsets):
+            raise InputError(f"ntl optimisers must be among {', '.join(OPTIMISERS)} and subsets among "
+                             f"{', '.join(NTL_SUBSETS)}, got {self.ntl_optimisers!r} and {self.ntl_subsets!r}.")
+        if not 0 <= self.ntl_reinit <= 1 or self.ntl_search_every < 1:
+            raise InputError("ntl_reinit must be a probability and ntl_search_every a positive number of steps.")
+        if self.keys < 0 or ((self.repair or self.key_hold) and not self.keys):
+            raise InputError("the repair and key_hold terms work on keyed embeddings: give keys > 0 (the key norm as a "
+                             "multiple of an embedding row's).")
 
     @property
     def active_terms(self) -> list[str]:
@@ -91,16 +137,18 @@ class DefenseConfig:
         return replace(self, **{name: getattr(self, name) * strength for name in TERMS})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "keep_counts": list(self.keep_counts)}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)
 class DefenseMethod:
-    """A named defense: the objective's term weights (before ``strength`` scales them) and what it does."""
+    """A named defense: the objective's term weights (before ``strength`` scales them), what it does, and the
+    hardening budget it needs where it differs from :class:`moeguard.defense.harden.HardenSettings` (``harden``)."""
 
     name: str
     help: str
     config: DefenseConfig
+    harden: dict[str, Any] = field(default_factory=dict)
 
 
 # The defenses by name: entangled expert training and the simulated-attacker (non-fine-tunable)
@@ -113,6 +161,12 @@ METHODS: dict[str, DefenseMethod] = {m.name: m for m in (
     DefenseMethod("attacker", "the simulated prune-and-fine-tune attacker", DefenseConfig(attacker=1.0)),
     DefenseMethod("entangle+attacker", "entangle and the simulated attacker together",
                   DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0, attacker=1.0)),
+    DefenseMethod("ntl", "meta-learned non-fine-tunability over a distribution of carve-and-re-align attackers, "
+                  "hinged at a random initialisation's loss, with distillation to the undefended model",
+                  DefenseConfig(ntl=1.0, distill=1.0, keep_counts=(2, 4)), harden={"steps": 300}),
+    DefenseMethod("keys", "keyed embeddings: per-token keys that only each token's own first-layer experts cancel",
+                  DefenseConfig(keys=20.0, dispersion=1.0, repair=10.0, key_hold=1.0, distill=1.0),
+                  harden={"steps": 1200, "lr": 3e-3}),
 )}
 
 
@@ -136,6 +190,10 @@ class _Recorded:
     hidden: list[torch.Tensor | None]
     index: list[torch.Tensor | None]
     weights: list[torch.Tensor | None]
+    # The first MoE decoder layer's input and output, and its MoE block's output (keyed embeddings only).
+    layer_input: torch.Tensor | None = None
+    layer_output: torch.Tensor | None = None
+    block_output: torch.Tensor | None = None
 
 
 @dataclass
@@ -184,6 +242,13 @@ class DefenseObjective:
         self.attribution = torch.zeros(num_tasks, moe.num_layers, width, dtype=torch.float64)
         self.seen = torch.zeros(num_tasks, dtype=torch.bool)
         self.log = TermLog()
+        # The undefended model the distillation and repair terms hold the model to, and what the ntl term measured once.
+        needs_reference = config.distill or config.repair
+        self.reference = copy.deepcopy(moe.model).eval().requires_grad_(False) if needs_reference else None
+        self.keyed = add_keys(moe, scale=config.keys, dims=config.key_dims, seed=config.key_seed) if config.keys else None
+        self._random_init_losses: dict[tuple, float] = {}
+        self._search_picks: dict[tuple[str, int, int], tuple[int, dict[int, list[int]]]] = {}
+        self._steps = 0
         self._recorded = self._empty()
         self._recording = False
         self._handles: list[Any] = []
@@ -218,6 +283,11 @@ class DefenseObjective:
         for layer in self.moe.layers:
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
             self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer.index), with_kwargs=True))
+        if self.keyed is not None:
+            decoder = first_decoder_layer(self.moe)
+            self._handles.append(decoder.register_forward_pre_hook(self._keep("layer_input", first=True), with_kwargs=True))
+            self._handles.append(decoder.register_forward_hook(self._keep("layer_output")))
+            self._handles.append(self.moe.layers[0].block.register_forward_hook(self._keep("block_output")))
         self._recording = True
 
     def detach(self) -> None:
@@ -253,6 +323,22 @@ class DefenseObjective:
                 self._recorded.weights[index] = top_weights
 
         return hook
+
+    def _keep(self, name: str, *, first: bool = False):
+        """A hook that records a module's first input (``first``) or its output as ``_recorded.<name>``."""
+        def output_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self._recording:
+                setattr(self._recorded, name, output[0] if isinstance(output, tuple) else output)
+
+        def input_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._recording:
+                setattr(self._recorded, name, args[0] if args else kwargs["hidden_states"])
+
+        return input_hook if first else output_hook
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter] | None:
+        """What hardening trains: everything (None), or with keyed embeddings the first MoE decoder layer only."""
+        return keyed_trainable_parameters(self.moe) if self.keyed is not None else None
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -304,6 +390,24 @@ class DefenseObjective:
                 )
                 total, values["attacker"] = total + config.attacker * attack.surrogate, attack.penalty
                 values["attacked_loss"] = attack.attacked_loss
+            if config.ntl:
+                attack = self._ntl(batch, example_task)
+                total, values["ntl"] = total + config.ntl * attack.surrogate, attack.penalty
+                values["ntl_attacked_loss"] = attack.attacked_loss
+            reference = self._reference_outputs(batch) if self.reference is not None else None
+            if config.distill:
+                term = self._distill(batch, outputs, reference.logits)
+                total, values["distill"] = total + config.distill * term, term.item()
+            if config.repair:
+                decoder = self.moe.layers[0].decoder_layer or 0
+                term = state_distance(recorded.layer_output, reference.hidden_states[decoder + 1], batch["attention_mask"])
+                total, values["repair"] = total + config.repair * term, term.item()
+            if config.key_hold:
+                written = recorded.layer_output - recorded.block_output - recorded.layer_input
+                keys = self.keyed.keys.to(written.device)[batch["input_ids"].to(written.device)]
+                term = key_leak(written, keys, batch["attention_mask"])
+                total, values["key_hold"] = total + config.key_hold * term, term.item()
+        self._steps += 1
         self.log.add(values)
         return total
 
@@ -379,6 +483,59 @@ class DefenseObjective:
         return subset_failure(torch.stack(masked), torch.stack(gammas))
 
 
+    # ------------------------------------------------------------ ntl and distillation
+    def _draw(self, values: tuple) -> Any:
+        return values[int(torch.randint(len(values), (1,), generator=self.generator))]
+
+    def _ntl(self, batch: dict[str, torch.Tensor], example_task: torch.Tensor) -> Any:
+        """One simulated attacker drawn from the configured distribution, on one task's examples of the batch."""
+        config = self.config
+        task, rows = self._pick_task(example_task)
+        sub = select_rows(batch, rows)
+        count, kind = self._draw_keep_count(), self._draw(config.ntl_subsets)
+        steps, lr, optimiser = self._draw(config.ntl_steps), self._draw(config.ntl_lrs), self._draw(config.ntl_optimisers)
+        keep = self._random_keep_sets(count) if kind == "random" else self._attacker_keep_sets(kind, task, count, sub)
+        reinit = float(torch.rand((), generator=self.generator)) < config.ntl_reinit
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+        gamma = self._random_init_loss(task, count, steps, lr, optimiser, sub)
+        return simulated_attack(self.moe, sub, keep, trainables="all", steps=steps, lr=lr, gamma=gamma,
+                                optimiser=optimiser, reinit_seed=seed if reinit else None)
+
+    def _attacker_keep_sets(self, method: str, task: int, count: int, sub: dict[str, torch.Tensor]) -> dict[int, list[int]]:
+        """The experts the carver's ``method`` (attribution or search) keeps on the task's examples, redone every
+        ``ntl_search_every`` steps."""
+        found = self._search_picks.get((method, task, count))
+        if found is None or self._steps - found[0] >= self.config.ntl_search_every:
+            with self.paused(), torch.no_grad():
+                kept = select_batch_experts(self.moe, method, count, sub)
+            found = (self._steps, dict(enumerate(kept)))
+            self._search_picks[(method, task, count)] = found
+        return found[1]
+
+    def _random_init_loss(self, task: int, count: int, steps: int, lr: float, optimiser: str,
+                          sub: dict[str, torch.Tensor]) -> float:
+        """The loss a fresh model of the carved architecture reaches with this attacker (measured once per draw)."""
+        key = (task, count, steps, lr, optimiser)
+        if key not in self._random_init_losses:
+            student = scratch_student(carved_architecture(self.moe, count), seed=len(self._random_init_losses))
+            student.model.train()
+            attack = simulated_attack(student, sub, {}, trainables="all", steps=steps, lr=lr, gamma=0.0, optimiser=optimiser)
+            self._random_init_losses[key] = attack.attacked_loss
+        return self._random_init_losses[key]
+
+    @torch.no_grad()
+    def _reference_outputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The frozen copy's outputs on the batch (with its hidden states when the repair term reads them)."""
+        return self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=bool(self.config.repair))
+
+    def _distill(self, batch: dict[str, torch.Tensor], outputs: Any, reference_logits: torch.Tensor) -> torch.Tensor:
+        """``KL(p_ref || p)`` at the answer-predicting positions, against the model as it was at the start."""
+        mask = batch["answer_mask"].to(outputs.logits.device)
+        return answer_kl(answer_logits(outputs.logits, mask)[0],
+                         answer_logits(reference_logits.to(outputs.logits.device), mask)[0])
+
+
 class DefenseLoss:
     """The defense as an ``extra_loss`` for a training run that builds its own model.
 
@@ -390,6 +547,9 @@ class DefenseLoss:
     def __init__(self, config: DefenseConfig, task_of_example: torch.Tensor, num_tasks: int, *, seed: int = 0) -> None:
         if not config.active_terms:
             raise InputError(f"the defense has no active term; give at least one of {', '.join(TERMS)} a weight > 0.")
+        if config.keys or config.distill:
+            raise InputError("keyed embeddings and distillation harden a trained model (moeguard harden); they have "
+                             "nothing to hold on to when the model is trained from scratch.")
         self.config = config
         self.task_of_example = task_of_example
         self.num_tasks = num_tasks

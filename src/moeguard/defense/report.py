@@ -6,44 +6,40 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moeguard.defense.costs import GridCost, configuration_label
+from moeguard.attack.tuning import configuration_label
 from moeguard.defense.evaluation import DefenseEvaluation
 from moeguard.io import atomic_write_text, write_json
+from moeguard.attack.headstart import BOUND_MARKS
 from moeguard.plotting import pyplot, save_figure
-from moeguard.realign.figures import recovery_figure
 
 RESULT_NAME, TABLE_NAME, FIGURES_DIR = "defense_eval.json", "defense_eval.md", "figures"
+GOAL_HEAD_START, GOAL_UTILITY_POINTS = 2.0, 1.0
 
 
-def _cost(cost: GridCost, budget_note: bool = True) -> str:
-    if math.isnan(cost.best_cost):
-        return "-"
-    mark = ">=" if cost.censored and budget_note else ""
-    return f"{mark}{cost.best_cost:.0f}"
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
-def _multiplier(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.2f}x"
-
-
-def _reached(entry: dict, key: str) -> str:
-    prefix = "" if entry["reached"] == entry["runs"] else ">="
-    return f"{prefix}{entry[key]:.0f}"
+def _steps(costs: list, censored_mark: str = ">=") -> str:
+    mean = _mean([c.steps for c in costs])
+    return f"{censored_mark if not all(c.reached for c in costs) else ''}{mean:.0f}"
 
 
 def markdown_tables(evaluation: DefenseEvaluation) -> str:
     """Every table of the evaluation, as markdown."""
     settings = evaluation.settings
-    attack = settings["attack"]
+    hs = settings["headstart"]
     models = evaluation.models
     base = evaluation.baseline
     tasks = list(settings["tasks"])
     lines = [
-        f"Target task of the attacker: `{settings['target_task']}`; test sets of {settings['test_size']} examples; "
-        f"target retention {attack['target_retention']:.0%}; each attack run has a budget of {attack['budget']} labels "
-        f"in {attack['rounds']} rounds of {attack['steps_per_round']} steps (batch {attack['batch_size']}, "
-        f"{attack['acquisition']} acquisition); grid {len(settings['criteria'])} criteria x {len(settings['scopes'])} "
-        f"scopes x {len(settings['lrs'])} learning rates x {len(settings['seeds'])} seeds per keep count.",
+        f"Target tasks: {', '.join(f'`{t}`' for t in settings['target_tasks'])}; attack keep counts "
+        f"{', '.join(map(str, settings['attack_keeps']))}; target {hs['target_share']:.0%} of each model's own test "
+        f"accuracy ({hs['curve_test_size']} test examples). Both arms train on the model's own answers (batch "
+        f"{hs['student_batch']}, {hs['warmup_steps']} warm-up steps then a constant learning rate, evaluated every "
+        f"{hs['evaluate_every']} steps; caps {hs['carve_steps']} carve / {hs['scratch_steps']} scratch steps). "
+        f"Configurations chosen on tuning seeds {list(hs['tuning_seeds'])} ({hs['tuning']} search), reported on seeds "
+        f"{list(hs['report_seeds'])}; intervals: 95% bootstrap over those seeds.",
         "",
         "**Utility** (the full model's score on every task in its metric: exact-match accuracy unless the task says "
         "otherwise; a language-modelling loss is lower-is-better and left out of the largest drop)",
@@ -51,68 +47,70 @@ def markdown_tables(evaluation: DefenseEvaluation) -> str:
         "| model | " + " | ".join(tasks) + " | largest drop vs undefended |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
-    scored = [t for t in tasks if base.scoring.get(t, {}).get("higher_is_better", True)]
     for model in models:
-        drop = max((base.utility[t] - model.utility[t] for t in scored), default=0.0)
-        lines.append(f"| {model.name} | " + " | ".join(f"{model.utility[t]:.3f}" for t in tasks) + f" | {drop * 100:.1f} pts |")
+        lines.append(f"| {model.name} | " + " | ".join(f"{model.utility[t]:.3f}" for t in tasks)
+                     + f" | {evaluation.utility_loss(model):.1f} pts |")
     keeps = [str(k) for k in settings["keeps"]]
     lines += [
         "",
-        "**Knowledge loss**: target-task accuracy retained after pruning without re-alignment, by the attacker's best "
-        "criterion (named); every criterion's attribution is computed on the model itself",
+        "**Knowledge loss**: target-task accuracy retained after pruning without re-alignment, by the best criterion "
+        "(named); attribution on the model itself",
         "",
-        "| model | " + " | ".join(f"keep {k}" for k in keeps) + " |",
-        "|---|" + "---|" * len(keeps),
+        "| model | task | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+        "|---|---|" + "---|" * len(keeps),
     ]
     for model in models:
-        cells = []
-        for keep in keeps:
-            best = max(model.knowledge, key=lambda c: model.knowledge[c][keep])
-            cells.append(f"{model.best_knowledge[keep]:.3f} ({best})")
-        lines.append(f"| {model.name} | " + " | ".join(cells) + " |")
-    for keep in map(str, settings["attack_keeps"]):
-        lines += [
-            "",
-            f"**Attack cost at keep {keep}**: labels and optimizer steps to reach the target retention. Worst case = the "
-            "attacker's best configuration (mean over its seeds); mean = over all configurations; `>=`: some runs did "
-            "not reach the target within the budget, which then counts as their cost (a lower bound).",
-            "",
-            "| model | worst case: labels | steps | attacker's best configuration | mean: labels | steps | runs reached "
-            "| multiplier, worst case (labels / steps) | multiplier, mean (labels / steps) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for model in models:
-            attacks = model.attacks[keep]
-            m = evaluation.multipliers(model, keep)
-            best = configuration_label(attacks.labels.best) if attacks.labels.best else "-"
-            lines.append(
-                f"| {model.name} | {_cost(attacks.labels)} | {_cost(attacks.steps)} | {best} | {attacks.labels.mean_cost:.0f} | "
-                f"{attacks.steps.mean_cost:.0f} | {attacks.labels.reached}/{attacks.labels.runs} | "
-                f"{_multiplier(m['labels_worst_case'])} / {_multiplier(m['steps_worst_case'])} | "
-                f"{_multiplier(m['labels_mean'])} / {_multiplier(m['steps_mean'])} |"
-            )
+        for task, knowledge in model.knowledge.items():
+            cells = []
+            for keep in keeps:
+                best = max(knowledge, key=lambda c: knowledge[c][keep])
+                cells.append(f"{model.best_knowledge[task][keep]:.3f} ({best})")
+            lines.append(f"| {model.name} | {task} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "**Adaptive attacks** with the attacker's best configuration at each keep (distillation: the pruned student "
-        "learns the full model's own answers on the pool, no human label; router re-init: fresh random routers, then "
-        "re-alignment of everything with labels)",
+        "**Head start** H = C_scratch / C_carve (FLOPs: 6 x active parameters x training tokens, 2 x for teacher "
+        "labels, teacher logits and the carve's own forward passes; tokens: training tokens only). `>=`: some scratch "
+        "runs did not reach the target within their cap (H is a lower bound); `<=`: some carve runs did not (an upper "
+        "bound). Steps: mean optimizer steps to the target (interpolated).",
         "",
-        "| model | keep | distillation: steps to target | final retention | router re-init: labels to target | steps "
-        "| final retention |",
-        "|---|---|---|---|---|---|---|",
+        "| model | task | keep | H (FLOPs) [95% CI] | H (tokens) [95% CI] | carve: steps | carve configuration "
+        "| scratch: steps | scratch configuration | carve runs reached |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in models:
-        for keep, attacks in model.attacks.items():
-            d, r = attacks.adaptive["distillation"], attacks.adaptive["router_reinit"]
+        for key, reason in model.skipped.items():
+            task, keep = key.split("/keep")
+            lines.append(f"| {model.name} | {task} | {keep} | skipped: {reason} | | | | | | |")
+        for key, result in model.headstart.items():
+            carve, scratch = result.carve.costs(result.target), result.scratch.costs(result.target)
             lines.append(
-                f"| {model.name} | {keep} | {_reached(d, 'steps_to_target')} | {d['final_retention']:.3f} | "
-                f"{_reached(r, 'labels_to_target')} | {_reached(r, 'steps_to_target')} | {r['final_retention']:.3f} |"
+                f"| {model.name} | {result.task} | {result.keep} | {result.head_start['flops'].describe()} | "
+                f"{result.head_start['tokens'].describe()} | {_steps(carve)} | {configuration_label(result.carve.chosen)} | "
+                f"{_steps(scratch)} | {configuration_label(result.scratch.chosen)} | "
+                f"{sum(c.reached for c in carve)}/{len(carve)} |"
             )
+    if any(model.labels for model in models):
+        lines += [
+            "",
+            "**Labels to the target** (the paper's regime: the attacker pays for labels; the same carve), mean over "
+            "the report seeds; `+`: some runs did not reach the target within the budget (counted at the budget); "
+            "multiplier: defended / undefended with its 95% bootstrap interval",
+            "",
+            "| model | task/keep | labels to target | configuration | label multiplier |",
+            "|---|---|---|---|---|",
+        ]
+        for model in models:
+            for key, labels in model.labels.items():
+                multiplier = evaluation.label_multiplier(model, key)
+                mean = _mean(labels.labels)
+                lines.append(f"| {model.name} | {key} | {mean:.0f}{'+' if labels.censored else ''} | "
+                             f"{configuration_label(labels.tuning.chosen)} | "
+                             f"{multiplier.describe() if multiplier else '-'} |")
     permitted = ", ".join(settings["permitted"])
     lines += [
         "",
         f"**Authorised use**: fine-tune of the permitted groups ({permitted}) only, {settings['authorised_steps']} steps "
-        f"at lr {settings['authorised_lr']:g}, on a task no model was trained on (`{models[0].authorised.get('task', '')}`), "
+        f"at lr {settings['authorised_lr']:g}, on a task no model was trained on (`{base.authorised.get('task', '')}`), "
         "then `verify` against the protocol",
         "",
         "| model | accuracy before | accuracy after | protocol verdict |",
@@ -143,52 +141,80 @@ def utility_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
 def knowledge_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
     plt = pyplot()
     keeps = list(evaluation.settings["keeps"])
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for model in evaluation.models:
-        axis.plot(keeps, [model.best_knowledge[str(k)] for k in keeps], marker="o", label=model.name)
-    axis.axhline(evaluation.settings["attack"]["target_retention"], color="0.5", linewidth=0.8, linestyle=":")
-    axis.invert_xaxis()
-    axis.set_xlabel("experts kept per layer")
-    axis.set_ylabel("target accuracy retained")
-    axis.set_title(f"knowledge loss on {evaluation.settings['target_task']} (attacker's best criterion)")
-    axis.legend(fontsize=8)
+    tasks = list(evaluation.settings["target_tasks"])
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for model in evaluation.models:
+            axis.plot(keeps, [model.best_knowledge[task][str(k)] for k in keeps], marker="o", label=model.name)
+        axis.axhline(evaluation.settings["headstart"]["target_share"], color="0.5", linewidth=0.8, linestyle=":")
+        axis.invert_xaxis()
+        axis.set_xlabel("experts kept per layer")
+        axis.set_ylabel("target accuracy retained")
+        axis.set_title(f"knowledge loss on {task} (best criterion)")
+    axes[0][0].legend(fontsize=8)
     return save_figure(figure, path)
 
 
-def attack_cost_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
-    """Worst-case and mean attack cost per model, in labels and steps, one row per attack keep count."""
+def headstart_curves_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
+    """Accuracy against compute: the scratch arm and every model's carve, one panel per task and keep."""
     plt = pyplot()
-    keeps = [str(k) for k in evaluation.settings["attack_keeps"]]
-    figure, axes = plt.subplots(len(keeps), 2, figsize=(10, 3.6 * len(keeps)), squeeze=False)
-    names = [m.name for m in evaluation.models]
-    xs = list(range(len(names)))
-    for row, keep in zip(axes, keeps):
-        for axis, unit in zip(row, ("labels", "steps")):
-            costs = [getattr(m.attacks[keep], unit) for m in evaluation.models]
-            axis.bar([x - 0.2 for x in xs], [c.best_cost for c in costs], width=0.4, label="worst case (best attack)",
-                     color="tab:red")
-            axis.bar([x + 0.2 for x in xs], [c.mean_cost for c in costs], width=0.4, label="mean over the grid",
-                     color="tab:blue")
-            for x, cost in zip(xs, costs):
-                if cost.censored:
-                    axis.annotate(">=", (x - 0.2, cost.best_cost), ha="center", va="bottom", fontsize=8)
-            axis.set_xticks(xs, names, rotation=15)
-            axis.set_ylabel(f"{unit} to {evaluation.settings['attack']['target_retention']:.0%} retention")
-            axis.set_title(f"keep {keep}: attack cost in {unit}")
-        row[0].legend(fontsize=8)
+    keys = list(evaluation.baseline.headstart)
+    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, key in zip(axes[0], keys):
+        reference = evaluation.baseline.headstart[key]
+        for curve in reference.scratch.curves:
+            shown = [p for p in curve.points if p.tokens > 0]  # a log axis has no zero
+            axis.plot([p.tokens * curve.flops_per_token for p in shown], [p.accuracy for p in shown],
+                      color="0.55", linewidth=0.9, label="from scratch" if curve is reference.scratch.curves[0] else None)
+        for number, model in enumerate(evaluation.models):
+            result = model.headstart.get(key)
+            if result is None:
+                continue
+            for curve in result.carve.curves:
+                shown = [p for p in curve.points if curve.overhead_flops + p.tokens > 0]
+                xs = [curve.overhead_flops + p.tokens * curve.flops_per_token for p in shown]
+                axis.plot(xs, [p.accuracy for p in shown], color=colours[number % len(colours)], linewidth=0.9,
+                          label=f"carve of {model.name}" if curve is result.carve.curves[0] else None)
+            axis.axhline(result.target, color=colours[number % len(colours)], linewidth=0.6, linestyle=":")
+        axis.set_xscale("log")
+        axis.set_xlabel("compute (FLOPs)")
+        axis.set_ylabel("test accuracy")
+        axis.set_title(f"{reference.task}, keep {reference.keep}")
+    axes[0][0].legend(fontsize=7)
     return save_figure(figure, path)
 
 
-def recovery_curves_figure(evaluation: DefenseEvaluation, keep: str, path: Path) -> Path | None:
-    """Recovery curves of each model's best attack configuration at ``keep`` (mean and range over seeds)."""
-    curves = {}
-    for model in evaluation.models:
-        attacks = model.attacks[keep]
-        if attacks.best_runs:
-            curves[f"{model.name} ({configuration_label(attacks.labels.best)})"] = attacks.best_runs
-    if not curves:
-        return None
-    return recovery_figure(curves, path, title=f"keep {keep}: recovery under the attacker's best configuration")
+def headstart_vs_utility_figure(evaluation: DefenseEvaluation, path: Path) -> Path:
+    """The head start (FLOPs, with its interval) against the utility lost, per model, task and keep."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    markers = "osD^v<>"
+    keys = list(evaluation.baseline.headstart)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    axis.axvspan(-0.5, GOAL_UTILITY_POINTS, ymin=0, ymax=1, color="tab:green", alpha=0.06)
+    axis.axhline(GOAL_HEAD_START, color="tab:green", linewidth=0.8, linestyle="--", label=f"goal: H <= {GOAL_HEAD_START:g}")
+    for number, model in enumerate(evaluation.models):
+        loss = evaluation.utility_loss(model)
+        for index, key in enumerate(keys):
+            result = model.headstart.get(key)
+            if result is None:
+                continue
+            h = result.head_start["flops"]
+            value = h.value if math.isfinite(h.value) else h.interval.high
+            x = loss + (index - (len(keys) - 1) / 2) * 0.08
+            axis.errorbar([x], [value], yerr=[[max(0.0, value - h.interval.low)], [max(0.0, h.interval.high - value)]],
+                          marker=markers[index % len(markers)], color=colours[number % len(colours)], capsize=3,
+                          linestyle="none", label=f"{model.name}: {key}")
+            if h.bound != "exact":
+                axis.annotate(BOUND_MARKS[h.bound].strip(), (x, value), fontsize=7,
+                              xytext=(4, 2), textcoords="offset points")
+    axis.set_yscale("log")
+    axis.set_xlabel("largest utility loss vs undefended (points)")
+    axis.set_ylabel("head start H (FLOPs)")
+    axis.set_title("carver's head start vs utility cost")
+    axis.legend(fontsize=6, ncol=2)
+    return save_figure(figure, path)
 
 
 def write_report(evaluation: DefenseEvaluation, out: Path) -> None:
@@ -199,10 +225,10 @@ def write_report(evaluation: DefenseEvaluation, out: Path) -> None:
     paths = {
         "utility": utility_figure(evaluation, figures / "utility.png"),
         "knowledge_loss": knowledge_figure(evaluation, figures / "knowledge_loss.png"),
-        "attack_cost": attack_cost_figure(evaluation, figures / "attack_cost.png"),
+        "headstart_curves": headstart_curves_figure(evaluation, figures / "headstart_curves.png"),
+        "headstart_vs_utility": headstart_vs_utility_figure(evaluation, figures / "headstart_vs_utility.png"),
     }
-    for keep in map(str, evaluation.settings["attack_keeps"]):
-        paths[f"recovery_keep{keep}"] = recovery_curves_figure(evaluation, keep, figures / f"recovery_keep{keep}.png")
-    evaluation.figures = {name: str(p) for name, p in paths.items() if p is not None}
+    evaluation.figures = {name: str(p) for name, p in paths.items()}
     write_json(out / RESULT_NAME, evaluation.to_dict())
     atomic_write_text(out / TABLE_NAME, markdown_tables(evaluation))
+
