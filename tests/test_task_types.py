@@ -143,8 +143,24 @@ def test_the_audit_attacks_every_task_type_and_its_report_shows_each_in_its_metr
     from moeguard.audit import run_audit
     from test_audit import quick_config, render_in_chromium
 
-    report = run_audit(quick_config(trained_tiny_types, tmp_path / "audit", tasks=list(TYPES), keeps=[4, 2]), progress=False)
+    from moeguard.attack import HeadStartSettings
+
+    headstart = HeadStartSettings(
+        selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("answers",),
+        try_router_reinit=False, try_canonicalise=False, carve_steps=10, scratch_steps=10, student_batch=8,
+        warmup_steps=2, evaluate_every=5, tuning_seeds=(), report_seeds=(0,), curve_test_size=16, selection_examples=8,
+        resamples=50,
+    )
+    report = run_audit(quick_config(trained_tiny_types, tmp_path / "audit", tasks=list(TYPES), keeps=[4, 2],
+                                    headstart=True, headstart_attack=headstart), progress=False)
     rows = {row["task"]: row for row in report.headline()}
+    # the head start needs the full model's answers: measured on every task that has them, skipped on plain text
+    assert report.model.tasks["dyck"].headstart is None and rows["dyck"]["head_start"] is None
+    for name in ("upper", "topic", "keywords"):
+        task = report.model.tasks[name]
+        attacked = task.cost is not None or task.realign_runs or task.keep_without not in (None, 8)
+        assert bool(task.headstart) == bool(attacked)
+    assert any(report.model.tasks[name].headstart for name in ("upper", "topic", "keywords"))
     assert {name: row["kind"] for name, row in rows.items()} == TYPES
     assert rows["dyck"]["metric"] == "loss" and rows["dyck"]["full_accuracy"] < rows["dyck"]["reference"]
     assert rows["keywords"]["metric"] == "rouge_l" and rows["topic"]["metric"] == "choice_accuracy"
@@ -162,26 +178,30 @@ def test_the_audit_attacks_every_task_type_and_its_report_shows_each_in_its_metr
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["topic", "dyck"])
-def test_the_defense_evaluation_attacks_a_classification_or_a_language_modelling_task(trained_tiny_types, target,
-                                                                                     tmp_path, one_thread):
+def test_the_defense_evaluation_attacks_a_classification_task_and_says_why_it_skips_a_language_modelling_one(
+        trained_tiny_types, target, tmp_path, one_thread):
+    from moeguard.attack import HeadStartSettings
     from moeguard.defense.evaluation import DefenseEvalSettings, evaluate_defenses
-    from moeguard.defense.report import write_report
-    from moeguard.realign import RealignConfig
+    from moeguard.defense.report import markdown_tables, write_report
 
+    headstart = HeadStartSettings(
+        selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("answers",),
+        try_router_reinit=False, carve_steps=10, scratch_steps=10, student_batch=8, warmup_steps=2, evaluate_every=5,
+        tuning_seeds=(), report_seeds=(0,), curve_test_size=16, selection_examples=8, resamples=50,
+    )
     settings = DefenseEvalSettings(
-        target_task=target, tasks=tuple(TYPES), keeps=(4, 2), attack_keeps=(2,), criteria=("frequency",), scopes=("all",),
-        lrs=(3e-3,), seeds=(0,), attack=RealignConfig(budget=32, rounds=2, steps_per_round=10, batch_size=16,
-                                                      acquisition="random"),
-        pool_size=64, test_size=24, attribution_samples=32, authorised_steps=3, authorised_examples=64,
+        target_tasks=(target,), tasks=tuple(TYPES), keeps=(4, 2), attack_keeps=(2,), criteria=("frequency",),
+        headstart=headstart, label_regime=False, pool_size=64, test_size=24, attribution_samples=32,
+        authorised_steps=3, authorised_examples=64,
     )
     result = evaluate_defenses({"undefended": trained_tiny_types, "same": trained_tiny_types}, settings, tmp_path,
                                progress=False)
     write_report(result, tmp_path)
     base, same = result.models
     assert base.scoring[target]["kind"] == TYPES[target] and base.scoring["dyck"]["metric"] == "loss"
-    assert base.utility == same.utility and result.multipliers(same, "2")["labels_worst_case"] == 1.0
-    attack = base.attacks["2"]
-    assert attack.runs and all(-2 < run.final_retention <= 1.5 for run in attack.runs)
-    distillation = attack.adaptive["distillation"]
-    # classification is distilled from the model's own picked choices; text needs no teacher
-    assert distillation["teacher_queries"] == (0 if target == "dyck" else settings.pool_size)
+    assert base.utility == same.utility and result.utility_loss(same) == 0.0
+    key = f"{target}/keep2"
+    if target == "dyck":  # a text is its own label: there is no teacher answer for either arm
+        assert key not in base.headstart and "lm task" in base.skipped[key] and "skipped" in markdown_tables(result)
+    else:  # classification is carved and trained from scratch on the full model's picked choices
+        assert base.headstart[key].carve.curves and base.headstart[key].scratch.curves and not base.skipped

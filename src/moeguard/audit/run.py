@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.attack import AttackTask, HeadStartResult, measure_head_start
+from moeguard.attack.teacher import TEACHER_KINDS
 from moeguard.attribution import Attribution, collect_attribution, scores
 from moeguard.attribution.figures import score_heatmap
 from moeguard.attribution.scores import CRITERIA, DEFAULT_CRITERIA
@@ -263,7 +264,11 @@ class ModelAuditor:
             log.warning("[%s] forensics skipped with a device_map: run `moeguard detect` on a pruned checkpoint", self.role)
         elif config.forensics and attack_kept is not None and keep_counts != list(self.moe.num_experts):
             audit.forensics = self.forensics(task, attack_kept)
-        if config.headstart:
+        if config.headstart and task.test.kind not in TEACHER_KINDS:
+            # A text is its own label: there is no teacher answer for the two arms to learn.
+            log.info("[%s] head start of %s skipped: %s tasks have no answers to learn from the full model",
+                     self.role, task.name, task.test.kind)
+        elif config.headstart:
             keep = headstart_keep(audit, runs, max(self.moe.num_experts))
             if keep is not None:
                 audit.headstart = self.headstart(task, keep)

@@ -44,6 +44,7 @@ from moeguard.attack import AttackTask, HeadStartResult, HeadStartSettings, meas
 from moeguard.attack.headstart import Interval, bootstrap_ratio_interval, censoring_bound, describe_ratio
 from moeguard.attack.labels import LABEL_ATTACKER, LabelSettings, LabelsResult, measure_labels_to_target
 from moeguard.attack.measure import carve_keep_sets
+from moeguard.attack.teacher import TEACHER_KINDS
 from moeguard.attribution.scores import CRITERIA, check_criterion
 from moeguard.data import BUILTIN_TASKS, Example, TaskData, batches
 from moeguard.data.batching import context_length
@@ -306,12 +307,17 @@ def evaluate_model(
     evaluation = ModelEvaluation(name, moe.source, fingerprint, {t: utility[t] for t in settings.tasks}, knowledge,
                                  best_knowledge, scoring={t: scoring[t] for t in settings.tasks})
     for task in settings.target_tasks:
+        kind = scoring[task].get("kind", "generate")
         attack_task = AttackTask.builtin(task, prompts=settings.headstart.prompts_needed(),
-                                         test_size=settings.headstart.curve_test_size)
+                                         test_size=settings.headstart.curve_test_size) if kind in TEACHER_KINDS else None
         for keep in settings.attack_keeps:
             key = attack_key(task, keep)
-            if evaluation.utility[task] <= 0:
+            if attack_task is None:
+                # A text is its own label: both arms would train on the same texts with or without the full model.
+                evaluation.skipped[key] = f"{kind} task: no answers to learn from the full model"
+            elif evaluation.utility[task] <= 0:
                 evaluation.skipped[key] = "the full model answers none of the test examples: nothing to carve out"
+            if key in evaluation.skipped:
                 log.warning("[%s] %s: %s", name, key, evaluation.skipped[key])
                 continue
             reference = scratch.get(key) if scratch else None
