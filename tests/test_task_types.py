@@ -156,11 +156,11 @@ def test_the_audit_attacks_every_task_type_and_its_report_shows_each_in_its_metr
     rows = {row["task"]: row for row in report.headline()}
     # the head start needs the full model's answers: measured on every task that has them, skipped on plain text
     assert report.model.tasks["dyck"].headstart is None and rows["dyck"]["head_start"] is None
-    for name in ("upper", "topic", "keywords"):
+    for name in ("topic", "keywords"):
         task = report.model.tasks[name]
         attacked = task.cost is not None or task.realign_runs or task.keep_without not in (None, 8)
         assert bool(task.headstart) == bool(attacked)
-    assert any(report.model.tasks[name].headstart for name in ("upper", "topic", "keywords"))
+    assert any(report.model.tasks[name].headstart for name in ("topic", "keywords"))
     assert {name: row["kind"] for name, row in rows.items()} == TYPES
     assert rows["dyck"]["metric"] == "loss" and rows["dyck"]["full_accuracy"] < rows["dyck"]["reference"]
     assert rows["keywords"]["metric"] == "rouge_l" and rows["topic"]["metric"] == "choice_accuracy"
@@ -183,6 +183,7 @@ def test_the_defense_evaluation_attacks_a_classification_task_and_says_why_it_sk
     from moeguard.attack import HeadStartSettings
     from moeguard.defense.evaluation import DefenseEvalSettings, evaluate_defenses
     from moeguard.defense.report import markdown_tables, write_report
+    from moeguard.realign import RealignConfig
 
     headstart = HeadStartSettings(
         selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("answers",),
@@ -191,7 +192,8 @@ def test_the_defense_evaluation_attacks_a_classification_task_and_says_why_it_sk
     )
     settings = DefenseEvalSettings(
         target_tasks=(target,), tasks=tuple(TYPES), keeps=(4, 2), attack_keeps=(2,), criteria=("frequency",),
-        headstart=headstart, label_regime=False, pool_size=64, test_size=24, attribution_samples=32,
+        headstart=headstart, label_regime=False, attack=RealignConfig(budget=32, rounds=2, steps_per_round=10, batch_size=16),
+        pool_size=64, test_size=24, attribution_samples=32,
         authorised_steps=3, authorised_examples=64,
     )
     result = evaluate_defenses({"undefended": trained_tiny_types, "same": trained_tiny_types}, settings, tmp_path,

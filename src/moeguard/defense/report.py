@@ -225,9 +225,10 @@ def write_report(evaluation: DefenseEvaluation, out: Path) -> None:
     paths = {
         "utility": utility_figure(evaluation, figures / "utility.png"),
         "knowledge_loss": knowledge_figure(evaluation, figures / "knowledge_loss.png"),
-        "headstart_curves": headstart_curves_figure(evaluation, figures / "headstart_curves.png"),
-        "headstart_vs_utility": headstart_vs_utility_figure(evaluation, figures / "headstart_vs_utility.png"),
     }
+    if any(model.headstart for model in evaluation.models):  # every attack skipped: no curve to draw
+        paths["headstart_curves"] = headstart_curves_figure(evaluation, figures / "headstart_curves.png")
+        paths["headstart_vs_utility"] = headstart_vs_utility_figure(evaluation, figures / "headstart_vs_utility.png")
     evaluation.figures = {name: str(p) for name, p in paths.items()}
     write_json(out / RESULT_NAME, evaluation.to_dict())
     atomic_write_text(out / TABLE_NAME, markdown_tables(evaluation))
