@@ -10,16 +10,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of ``tensor`` (any dtype, any device) in row-major order."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
+from moeguard.errors import ModelError
+from moeguard.models.stored import digest_header, read_header, stored_digests
 
 
 def update_with_tensor(digest: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n".encode())
-    digest.update(tensor_bytes(tensor))
+    """Hash ``name|dtype|shape`` and the tensor's raw bytes in row-major order (any dtype, any device).
+
+    The bytes are hashed in place (a contiguous CPU tensor is not copied), so hashing a
+    model costs no memory beyond its weights.
+    """
+    digest.update(digest_header(name, tensor.dtype, tensor.shape))
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -66,16 +69,16 @@ def checkpoint_fingerprint(model_dir: str | Path) -> str:
     ``combine_digests`` of :func:`tensor_digest` over every tensor of every
     safetensors file, under its on-disk name. It differs from :func:`fingerprint`
     (the in-memory state dict, whose names, fused layout and dtype can differ from
-    the files) but needs no model in memory. Returns "" when there is no
+    the files) but needs no model in memory: the files are read as a stream
+    (:func:`moeguard.models.stored.stored_digests`). Returns "" when there is no
     safetensors checkpoint.
     """
-    from safetensors import safe_open
-
     digests: dict[str, str] = {}
     for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                digests[name] = tensor_digest(name, handle.get_tensor(name))
+        try:
+            digests.update(stored_digests(read_header(path)))
+        except (OSError, EOFError) as error:
+            raise ModelError(f"cannot read {path}: {error}. The file is damaged or truncated; copy it again.") from None
     return combine_digests(digests) if digests else ""
 
 

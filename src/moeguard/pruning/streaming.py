@@ -29,11 +29,9 @@ stopped; another job for the same output is refused until that state is deleted.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +43,11 @@ from tqdm.auto import tqdm
 import moeguard
 from moeguard.errors import FingerprintMismatchError, InputError, ModelError, MoeGuardError, UnsupportedModelError
 from moeguard.io import atomic_dir, check_output, write_json
-from moeguard.models.fingerprint import checkpoint_files, combine_digests, short, tensor_digest
+from moeguard.models.fingerprint import checkpoint_files, combine_digests, short
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.loading import check_model_source, load_tokenizer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
+from moeguard.models.stored import DTYPES, SafetensorsWriter, StoredFile, StoredTensor, digest_header, read_header, stream_tensors
 from moeguard.models.moe_model import MoEModel, ParameterCounts
 from moeguard.models.surgery import prune_in_place, shape_mismatches
 from moeguard.runs import Run, partial_path
@@ -66,39 +65,19 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 @dataclass(frozen=True)
-class StoredTensor:
-    """One tensor of a safetensors file, known from the file header alone."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-@dataclass(frozen=True)
 class Shard:
+    """One safetensors file of the checkpoint: its name in the directory and its header."""
+
     file: str
-    tensors: list[StoredTensor]
-    metadata: dict[str, str]
+    stored: StoredFile
 
+    @property
+    def tensors(self) -> list[StoredTensor]:
+        return self.stored.tensors
 
-def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
-    """The tensors (name, dtype, shape, size) and metadata of a safetensors file, without reading its data."""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path} is not a readable safetensors file ({error}).") from None
-    try:
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = [
-            StoredTensor(name, info["dtype"], tuple(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0])
-            for name, info in header.items()
-        ]
-    except (AttributeError, KeyError, TypeError, IndexError) as error:
-        raise ModelError(f"{path} is not a readable safetensors file (malformed header: {error}).") from None
-    return tensors, metadata
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.stored.metadata
 
 
 def read_checkpoint(model_dir: Path) -> list[Shard]:
@@ -115,11 +94,7 @@ def read_checkpoint(model_dir: Path) -> list[Shard]:
             "safetensors only. Prune in memory instead (without `streaming`), or re-save the model with save_pretrained.",
             arguments=("streaming",),
         )
-    shards = []
-    for path in files:
-        tensors, metadata = read_header(path)
-        shards.append(Shard(path.name, tensors, metadata))
-    return shards
+    return [Shard(path.name, read_header(path)) for path in files]
 
 
 def load_meta_moe(model_dir: str | Path, *, trust_remote_code: bool = False) -> MoEModel:
@@ -354,31 +329,68 @@ def _run_key(shards: Sequence[Shard], writes: dict[str, list[TensorWrite]], mode
     return digest.hexdigest()
 
 
-def _prune_shard(path: Path, writes: Sequence[TensorWrite], out_path: Path, metadata: dict[str, str]) -> dict[str, str]:
-    """Read one shard tensor by tensor, write its pruned copy; return the digests of the tensors read."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
+def _kept_ranges(tensor: StoredTensor, index: Sequence[int]) -> list[tuple[int, int]]:
+    """Byte ranges of a tensor holding the experts ``index`` along its first axis (adjacent ranges merged)."""
+    row = tensor.nbytes // tensor.shape[0]
+    ranges: list[tuple[int, int]] = []
+    for expert in index:
+        if ranges and ranges[-1][1] == expert * row:
+            ranges[-1] = (ranges[-1][0], (expert + 1) * row)
+        else:
+            ranges.append((expert * row, (expert + 1) * row))
+    return ranges
 
-    digests: dict[str, str] = {}
-    out: dict[str, torch.Tensor] = {}
+
+def _prune_shard(path: Path, shard: Shard, writes: Sequence[TensorWrite], out_path: Path) -> dict[str, str]:
+    """Stream one shard and write its pruned copy; return the digests of the tensors read.
+
+    Copied and renamed tensors pass through as bytes, as do experts sliced along the
+    first axis (kept rows are byte ranges); a slice along another axis is gathered and
+    cut in memory (routers and biases: small). Memory: the read-ahead buffers.
+    """
     by_source = {w.source: w for w in writes}
+    outputs = [written(t, by_source[t.name]) for t in shard.tensors if t.name in by_source]
+    digests: dict[str, str] = {}
+    digest = hashlib.sha256()
+    ranges: list[tuple[int, int]] = []
+    gathered = bytearray()
+    writer = SafetensorsWriter(out_path, outputs, shard.metadata or {"format": "pt"}) if outputs else None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                digests[name] = tensor_digest(name, tensor)
-                write = by_source.get(name)
-                if write is None:
-                    continue
-                if write.index is not None and write.axis is not None:
-                    index = torch.tensor(write.index, dtype=torch.long)
-                    tensor = tensor.index_select(write.axis, index)
-                out[write.name] = tensor.contiguous()
-                del tensor
-    except (SafetensorError, OSError) as error:
+        for tensor, position, piece in stream_tensors(shard.stored):
+            write = by_source.get(tensor.name)
+            if position == 0:
+                digest = hashlib.sha256(digest_header(tensor.name, DTYPES[tensor.dtype], tensor.shape))
+                if write is not None and write.index is not None:
+                    ranges = _kept_ranges(tensor, write.index) if write.axis == 0 else []
+                    gathered = bytearray() if write.axis != 0 else gathered
+            digest.update(piece)
+            end = position + len(piece)
+            if writer is not None and write is not None:
+                if write.index is None:
+                    writer.write(piece)
+                elif write.axis == 0:
+                    for first, last in ranges:
+                        if first < end and last > position:
+                            writer.write(piece[max(first, position) - position : min(last, end) - position])
+                else:
+                    gathered += piece
+            if end == tensor.nbytes:
+                digests[tensor.name] = digest.hexdigest()
+                if writer is not None and write is not None and write.index is not None and write.axis != 0:
+                    full = torch.frombuffer(gathered, dtype=DTYPES[tensor.dtype]).view(tensor.shape) if tensor.nbytes else \
+                        torch.empty(tensor.shape, dtype=DTYPES[tensor.dtype])
+                    writer.write_tensor(full.index_select(write.axis, torch.tensor(write.index, dtype=torch.long)))
+                    gathered = bytearray()
+    except (OSError, EOFError) as error:
+        if writer is not None:
+            writer.__exit__(type(error), error, None)
         raise ModelError(f"cannot read {path}: {error}. The shard is damaged or truncated; copy or download it again.") from None
-    if out:
-        save_file(out, str(out_path), metadata=metadata or {"format": "pt"})
+    except BaseException as error:
+        if writer is not None:
+            writer.__exit__(type(error), error, None)
+        raise
+    if writer is not None:
+        writer.close()
     return digests
 
 
@@ -461,7 +473,7 @@ def streaming_prune(
             out_name = out_names.get(shard.file)
             if shard.file in state["shards"] and (out_name is None or (partial / out_name).is_file()):
                 continue
-            digests = _prune_shard(model_dir / shard.file, writes[shard.file], partial / (out_name or "unused"), shard.metadata)
+            digests = _prune_shard(model_dir / shard.file, shard, writes[shard.file], partial / (out_name or "unused"))
             state["shards"][shard.file] = digests
             run.save_json(PROGRESS_NAME, state)
             logger.debug("pruned %s -> %s", shard.file, out_name)
