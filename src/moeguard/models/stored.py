@@ -17,9 +17,11 @@ bytes of JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` plus
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import struct
@@ -41,8 +43,10 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-CHUNK_BYTES = 16 << 20  # one read; a few of these are all a stream holds in memory
+CHUNK_BYTES = 16 << 20  # one read or write; a few of these are all a stream holds in memory
 READ_AHEAD = 3
+WRITE_BEHIND = 2
+ALIGNMENT = 4096  # of O_DIRECT offsets, lengths and buffers
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -125,37 +129,70 @@ def _drop_from_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def _round_up(value: int, multiple: int = ALIGNMENT) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _open_direct(path: Path, flags: int, mode: int = 0o644) -> tuple[int, bool]:
+    """``(fd, direct)``: ``path`` opened with ``O_DIRECT`` (no page cache) where the filesystem allows it."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, mode), True
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, mode), False
+
+
 def read_ahead(path: Path, start: int, end: int, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
     """Bytes ``start..end`` of ``path`` in consecutive chunks, read by a background thread.
 
-    Each chunk is valid until the next one is asked for (its buffer is then reused);
-    its pages are dropped from the page cache once it has been used.
+    Reads are aligned blocks with ``O_DIRECT`` where the filesystem supports it
+    (straight from the disk into page-aligned buffers, bypassing the page cache),
+    else buffered reads whose pages are dropped from the cache once used. Each chunk
+    is valid until the next one is asked for (its buffer is then reused).
     """
-    chunk_bytes = max(1, min(chunk_bytes, end - start))
-    fd = os.open(path, os.O_RDONLY)
-    if hasattr(os, "posix_fadvise"):
+    first = start // ALIGNMENT * ALIGNMENT
+    chunk_bytes = _round_up(max(1, min(chunk_bytes, end - first)))
+    fd, direct = _open_direct(path, os.O_RDONLY)
+    if not direct and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
     free: queue.Queue = queue.Queue()
     filled: queue.Queue = queue.Queue()
     for _ in range(READ_AHEAD + 1):
-        free.put(bytearray(chunk_bytes))
+        free.put(mmap.mmap(-1, chunk_bytes))  # page-aligned, as O_DIRECT needs
     stop = threading.Event()
+
+    def read_into(view: memoryview, offset: int) -> int:
+        nonlocal fd, direct
+        try:
+            return os.preadv(fd, [view], offset)
+        except OSError as error:
+            if not (direct and error.errno == errno.EINVAL):
+                raise
+            os.close(fd)  # this filesystem refuses direct reads after all: read through the page cache
+            fd, direct = os.open(path, os.O_RDONLY), False
+            return os.preadv(fd, [view], offset)
 
     def reader() -> None:
         try:
-            offset = start
+            offset = first
             while offset < end:
                 buffer = free.get()
                 if stop.is_set():
                     return
-                view = memoryview(buffer)[: min(chunk_bytes, end - offset)]
+                view = memoryview(buffer)[: min(chunk_bytes, _round_up(end - offset))]
                 done = 0
-                while done < len(view):
-                    count = os.preadv(fd, [view[done:]], offset + done)
+                while offset + done < end:
+                    count = read_into(view[done:], offset + done)
                     if count == 0:
                         raise EOFError(f"{path} ends at byte {offset + done}, before byte {end}")
                     done += count
-                filled.put((view, offset))
+                    if done == len(view):
+                        break
+                lower = max(start - offset, 0)
+                filled.put((view[lower : min(done, end - offset)], offset + lower, buffer))
                 offset += len(view)
             filled.put(None)
         except BaseException as error:  # handed to the consumer, which raises it
@@ -170,13 +207,14 @@ def read_ahead(path: Path, start: int, end: int, *, chunk_bytes: int = CHUNK_BYT
                 return
             if isinstance(item, BaseException):
                 raise item
-            view, offset = item
+            view, offset, buffer = item
             yield view
-            _drop_from_cache(fd, offset, len(view))
-            free.put(view.obj)
+            if not direct:
+                _drop_from_cache(fd, offset, len(view))
+            free.put(buffer)
     finally:
         stop.set()
-        free.put(bytearray(0))  # wakes a reader waiting for a buffer
+        free.put(mmap.mmap(-1, ALIGNMENT))  # wakes a reader waiting for a buffer
         thread.join()
         os.close(fd)
 
@@ -224,12 +262,18 @@ def stored_digests(stored: StoredFile, *, chunk_bytes: int = CHUNK_BYTES) -> dic
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file whose tensors are given up front: the header at once, then the data
-    of each tensor in the order given, by :meth:`write` calls of any size. :meth:`close` checks that
-    every byte arrived and makes the file durable (fsync); a writer left by an exception removes its file.
+    """Writes a safetensors file whose tensors are given up front: the header at once, then the data of
+    each tensor in the order given, by :meth:`write` calls of any size.
+
+    Bytes are gathered in page-aligned staging buffers that a background thread writes
+    with ``O_DIRECT`` where the filesystem supports it (so writing overlaps reading and
+    hashing, and nothing waits in the page cache to be flushed). :meth:`close` checks
+    that every byte arrived and makes the file durable (fsync); a writer left by an
+    exception removes its file.
     """
 
-    def __init__(self, path: Path, tensors: Sequence[StoredTensor], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, tensors: Sequence[StoredTensor], metadata: dict[str, str] | None = None,
+                 *, stage_bytes: int = CHUNK_BYTES) -> None:
         self.path = path
         header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
@@ -237,35 +281,93 @@ class SafetensorsWriter:
             header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
                                    "data_offsets": [offset, offset + tensor.nbytes]}
             offset += tensor.nbytes
-        self.expected = offset
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._write_all(struct.pack("<Q", len(encoded)) + encoded)
         self.data_start = 8 + len(encoded)
-        self.written = 0
+        self.size = self.data_start + offset
+        self.written = -self.data_start  # tensor bytes written so far
+        self.fd, self.direct = _open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.stage_bytes = _round_up(max(1, min(stage_bytes, self.size)))
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(WRITE_BEHIND + 1):
+            self.free.put(mmap.mmap(-1, self.stage_bytes))
+        self.pending: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.stage = self.free.get()
+        self.filled = 0
+        self.file_offset = 0
+        self.thread = threading.Thread(target=self._writer, name="moeguard-write-behind", daemon=True)
+        self.thread.start()
+        self.write(struct.pack("<Q", len(encoded)) + encoded)
 
-    def _write_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            view = view[os.write(self.fd, view):]
+    def _writer(self) -> None:
+        while (item := self.pending.get()) is not None:
+            buffer, length, offset = item
+            try:
+                if self.error is None:
+                    view = memoryview(buffer)[:length]
+                    done = 0
+                    while done < length:
+                        done += self._pwrite(view[done:], offset + done)
+                    view.release()
+            except BaseException as error:  # raised by the next write or close
+                self.error = error
+            self.free.put(buffer)
+
+    def _pwrite(self, view: memoryview, offset: int) -> int:
+        try:
+            return os.pwritev(self.fd, [view], offset)
+        except OSError as error:
+            if not (self.direct and error.errno == errno.EINVAL):
+                raise
+            os.close(self.fd)  # this filesystem refuses direct writes after all: write through the page cache
+            self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
+            return os.pwritev(self.fd, [view], offset)
+
+    def _flush(self, length: int) -> None:
+        """Hand the staging buffer (``length`` bytes, padded to the alignment) to the writer thread."""
+        if self.error is not None:
+            raise self.error
+        self.pending.put((self.stage, _round_up(length), self.file_offset))
+        self.file_offset += self.stage_bytes
+        self.stage = self.free.get()
+        self.filled = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._write_all(data)
-        self.written += memoryview(data).nbytes
+        view = memoryview(data).cast("B")
+        self.written += len(view)
+        while len(view):
+            count = min(len(view), self.stage_bytes - self.filled)
+            self.stage[self.filled : self.filled + count] = view[:count]
+            self.filled += count
+            view = view[count:]
+            if self.filled == self.stage_bytes:
+                self._flush(self.stage_bytes)
 
     def write_tensor(self, tensor: torch.Tensor) -> None:
         """The bytes of a whole tensor (contiguous, little-endian, as safetensors stores it)."""
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         self.write(memoryview(flat.view(torch.uint8).numpy()))
 
+    def _stop(self) -> None:
+        self.pending.put(None)
+        self.thread.join()
+
     def close(self) -> None:
         try:
-            if self.written != self.expected:
+            if self.filled:
+                self._flush(self.filled)
+            self._stop()
+            if self.error is not None:
+                raise self.error
+            expected = self.size - self.data_start
+            if self.written != expected:
                 raise ModelError(f"{self.path}: {self.written} bytes of tensor data were written, the header "
-                                 f"announces {self.expected}; the file is incomplete.")
+                                 f"announces {expected}; the file is incomplete.")
+            os.ftruncate(self.fd, self.size)  # the last aligned block was padded
             os.fsync(self.fd)
-            _drop_from_cache(self.fd, 0, self.data_start + self.written)
+            if not self.direct:
+                _drop_from_cache(self.fd, 0, self.size)
         finally:
             os.close(self.fd)
 
@@ -276,5 +378,6 @@ class SafetensorsWriter:
         if kind is None:
             self.close()
             return
+        self._stop()
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
