@@ -69,14 +69,15 @@ def child(args: argparse.Namespace) -> None:
     for layer in meta.layers:
         stride = layer.num_experts // args.keep
         plan[layer.index] = [i * stride for i in range(args.keep)]  # evenly spread: balanced over expert groups
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     streaming_prune(source, plan, out, progress=False)
     for path in sorted(out.glob("*.safetensors")):  # durable, as the prune after this change makes it itself
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     seconds = time.perf_counter() - start
-    emit({"mode": "prune", "seconds": seconds, "read": directory_bytes(source), "written": directory_bytes(out)})
+    emit({"mode": "prune", "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "read": directory_bytes(source),
+          "written": directory_bytes(out)})
 
 
 def main() -> None:
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(PLANS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", default=None, help="source tree of the code before the change, measured beside it")
+    parser.add_argument("--before-repeats", type=int, default=None, help="repeats of the code before (default: --repeats)")
     parser.add_argument("--moe-layers", type=int, default=None, help="override the MoE layers of every shape (a quick check)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete the checkpoints at the end")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -122,6 +124,8 @@ def main() -> None:
             runs["write"].append(write_bytes / write_seconds)
             runs["baseline"].append(run_child(script, ["--mode", "baseline", "--source", str(source)])["peak_rss"])
             for version, src in versions.items():
+                if version == "before" and repeat >= (args.before_repeats or args.repeats):
+                    continue
                 for keep in keeps:
                     remove(out)
                     drop_cached([source])
@@ -130,7 +134,8 @@ def main() -> None:
                                                 "--keep", str(keep)], src=src)
                     result["cached_before"] = cold
                     runs.setdefault(f"{version} keep {keep}", []).append(result)
-                    print(f"  repeat {repeat}: {version} keep {keep}: {result['seconds']:.1f} s, peak "
+                    print(f"  repeat {repeat}: {version} keep {keep}: {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} s "
+                          f"CPU), peak "
                           f"{result['peak_rss'] / 1e9:.2f} GB (cached before: {cold:.1%}); disk read "
                           f"{runs['read'][-1] / 1e9:.2f} GB/s, write {runs['write'][-1] / 1e9:.2f} GB/s", flush=True)
                     remove(out)
@@ -146,6 +151,7 @@ def main() -> None:
                     "written": results[0]["written"], "seconds": median(r["seconds"] for r in results),
                     "throughput": median((r["read"] + r["written"]) / r["seconds"] for r in results),
                     "disk_bound_seconds": median(bound), "ratio_to_disk": median(ratios),
+                    "cpu_seconds": median(r["cpu_seconds"] for r in results),
                     "peak_rss": median(r["peak_rss"] for r in results),
                     "peak_over_largest_shard": median(r["peak_rss"] for r in results) / shard,
                     "above_baseline_over_largest_shard": (median(r["peak_rss"] for r in results) - baseline) / shard,
@@ -156,11 +162,11 @@ def main() -> None:
                                    "rows": rows, "runs": runs}
         print(f"  disk: read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s (medians); baseline process "
               f"{baseline / 1e6:.0f} MB; load average {min(loads):.1f}-{max(loads):.1f}")
-        print(f"  {'version':<7} {'keep':>5} {'read GB':>8} {'written GB':>10} {'s':>7} {'GB/s':>6} {'/ disk':>7} "
-              f"{'peak GB':>8} {'/ shard':>8}")
+        print(f"  {'version':<7} {'keep':>5} {'read GB':>8} {'written GB':>10} {'s':>7} {'CPU s':>6} {'GB/s':>6} "
+              f"{'/ disk':>7} {'peak GB':>8} {'/ shard':>8}")
         for row in rows:
             print(f"  {row['version']:<7} {row['keep']:>5} {row['read'] / 1e9:>8.2f} {row['written'] / 1e9:>10.2f} "
-                  f"{row['seconds']:>7.1f} {row['throughput'] / 1e9:>6.2f} {row['ratio_to_disk']:>7.2f} "
+                  f"{row['seconds']:>7.1f} {row['cpu_seconds']:>6.1f} {row['throughput'] / 1e9:>6.2f} {row['ratio_to_disk']:>7.2f} "
                   f"{row['peak_rss'] / 1e9:>8.2f} {row['peak_over_largest_shard']:>8.2f}", flush=True)
         save_results("prune", report)
         if not args.keep_checkpoints:

@@ -12,7 +12,8 @@ from moeguard.attribution import CRITERIA, collect_attribution, scores
 from moeguard.attribution.statistics import coactivation_counts
 from moeguard.attribution.summary import overlap
 from moeguard.errors import DataError, InputError
-from moeguard.models import MoEModel
+from moeguard.models import MoEModel, routing
+from moeguard.models.routing import pair_outputs
 from moeguard.models.surgery import prune_in_place
 from moeguard.training import lm_loss
 from moeguard.zoo import TINY_DEMO
@@ -81,20 +82,42 @@ def test_reap_and_ean_equal_their_formulas_against_a_dense_reference():
         assert torch.allclose(scores(attribution, "ean")[layer.index], expected_ean, rtol=1e-4)
 
 
-def test_expert_outputs_are_computed_for_routed_tokens_only():
+def experts_calls(moe):
+    """The number of rows of every call of every experts module (a hook registered before any capture)."""
+    rows = []
+    handles = [layer.experts.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+               for layer in moe.layers]
+    return rows, handles
+
+
+def test_reap_runs_the_experts_once_per_layer_and_batch():
     moe = tiny_moe("qwen3_moe")
     b = batch(0)
-    rows = []
-    original = moe.expert_outputs
+    rows, handles = experts_calls(moe)
+    collect_attribution(moe, [b], criteria=["reap"], progress=False)
+    for handle in handles:
+        handle.remove()
+    assert rows == [b["input_ids"].numel()] * moe.num_layers  # the ordinary call only: no second pass
+
+
+def test_reap_with_eager_experts_computes_expert_outputs_for_routed_tokens_only(monkeypatch):
+    moe = tiny_moe("qwen3_moe")
+    moe.model.set_experts_implementation("eager")  # a per-expert loop: its output cannot be formed from pairs
+    b = batch(0)
+    second_pass = []
 
     def spy(layer, hidden_states, top_k_index):
-        rows.append((hidden_states.shape[0], tuple(top_k_index.shape)))
-        return original(layer, hidden_states, top_k_index)
+        second_pass.append(tuple(top_k_index.shape))
+        return pair_outputs(layer, hidden_states, top_k_index)
 
-    moe.expert_outputs = spy
-    collect_attribution(moe, [b], tokens="all", criteria=["reap"], progress=False)
+    monkeypatch.setattr(routing, "pair_outputs", spy)
+    eager = collect_attribution(moe, [b], criteria=["reap"], progress=False)
+    monkeypatch.undo()
     non_pad = int(b["attention_mask"].sum())
-    assert rows == [(non_pad, (non_pad, moe.top_k[0]))] * moe.num_layers
+    assert second_pass == [(non_pad, moe.top_k[0])] * moe.num_layers
+    moe.model.set_experts_implementation("grouped_mm")
+    one_pass = collect_attribution(moe, [b], criteria=["reap"], progress=False)
+    assert torch.allclose(eager.total("weighted_norm"), one_pass.total("weighted_norm"), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- steered routers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import padded_batch, tiny_moe
@@ -97,3 +98,31 @@ def test_expert_outputs_reconstruct_the_layer_output(family):
         per_expert = moe.expert_outputs(event.layer.index, event.hidden_states, event.top_k_index)
         combined = (per_expert * event.top_k_weights.unsqueeze(-1).to(per_expert.dtype)).sum(1)
         assert torch.allclose(combined, outputs[event.layer.index], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capturing_expert_outputs_leaves_the_logits_bit_for_bit_unchanged(family, dtype):
+    moe = tiny_moe(family)
+    moe.model.to(dtype)
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        plain = moe.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        events = []
+        with moe.capture_routing(keep=False, on_route=events.append, expert_outputs=True):
+            captured = moe.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(plain, captured)
+    assert len(events) == moe.num_layers
+
+
+def test_captured_expert_outputs_are_each_routed_expert_applied_alone(family):
+    moe = tiny_moe(family)
+    input_ids, attention_mask = padded_batch()
+    events = []
+    with torch.no_grad(), moe.capture_routing(keep=False, on_route=events.append, expert_outputs=True):
+        moe.model(input_ids=input_ids, attention_mask=attention_mask)
+    non_pad = int(attention_mask.sum())
+    for event in events:
+        assert event.expert_outputs.shape == (non_pad, event.layer.top_k, event.hidden_states.shape[-1])
+        with torch.no_grad():
+            alone = moe.expert_outputs(event.layer.index, event.hidden_states, event.top_k_index)
+        assert torch.allclose(event.expert_outputs, alone, atol=1e-6, rtol=1e-5)

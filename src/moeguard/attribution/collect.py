@@ -14,6 +14,7 @@ directory and resumes from it when run again over the same batches.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -118,7 +119,8 @@ class StatisticsAccumulator:
         sums["gate_mass"][:, layer] += sum_by_expert(index, part, self.width, weights)
         self.coactivation[layer] += coactivation_counts(index, self.width)
         if self.norms and index.shape[0]:
-            norms = output_norms(self.moe.expert_outputs(layer, event.hidden_states, index))
+            outputs = event.expert_outputs
+            norms = output_norms(outputs if outputs is not None else self.moe.expert_outputs(layer, event.hidden_states, index))
             sums["output_norm"][:, layer] += sum_by_expert(index, part, self.width, norms)
             sums["weighted_norm"][:, layer] += sum_by_expert(index, part, self.width, norms * weights.float())
 
@@ -262,9 +264,9 @@ def _collect_batch(
     part = example_parts(batch, int(accumulator.sums["samples"].sum()))
     accumulator.row_part = part
     inputs = model_inputs(batch)
-    with moe.capture_routing(keep=False, on_route=accumulator.on_route) as capture:
+    with moe.capture_routing(keep=False, on_route=accumulator.on_route, expert_outputs=accumulator.norms) as capture:
         capture.selection = selection
-        output = moe.model(**inputs)
+        output = moe.model(**inputs, **({} if units else last_logits_only(moe.model)))
     accumulator.sums["samples"] += tokens_by_part(part)
     accumulator.batches += 1
     if not units:
@@ -280,6 +282,12 @@ def _collect_batch(
         with moe.mask_experts(unit.keep):
             logits = moe.model(**inputs).logits
         accumulator.add_ablation(unit, loss_by_part(logits, labels, part)[0])
+
+
+def last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """Keyword arguments that make a causal LM compute the logits of the last position only (routing needs
+    none; a full ``[batch, seq, vocab]`` of logits is the largest activation at real vocabulary sizes)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _check_not_empty(attribution: Attribution, tokens: str) -> None:

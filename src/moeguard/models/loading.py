@@ -172,7 +172,7 @@ def resolve_device(name: str | None) -> str:
 def load_moe_on(
     source: str | os.PathLike,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,

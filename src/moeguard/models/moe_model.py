@@ -22,7 +22,7 @@ from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.layers import MoELayer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.prompting import PromptFormat
-from moeguard.models.routing import RoutingCapture, RoutingEvent
+from moeguard.models.routing import RoutingCapture, RoutingEvent, pair_outputs
 from moeguard.models.surgery import RouterRestriction, prune_in_place, shape_mismatches
 
 log = logging.getLogger("moeguard.models")
@@ -166,10 +166,11 @@ class MoEModel:
     # ------------------------------------------------------------ routing
     @contextmanager
     def capture_routing(
-        self, *, keep: bool = True, on_route: Callable[[RoutingEvent], None] | None = None
+        self, *, keep: bool = True, on_route: Callable[[RoutingEvent], None] | None = None, expert_outputs: bool = False,
     ) -> Iterator[RoutingCapture]:
-        """Record, per MoE layer, the routing decisions the model uses (padding excluded)."""
-        capture = RoutingCapture(self.model, self.layers, keep=keep, on_route=on_route)
+        """Record, per MoE layer, the routing decisions the model uses (padding excluded); with
+        ``expert_outputs`` the events carry each routed expert's own output (:class:`RoutingCapture`)."""
+        capture = RoutingCapture(self.model, self.layers, keep=keep, on_route=on_route, expert_outputs=expert_outputs)
         capture.attach()
         try:
             yield capture
@@ -204,12 +205,7 @@ class MoEModel:
         Computes only the routed (token, expert) pairs, by calling the layer's own
         experts module with each pair as a top-1 route of weight 1 (hooks bypassed).
         """
-        experts = self.layers[layer].experts
-        num_tokens, k = top_k_index.shape
-        repeated = hidden_states.repeat_interleave(k, dim=0)
-        flat_index = top_k_index.reshape(-1, 1)
-        ones = torch.ones(flat_index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        return experts.forward(repeated, flat_index, ones).view(num_tokens, k, -1)
+        return pair_outputs(self.layers[layer], hidden_states, top_k_index).view(*top_k_index.shape, -1)
 
     # ------------------------------------------------------------ surgery
     def prune(self, keep: KeepSets, *, selection: dict[str, Any] | None = None) -> PruneManifest:

@@ -18,7 +18,8 @@ class LoadOptions:
     """Where and how a model's weights are loaded (see :func:`moeguard.models.loading.load_moe_on`), and
     how its prompts are written (:class:`PromptFormat`)."""
 
-    dtype: str = setting("float32", "weight dtype to load ('auto': the checkpoint's own)", choices=DTYPES)
+    dtype: str = setting("auto", "weight dtype to load ('auto': the checkpoint's own, so a bfloat16 checkpoint "
+                                 "takes the memory of its files, not twice that in float32)", choices=DTYPES)
     device: str | None = setting(None, "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)")
     device_map: str | None = setting(None, "from_pretrained device_map, e.g. 'auto' to spread a large model over devices")
     trust_remote_code: bool = setting(False, "allow code from the model repository")

@@ -8,6 +8,15 @@ biases or group limits, and some families do not return logits at all.
 Padding is excluded with the attention mask of the running forward pass, read by a
 pre-hook on the top-level model. During cached generation the mask covers past and
 current positions; its last ``seq_len`` columns belong to the current tokens.
+
+Each routed expert's own output ``y_{t,i}`` (for REAP-like statistics) is computed in
+the same pass where the experts module allows it: transformers' ``grouped_mm`` and
+``batched_mm`` experts compute every routed pair's output and then
+``out_t = sum_i w_{t,i} y_{t,i}`` over the slots in order, so the capture calls them
+once with every pair as a top-1 route of weight 1 (``y`` for all pairs, the work of
+the ordinary call) and forms ``out`` itself from ``y`` with the same operations: the
+block output is bit for bit the ordinary one, at no second pass. Other experts
+modules get their pairs' outputs from a second call on the selected tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +49,34 @@ class RoutingEvent:
     top_k_weights: torch.Tensor
     hidden_states: torch.Tensor
     token_positions: torch.Tensor
+    expert_outputs: torch.Tensor | None = None  # [n, k, H] unweighted y_{t,i}, when the capture computes them
+
+
+def pair_outputs(layer: MoELayer, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    """``[n * k, H]``: every routed pair's unweighted output, by calling the layer's experts module once with
+    each ``(token, expert)`` pair as a top-1 route of weight 1 (module hooks bypassed)."""
+    k = top_k_index.shape[1]
+    repeated = hidden_states.repeat_interleave(k, dim=0)
+    flat_index = top_k_index.reshape(-1, 1)
+    ones = torch.ones(flat_index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    return layer.experts.forward(repeated, flat_index, ones)
+
+
+def combines_pair_outputs(layer: MoELayer) -> bool:
+    """Whether the layer's experts module forms its output as ``sum_i w_{t,i} y_{t,i}`` over the slots in order
+    from per-pair outputs (transformers' ``grouped_mm`` / ``batched_mm`` experts implementations)."""
+    experts = layer.experts
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    return hasattr(experts, "has_gate") and not getattr(experts, "_is_expert_parallel", False) and \
+        implementation in ("grouped_mm", "batched_mm")
+
+
+def combine_pair_outputs(outputs: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out_t = sum_i w_{t,i} y_{t,i}`` from ``outputs [n * k, H]`` and ``top_k_weights [n, k]``, with the
+    operations (and so the rounding) of transformers' grouped / batched experts implementations."""
+    num_tokens, k = top_k_weights.shape
+    weighted = outputs * top_k_weights.reshape(-1).unsqueeze(-1)
+    return weighted.view(num_tokens, k, outputs.shape[-1]).sum(dim=1).to(dtype)
 
 
 def routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,6 +106,9 @@ class RoutingCapture:
     ``selection``, when set to a ``[batch, seq]`` boolean tensor, replaces the
     attention mask as the set of tokens recorded by the following forward calls
     (for example, answer tokens only).
+
+    With ``expert_outputs=True`` every event carries the selected pairs' unweighted
+    expert outputs (see the module docstring for how they are computed in the same pass).
     """
 
     def __init__(
@@ -78,11 +118,14 @@ class RoutingCapture:
         *,
         keep: bool = True,
         on_route: Callable[[RoutingEvent], None] | None = None,
+        expert_outputs: bool = False,
     ) -> None:
         self.model = model
         self.layers = list(layers)
         self.keep = keep
         self.on_route = on_route
+        self.expert_outputs = expert_outputs
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.selection: torch.Tensor | None = None
         self._current_mask: torch.Tensor | None = None
         self._index: list[list[torch.Tensor]] = [[] for _ in self.layers]
@@ -113,7 +156,9 @@ class RoutingCapture:
             self._current_mask = mask[:, -seq_len:].to(device=reference.device, dtype=torch.bool)
 
     def _experts_pre_hook(self, layer: MoELayer) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        one_pass = self.expert_outputs and combines_pair_outputs(layer)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             hidden, index, weights = routing_arguments(args, kwargs)
             mask = self._current_mask
             if mask is None:
@@ -133,11 +178,37 @@ class RoutingCapture:
             if self.keep:
                 self._index[layer.index].append(selected_index)
                 self._weights[layer.index].append(selected_weights)
-            if self.on_route is not None:
-                positions = mask.nonzero()
-                self.on_route(
-                    RoutingEvent(layer, selected_index, selected_weights, hidden.detach().index_select(0, rows), positions)
-                )
+            if self.on_route is None:
+                return None
+            selected_hidden = hidden.detach().index_select(0, rows)
+            positions = mask.nonzero()
+            weight_dtype = next(t.get().dtype for t in layer.tensors("experts") if not t.is_buffer)
+            if one_pass and hidden.dtype == weight_dtype:
+                # Every pair as a top-1 route of weight 1; the forward hook forms the block output.
+                self._pending[layer.index] = (index, weights, rows, positions, hidden)
+                k = index.shape[1]
+                repeated = hidden.repeat_interleave(k, dim=0)
+                ones = torch.ones((index.numel(), 1), dtype=hidden.dtype, device=hidden.device)
+                return (repeated, index.reshape(-1, 1), ones), {}
+            outputs = None
+            if self.expert_outputs and rows.numel():
+                with torch.no_grad():
+                    outputs = pair_outputs(layer, selected_hidden, selected_index).view(*selected_index.shape, -1)
+            self.on_route(RoutingEvent(layer, selected_index, selected_weights, selected_hidden, positions, outputs))
+            return None
+
+        return hook
+
+    def _experts_hook(self, layer: MoELayer) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            pending = self._pending.pop(layer.index, None)
+            if pending is None:
+                return None
+            index, weights, rows, positions, hidden = pending
+            pairs = output.detach().view(*index.shape, -1).index_select(0, rows)
+            self.on_route(RoutingEvent(layer, index.detach().index_select(0, rows), weights.detach().index_select(0, rows),
+                                       hidden.detach().index_select(0, rows), positions, pairs))
+            return combine_pair_outputs(output, weights, hidden.dtype)
 
         return hook
 
@@ -147,11 +218,16 @@ class RoutingCapture:
             self._handles.append(
                 layer.experts.register_forward_pre_hook(self._experts_pre_hook(layer), with_kwargs=True)
             )
+            if self.expert_outputs and self.on_route is not None and combines_pair_outputs(layer):
+                self._handles.append(
+                    layer.experts.register_forward_hook(self._experts_hook(layer), with_kwargs=True, always_call=True)
+                )
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pending.clear()
 
     # ---------------------------------------------------------------- results
     def indices(self, layer: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 CHUNK_BYTES = 16 << 20  # one read or write; a few of these are all a stream holds in memory
-READ_AHEAD = 3
+READERS = 2
+BUFFERS_PER_READER = 3
 WRITE_BEHIND = 2
+HASH_WORKERS = 2
 ALIGNMENT = 4096  # of O_DIRECT offsets, lengths and buffers
 MAX_HEADER_BYTES = 100 << 20
 
@@ -145,120 +147,230 @@ def _open_direct(path: Path, flags: int, mode: int = 0o644) -> tuple[int, bool]:
     return os.open(path, flags, mode), False
 
 
-def read_ahead(path: Path, start: int, end: int, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
-    """Bytes ``start..end`` of ``path`` in consecutive chunks, read by a background thread.
+def _open_for_reading(path: Path) -> tuple[int, bool]:
+    """``(fd, direct)``: opened with ``O_DIRECT`` if the filesystem takes direct reads (probed with one read)."""
+    fd, direct = _open_direct(path, os.O_RDONLY)
+    if direct:
+        probe = mmap.mmap(-1, ALIGNMENT)
+        try:
+            os.preadv(fd, [probe], 0)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                os.close(fd)
+                raise
+            os.close(fd)
+            fd, direct = os.open(path, os.O_RDONLY), False
+        finally:
+            probe.close()
+    return fd, direct
 
-    Reads are aligned blocks with ``O_DIRECT`` where the filesystem supports it
-    (straight from the disk into page-aligned buffers, bypassing the page cache),
-    else buffered reads whose pages are dropped from the cache once used. Each chunk
-    is valid until the next one is asked for (its buffer is then reused).
+
+def read_ahead(path: Path, start: int, end: int, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[memoryview, Callable[[], None]]]:
+    """Bytes ``start..end`` of ``path`` in consecutive ``(chunk, release)`` pairs, read ahead by background threads.
+
+    ``READERS`` threads read every ``READERS``-th block, so that as many requests are
+    in flight (one request at a time leaves a virtual disk idle between them). Reads
+    are aligned blocks with ``O_DIRECT`` where the filesystem supports it (straight
+    from the disk into page-aligned buffers, bypassing the page cache), else buffered
+    reads whose pages are dropped from the cache once used. A chunk is valid until
+    ``release()`` is called; each reader has ``BUFFERS_PER_READER`` buffers and waits
+    for releases, which bounds the memory.
     """
     first = start // ALIGNMENT * ALIGNMENT
     chunk_bytes = _round_up(max(1, min(chunk_bytes, end - first)))
-    fd, direct = _open_direct(path, os.O_RDONLY)
+    blocks = -(-(end - first) // chunk_bytes)
+    readers = max(1, min(READERS, blocks))
+    fd, direct = _open_for_reading(path)
     if not direct and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
-    free: queue.Queue = queue.Queue()
-    filled: queue.Queue = queue.Queue()
-    for _ in range(READ_AHEAD + 1):
-        free.put(mmap.mmap(-1, chunk_bytes))  # page-aligned, as O_DIRECT needs
+    free: list[queue.Queue] = [queue.Queue() for _ in range(readers)]
+    for pool in free:
+        for _ in range(BUFFERS_PER_READER):
+            pool.put(mmap.mmap(-1, chunk_bytes))  # page-aligned, as O_DIRECT needs
     stop = threading.Event()
+    ready: dict[int, Any] = {}  # block number -> (view, offset, buffer); -1 -> a reader's error
+    arrived = threading.Condition()
 
-    def read_into(view: memoryview, offset: int) -> int:
-        nonlocal fd, direct
+    def reader(number: int) -> None:
         try:
-            return os.preadv(fd, [view], offset)
-        except OSError as error:
-            if not (direct and error.errno == errno.EINVAL):
-                raise
-            os.close(fd)  # this filesystem refuses direct reads after all: read through the page cache
-            fd, direct = os.open(path, os.O_RDONLY), False
-            return os.preadv(fd, [view], offset)
-
-    def reader() -> None:
-        try:
-            offset = first
-            while offset < end:
-                buffer = free.get()
+            for block in range(number, blocks, readers):
+                buffer = free[number].get()
                 if stop.is_set():
                     return
+                offset = first + block * chunk_bytes
                 view = memoryview(buffer)[: min(chunk_bytes, _round_up(end - offset))]
                 done = 0
-                while offset + done < end:
-                    count = read_into(view[done:], offset + done)
+                while offset + done < end and done < len(view):
+                    count = os.preadv(fd, [view[done:]], offset + done)
                     if count == 0:
                         raise EOFError(f"{path} ends at byte {offset + done}, before byte {end}")
                     done += count
-                    if done == len(view):
-                        break
                 lower = max(start - offset, 0)
-                filled.put((view[lower : min(done, end - offset)], offset + lower, buffer))
-                offset += len(view)
-            filled.put(None)
+                with arrived:
+                    ready[block] = (view[lower : min(done, end - offset)], offset + lower, buffer)
+                    arrived.notify_all()
         except BaseException as error:  # handed to the consumer, which raises it
-            filled.put(error)
+            with arrived:
+                ready[-1] = error
+                arrived.notify_all()
 
-    thread = threading.Thread(target=reader, name="moeguard-read-ahead", daemon=True)
-    thread.start()
+    closing = threading.Lock()  # a chunk released after the end must not touch the closed descriptor
+    closed = False
+
+    def releaser(block: int, offset: int, length: int, buffer: mmap.mmap) -> Callable[[], None]:
+        def release() -> None:
+            with closing:
+                if not direct and not closed:
+                    _drop_from_cache(fd, offset, length)
+            free[block % readers].put(buffer)
+        return release
+
+    threads = [threading.Thread(target=reader, args=(n,), name="moeguard-read-ahead", daemon=True) for n in range(readers)]
+    for thread in threads:
+        thread.start()
     try:
-        while True:
-            item = filled.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            view, offset, buffer = item
-            yield view
-            if not direct:
-                _drop_from_cache(fd, offset, len(view))
-            free.put(buffer)
+        for block in range(blocks):
+            with arrived:
+                while block not in ready and -1 not in ready:
+                    arrived.wait()
+                if -1 in ready:
+                    raise ready.pop(-1)
+                view, offset, buffer = ready.pop(block)
+            yield view, releaser(block, offset, len(view), buffer)
     finally:
         stop.set()
-        free.put(mmap.mmap(-1, ALIGNMENT))  # wakes a reader waiting for a buffer
-        thread.join()
-        os.close(fd)
+        for pool in free:
+            pool.put(mmap.mmap(-1, ALIGNMENT))  # wakes a reader waiting for a buffer
+        for thread in threads:
+            thread.join()
+        with closing:
+            closed = True
+            os.close(fd)
 
 
-def stream_tensors(stored: StoredFile, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[StoredTensor, int, memoryview]]:
-    """``(tensor, position in the tensor, bytes)`` pieces of every tensor of ``stored``, in data order.
+class _Hasher(threading.Thread):
+    """Hashes the pieces of its share of the tensors, in order; releases a chunk's hold when done with it."""
+
+    def __init__(self, digests: dict[str, str]) -> None:
+        super().__init__(name="moeguard-hash", daemon=True)
+        self.jobs: queue.Queue = queue.Queue()
+        self.digests = digests
+        self.error: BaseException | None = None
+        self.current = hashlib.sha256()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            pieces, done = job
+            try:
+                if self.error is None:
+                    for tensor, position, piece in pieces:
+                        if position == 0:
+                            self.current = hashlib.sha256(digest_header(tensor.name, DTYPES[tensor.dtype], tensor.shape))
+                        self.current.update(piece)
+                        if position + len(piece) == tensor.nbytes:
+                            self.digests[tensor.name] = self.current.hexdigest()
+            except BaseException as error:  # raised by the stream
+                self.error = error
+            done()
+
+
+class TensorStream:
+    """The tensors of a safetensors file as ``(tensor, position in the tensor, bytes)`` pieces in data order,
+    each tensor's SHA-256 (:func:`digest_header` + its bytes) computed on the way by ``workers`` threads.
 
     A tensor arrives in one or more consecutive pieces (an empty tensor in one empty
-    piece); each piece is valid until the next one is asked for.
+    piece); a piece is valid until the next one is asked for. Tensors are shared out to
+    the hashing threads by size, so hashing uses every core while the next chunks are
+    read. :attr:`digests` is complete once the iteration has ended.
     """
-    start = stored.data_start
-    chunks = read_ahead(stored.path, start, start + stored.data_bytes, chunk_bytes=chunk_bytes) if stored.data_bytes else iter(())
-    current = memoryview(b"")
-    try:
-        for tensor in stored.tensors:
-            if tensor.nbytes == 0:
-                yield tensor, 0, memoryview(b"")
-                continue
-            position = 0
-            while position < tensor.nbytes:
-                if not len(current):
-                    current = next(chunks)
-                piece = current[: tensor.nbytes - position]
-                current = current[len(piece):]
-                yield tensor, position, piece
+
+    def __init__(self, stored: StoredFile, *, workers: int = HASH_WORKERS, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.stored = stored
+        self.chunk_bytes = chunk_bytes
+        self.digests: dict[str, str] = {}
+        self.owner: dict[str, int] = {}
+        load = [0] * max(1, workers)
+        for tensor in stored.tensors:  # the least loaded thread takes the next tensor
+            worker = load.index(min(load))
+            self.owner[tensor.name] = worker
+            load[worker] += tensor.nbytes + 4096
+        self.workers = len(load)
+
+    def _pieces(self, chunks: Iterator[tuple[memoryview, Callable[[], None]]]) -> Iterator[
+            tuple[list[tuple[StoredTensor, int, memoryview]], Callable[[], None]]]:
+        """The pieces of each chunk, with the chunk's release."""
+        tensors = iter(self.stored.tensors)
+        tensor, position = next(tensors, None), 0
+        for chunk, release in chunks:
+            pieces = []
+            while len(chunk):
+                while tensor is not None and tensor.nbytes == 0:
+                    pieces.append((tensor, 0, memoryview(b"")))
+                    tensor, position = next(tensors, None), 0
+                piece = chunk[: tensor.nbytes - position]
+                chunk = chunk[len(piece):]
+                pieces.append((tensor, position, piece))
                 position += len(piece)
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+                if position == tensor.nbytes:
+                    tensor, position = next(tensors, None), 0
+            yield pieces, release
+        tail = []
+        while tensor is not None:  # empty tensors after the last byte
+            tail.append((tensor, 0, memoryview(b"")))
+            tensor = next(tensors, None)
+        if tail:
+            yield tail, lambda: None
+
+    def __iter__(self) -> Iterator[tuple[StoredTensor, int, memoryview]]:
+        start = self.stored.data_start
+        size = self.stored.data_bytes
+        chunks = read_ahead(self.stored.path, start, start + size, chunk_bytes=self.chunk_bytes) if size else iter(())
+        hashers = [_Hasher(self.digests) for _ in range(self.workers)]
+        for hasher in hashers:
+            hasher.start()
+        try:
+            for pieces, release in self._pieces(chunks):
+                shares: list[list] = [[] for _ in hashers]
+                for item in pieces:
+                    shares[self.owner[item[0].name]].append(item)
+                holds = [sum(1 for share in shares if share) + 1]  # the hashers with work here, and this loop
+                lock = threading.Lock()
+
+                def done(holds: list[int] = holds, lock: threading.Lock = lock, release: Callable = release) -> None:
+                    with lock:
+                        holds[0] -= 1
+                        last = holds[0] == 0
+                    if last:
+                        release()
+
+                for hasher, share in zip(hashers, shares):
+                    if share:
+                        hasher.jobs.put((share, done))
+                yield from pieces
+                done()
+                for hasher in hashers:
+                    if hasher.error is not None:
+                        raise hasher.error
+        finally:
+            for hasher in hashers:
+                hasher.jobs.put(None)
+            for hasher in hashers:
+                hasher.join()
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        for hasher in hashers:
+            if hasher.error is not None:
+                raise hasher.error
 
 
 def stored_digests(stored: StoredFile, *, chunk_bytes: int = CHUNK_BYTES) -> dict[str, str]:
     """SHA-256 of every tensor of a safetensors file, as :func:`moeguard.models.fingerprint.tensor_digest`
     computes it for the loaded tensor (name, dtype, shape, then the bytes), read as a stream."""
-    digests: dict[str, str] = {}
-    digest = hashlib.sha256()
-    for tensor, position, piece in stream_tensors(stored, chunk_bytes=chunk_bytes):
-        if position == 0:
-            digest = hashlib.sha256(digest_header(tensor.name, DTYPES[tensor.dtype], tensor.shape))
-        digest.update(piece)
-        if position + len(piece) == tensor.nbytes:
-            digests[tensor.name] = digest.hexdigest()
-    return digests
+    stream = TensorStream(stored, chunk_bytes=chunk_bytes)
+    for _ in stream:
+        pass
+    return stream.digests
 
 
 class SafetensorsWriter:
@@ -354,22 +466,25 @@ class SafetensorsWriter:
         self.thread.join()
 
     def close(self) -> None:
+        """Finish the file (durable on return); an incomplete or failed one is removed and the error raised."""
         try:
+            expected = self.size - self.data_start
+            if self.written != expected:
+                raise ModelError(f"{self.path}: {self.written} bytes of tensor data were written, the header "
+                                 f"announces {expected}; the file is incomplete.")
             if self.filled:
                 self._flush(self.filled)
             self._stop()
             if self.error is not None:
                 raise self.error
-            expected = self.size - self.data_start
-            if self.written != expected:
-                raise ModelError(f"{self.path}: {self.written} bytes of tensor data were written, the header "
-                                 f"announces {expected}; the file is incomplete.")
             os.ftruncate(self.fd, self.size)  # the last aligned block was padded
             os.fsync(self.fd)
             if not self.direct:
                 _drop_from_cache(self.fd, 0, self.size)
-        finally:
-            os.close(self.fd)
+        except BaseException:
+            self.__exit__(ModelError, None, None)
+            raise
+        os.close(self.fd)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -378,6 +493,7 @@ class SafetensorsWriter:
         if kind is None:
             self.close()
             return
-        self._stop()
+        if self.thread.is_alive():
+            self._stop()
         os.close(self.fd)
         self.path.unlink(missing_ok=True)

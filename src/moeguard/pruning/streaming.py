@@ -47,7 +47,7 @@ from moeguard.models.fingerprint import checkpoint_files, combine_digests, short
 from moeguard.models.keep_sets import KeepSets, normalize_keep_sets
 from moeguard.models.loading import check_model_source, load_tokenizer
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
-from moeguard.models.stored import DTYPES, SafetensorsWriter, StoredFile, StoredTensor, digest_header, read_header, stream_tensors
+from moeguard.models.stored import DTYPES, SafetensorsWriter, StoredFile, StoredTensor, TensorStream, read_header
 from moeguard.models.moe_model import MoEModel, ParameterCounts
 from moeguard.models.surgery import prune_in_place, shape_mismatches
 from moeguard.runs import Run, partial_path
@@ -350,48 +350,41 @@ def _prune_shard(path: Path, shard: Shard, writes: Sequence[TensorWrite], out_pa
     """
     by_source = {w.source: w for w in writes}
     outputs = [written(t, by_source[t.name]) for t in shard.tensors if t.name in by_source]
-    digests: dict[str, str] = {}
-    digest = hashlib.sha256()
+    stream = TensorStream(shard.stored)
     ranges: list[tuple[int, int]] = []
     gathered = bytearray()
     writer = SafetensorsWriter(out_path, outputs, shard.metadata or {"format": "pt"}) if outputs else None
     try:
-        for tensor, position, piece in stream_tensors(shard.stored):
+        for tensor, position, piece in stream:
             write = by_source.get(tensor.name)
-            if position == 0:
-                digest = hashlib.sha256(digest_header(tensor.name, DTYPES[tensor.dtype], tensor.shape))
-                if write is not None and write.index is not None:
-                    ranges = _kept_ranges(tensor, write.index) if write.axis == 0 else []
-                    gathered = bytearray() if write.axis != 0 else gathered
-            digest.update(piece)
+            if writer is None or write is None:
+                continue
             end = position + len(piece)
-            if writer is not None and write is not None:
-                if write.index is None:
-                    writer.write(piece)
-                elif write.axis == 0:
-                    for first, last in ranges:
-                        if first < end and last > position:
-                            writer.write(piece[max(first, position) - position : min(last, end) - position])
-                else:
-                    gathered += piece
-            if end == tensor.nbytes:
-                digests[tensor.name] = digest.hexdigest()
-                if writer is not None and write is not None and write.index is not None and write.axis != 0:
-                    full = torch.frombuffer(gathered, dtype=DTYPES[tensor.dtype]).view(tensor.shape) if tensor.nbytes else \
-                        torch.empty(tensor.shape, dtype=DTYPES[tensor.dtype])
+            if write.index is None:
+                writer.write(piece)
+            elif write.axis == 0:
+                if position == 0:
+                    ranges = _kept_ranges(tensor, write.index)
+                for first, last in ranges:
+                    if first < end and last > position:
+                        writer.write(piece[max(first, position) - position : min(last, end) - position])
+            else:
+                gathered += piece
+                if end == tensor.nbytes:
+                    full = torch.frombuffer(gathered, dtype=DTYPES[tensor.dtype]) if tensor.nbytes else torch.empty(0)
+                    full = full.to(DTYPES[tensor.dtype]).view(tensor.shape)
                     writer.write_tensor(full.index_select(write.axis, torch.tensor(write.index, dtype=torch.long)))
                     gathered = bytearray()
-    except (OSError, EOFError) as error:
-        if writer is not None:
-            writer.__exit__(type(error), error, None)
-        raise ModelError(f"cannot read {path}: {error}. The shard is damaged or truncated; copy or download it again.") from None
     except BaseException as error:
         if writer is not None:
             writer.__exit__(type(error), error, None)
+        if isinstance(error, (OSError, EOFError)):
+            raise ModelError(f"cannot read {path}: {error}. The shard is damaged or truncated; copy or download it "
+                             "again.") from None
         raise
     if writer is not None:
         writer.close()
-    return digests
+    return stream.digests
 
 
 def _save_side_files(model_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:
