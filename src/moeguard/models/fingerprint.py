@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -25,14 +25,43 @@ def update_with_tensor(digest: "hashlib._Hash", name: str, tensor: torch.Tensor)
     digest.update(memoryview(flat.view(torch.uint8).numpy()))
 
 
+def offloaded_weights(model: nn.Module) -> Mapping[str, torch.Tensor] | None:
+    """The weights accelerate keeps off the model (``device_map`` offload), by state-dict name, or None.
+
+    An offloaded parameter is a meta tensor in the model; its value is loaded from
+    this mapping (from disk or CPU memory) by the module's hook during its forward.
+    """
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for one in [hook, *getattr(hook, "hooks", ())]:
+            weights = getattr(one, "weights_map", None)
+            if weights is not None:
+                return getattr(weights, "dataset", weights)
+    return None
+
+
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every state-dict entry in name order, offloaded ones loaded one at a time."""
+    offloaded = None
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.device.type == "meta":
+            offloaded = offloaded if offloaded is not None else offloaded_weights(model)
+            if offloaded is None or name not in offloaded:
+                raise ModelError(f"the weight {name} is on the meta device and no offloaded copy of it was found; "
+                                 "load the model with its weights (or with accelerate's device_map offload).")
+            tensor = offloaded[name]
+        yield name, tensor
+
+
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 over every state-dict tensor: name, dtype, shape and bytes, in name order.
 
-    Equal weights give equal fingerprints (also across save and load); any change
-    of a value, dtype, shape or name gives a different one.
+    Equal weights give equal fingerprints (also across save and load, and whether
+    or not accelerate offloads some of them); any change of a value, dtype, shape or
+    name gives a different one.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state_tensors(model):
         update_with_tensor(digest, name, tensor)
     return digest.hexdigest()
 

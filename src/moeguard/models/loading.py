@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from moeguard.errors import InputError, ModelError, UnsupportedModelError
+from moeguard.io import check_output
 from moeguard.models.manifest import MANIFEST_NAME, PruneManifest
 from moeguard.models.moe_model import MoEModel
 
@@ -169,23 +174,47 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def parse_max_memory(text: str) -> dict[int | str, int | str]:
+    """``"cpu=8GiB,0=20GiB"`` -> ``{"cpu": "8GiB", 0: "20GiB"}`` (accelerate's ``max_memory``; a plain number
+    or ``NB`` is bytes)."""
+    budget: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        device, sep, amount = item.strip().partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not sep or not device or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B?", amount, re.IGNORECASE):
+            raise InputError(
+                f"max_memory takes DEVICE=AMOUNT pairs separated by commas (e.g. 'cpu=8GiB' or '0=20GiB,cpu=64GiB'); "
+                f"got {item.strip()!r}.", arguments=("max_memory",),
+            )
+        plain = amount.upper().removesuffix("B").strip()
+        budget[int(device) if device.isdigit() else device] = int(plain) if plain.isdigit() else amount
+    return budget
+
+
 def load_moe_on(
     source: str | os.PathLike,
     *,
     dtype: str = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
 ) -> MoEModel:
     """:func:`load_moe` with the loading options every command shares, by name.
 
     ``dtype`` is a torch dtype name or "auto" (the checkpoint's own); the model is
-    either spread by accelerate's ``device_map`` or moved to one ``device`` (default:
-    cuda if available, else cpu). The device is checked before anything is loaded.
+    either spread by accelerate's ``device_map`` (with ``max_memory`` per device;
+    what does not fit goes to ``offload_folder``, by default a temporary directory
+    removed at exit) or moved to one ``device`` (default: cuda if available, else
+    cpu). The device is checked before anything is loaded.
     """
     import torch
 
+    if (max_memory or offload_folder) and not device_map:
+        raise InputError("max_memory and offload_folder apply to a model spread by device_map; pass device_map='auto'.",
+                         arguments=("device_map",))
     target = None if device_map else resolve_device(device)
     kwargs: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
@@ -194,6 +223,14 @@ def load_moe_on(
     }
     if device_map:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = parse_max_memory(max_memory)
+            if offload_folder is None:
+                offload_folder = tempfile.mkdtemp(prefix="moeguard-offload.")
+                atexit.register(shutil.rmtree, offload_folder, True)
+            else:
+                check_output(offload_folder, inputs=[source], directory=True, resumable=True)
+            kwargs["offload_folder"] = str(offload_folder)
     moe = load_moe(source, **kwargs)
     if target is not None:
         moe.model.to(target)

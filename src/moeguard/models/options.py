@@ -22,6 +22,10 @@ class LoadOptions:
                                  "takes the memory of its files, not twice that in float32)", choices=DTYPES)
     device: str | None = setting(None, "device to run on (cpu, cuda, cuda:1, ...; default: cuda if available)")
     device_map: str | None = setting(None, "from_pretrained device_map, e.g. 'auto' to spread a large model over devices")
+    max_memory: str | None = setting(None, "memory the weights may take per device with device_map, e.g. 'cpu=8GiB' or "
+                                           "'0=20GiB,cpu=64GiB'; what does not fit is offloaded to disk")
+    offload_folder: str | None = setting(None, "where weights offloaded to disk are kept (default: a temporary "
+                                               "directory, removed at exit)")
     trust_remote_code: bool = setting(False, "allow code from the model repository")
     allow_pickle_weights: bool = setting(False, "load weights stored as pickles (pytorch_model.bin) when a model has no "
                                                 "safetensors; unpickling can run code planted in the file")
