@@ -12,11 +12,13 @@ in memory at a time (:func:`moeguard.models.random_init.write_random_checkpoint`
     python benchmarks/real_shapes.py write qwen3-30b-a3b --moe-layers 2 --out /tmp/qwen3-2l
     python benchmarks/real_shapes.py write deepseek-v3 --moe-layers 1 --vocab 32000 --out /tmp/dsv3-1l
     python benchmarks/real_shapes.py write olmoe-1b-7b --small --moe-layers 2 --out /tmp/olmoe-small
+    python benchmarks/real_shapes.py write deepseek-v3 --moe-layers 1 --set moe_intermediate_size=256 --out /tmp/dsv3-narrow
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -56,6 +58,8 @@ def main() -> None:
     write.add_argument("--small", action="store_true", help="the small version (same experts, top-k, groups; tiny widths)")
     write.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the released model's)")
     write.add_argument("--shard-size", default=None, help="maximum shard size (default: the released checkpoint's)")
+    write.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="another config value (JSON), e.g. moe_intermediate_size=256 for narrower experts")
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--out", required=True)
     write.add_argument("--overwrite", action="store_true")
@@ -68,6 +72,9 @@ def main() -> None:
     from moeguard.data import build_char_tokenizer
 
     overrides = {"vocab_size": args.vocab} if args.vocab else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     config = real_shape_config(args.shape, moe_layers=args.moe_layers, dense_layers=args.dense_layers, small=args.small,
                                **overrides)
     shard_size = args.shard_size or ("200KB" if args.small else REAL_SHAPES[args.shape].max_shard_size)

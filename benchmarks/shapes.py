@@ -47,6 +47,19 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (these benchmarks need Linux)")
 
 
+def current_rss() -> int:
+    """This process's resident set size now, in bytes (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (these benchmarks need Linux)")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: VmHWM falls back to the current RSS (``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -203,10 +216,11 @@ def save_results(name: str, data: dict[str, Any]) -> Path:
 
 
 def checkpoint(workdir: Path, shape: str, *, moe_layers: int, dense_layers: int = 0, small: bool = False,
-               vocab: int | None = None, shard_size: str | None = None) -> Path:
+               vocab: int | None = None, shard_size: str | None = None, settings: dict[str, Any] | None = None) -> Path:
     """The checkpoint directory of ``shape`` under ``workdir``, written by ``real_shapes.py`` if missing."""
     name = f"{shape}-{moe_layers}l" + (f"-{dense_layers}d" if dense_layers else "") + ("-small" if small else "") + \
-        (f"-v{vocab}" if vocab else "") + (f"-s{shard_size}" if shard_size else "")
+        (f"-v{vocab}" if vocab else "") + (f"-s{shard_size}" if shard_size else "") + \
+        "".join(f"-{key}{value}" for key, value in (settings or {}).items())
     path = workdir / name
     if not (path / "config.json").is_file():
         command = [sys.executable, str(BENCHMARKS / "real_shapes.py"), "write", shape, "--moe-layers", str(moe_layers),
@@ -214,6 +228,8 @@ def checkpoint(workdir: Path, shape: str, *, moe_layers: int, dense_layers: int 
         command += ["--small"] if small else []
         command += ["--vocab", str(vocab)] if vocab else []
         command += ["--shard-size", shard_size] if shard_size else []
+        for key, value in (settings or {}).items():
+            command += ["--set", f"{key}={json.dumps(value)}"]
         started = time.perf_counter()
         subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(SOURCE)))
         print(f"  (wrote {path.name} in {time.perf_counter() - started:.0f} s)", flush=True)

@@ -1,0 +1,142 @@
+"""Derivative detection at real shapes: time and memory of one comparison, and where its time goes.
+
+For each shape a random real-shape checkpoint (bf16) is pruned to half its experts by
+the streaming prune, and ``moeguard.forensics.detect`` compares the pruned copy with
+its parent (default settings: 128 probes, 64 permutations, 256 weight rows), in a
+fresh process, ``--repeats`` times. The parts are timed by wrapping detect's own
+functions: the per-layer signatures (expert responses to the probes, weight rows,
+router rows), the similarity and evidence matrices under every permutation, and the
+linear assignments (one per permutation and layer pair, ``O(E^3)`` each). Peak memory
+is the rise of the process's RSS during the comparison (both models already loaded),
+and the peak RSS of the whole process against the two checkpoints.
+
+    python benchmarks/bench_shape_detect.py --workdir /tmp/shapes [--shapes qwen3-30b-a3b,deepseek-v3-narrow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+from shapes import (
+    checkpoint,
+    current_rss,
+    directory_bytes,
+    emit,
+    load_average,
+    machine,
+    median,
+    peak_rss,
+    remove,
+    reset_peak_rss,
+    run_child,
+    save_results,
+)
+
+CASES = {
+    "qwen3-30b-a3b": ("qwen3-30b-a3b", 2, {}),
+    # 256 experts in 8 groups at DeepSeek-V3's hidden width; experts 8x narrower and a 32k vocabulary so that
+    # parent and suspect fit the memory budget together.
+    "deepseek-v3-narrow": ("deepseek-v3", 1, {"moe_intermediate_size": 256, "vocab_size": 32000}),
+}
+
+
+class Timer:
+    """Wraps functions of a module and adds up the seconds spent in them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, module, name: str, label: str) -> None:
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(module, name, timed)
+
+
+def child(args: argparse.Namespace) -> None:
+    detect_module = importlib.import_module("moeguard.forensics.detect")
+    from moeguard.forensics import matching
+    from moeguard.forensics.detect import detect
+    from moeguard.models import load_moe
+
+    parent, suspect = load_moe(args.source), load_moe(args.suspect)
+    parent.fingerprint(), suspect.fingerprint()  # cached: the comparisons below do not hash the weights again
+    timer = Timer()
+    timer.wrap(detect_module, "layer_signature", "signatures")
+    timer.wrap(detect_module, "compare_layers", "comparison")
+    timer.wrap(matching, "match_experts", "assignment")
+    runs = []
+    for _ in range(args.repeats):
+        timer.seconds.clear()
+        before = current_rss()
+        reset_peak_rss()
+        start, cpu = time.perf_counter(), time.process_time()
+        verdict = detect(parent, suspect, progress=False)
+        runs.append({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                     "rise": peak_rss() - before, "parts": dict(timer.seconds), "status": verdict.status, "z": verdict.z})
+    emit({"runs": runs, "experts": parent.num_experts[0], "suspect_experts": suspect.num_experts[0],
+          "layers": parent.num_layers, "hidden": parent.config.hidden_size})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
+    parser.add_argument("--shapes", default=",".join(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--suspect", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    from moeguard.pruning.streaming import load_meta_moe, streaming_prune
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "settings": vars(args), "cases": {}}
+    for name in args.shapes.split(","):
+        shape, layers, settings = CASES[name]
+        source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
+        suspect = workdir / f"{source.name}-half"
+        remove(suspect)
+        meta = load_meta_moe(source)
+        keep = meta.layers[0].num_experts // 2
+        stride = meta.layers[0].num_experts // keep
+        streaming_prune(source, {layer.index: [i * stride for i in range(keep)] for layer in meta.layers}, suspect,
+                        progress=False)
+        loads = [load_average()]
+        result = run_child(Path(__file__).resolve(), ["--source", str(source), "--suspect", str(suspect),
+                                                      "--repeats", str(args.repeats)])
+        loads.append(load_average())
+        runs = result["runs"]
+        parts = {label: median(r["parts"].get(label, 0.0) for r in runs) for label in ("signatures", "comparison", "assignment")}
+        seconds = median(r["seconds"] for r in runs)
+        sizes = directory_bytes(source) + directory_bytes(suspect)
+        report["cases"][name] = {"shape": shape, "moe_layers": layers, "settings": settings, "result": result,
+                                 "seconds": seconds, "parts": parts, "checkpoints_bytes": sizes, "load_average": loads}
+        print(f"{name}: {result['experts']} vs {result['suspect_experts']} experts, {result['layers']} MoE layers, hidden "
+              f"{result['hidden']}; {runs[0]['status']} (z {runs[0]['z']:.1f}); per comparison {seconds:.1f} s "
+              f"(CPU {median(r['cpu_seconds'] for r in runs):.1f} s): signatures {parts['signatures']:.1f} s, similarity "
+              f"and evidence {parts['comparison'] - parts['assignment']:.1f} s, assignments {parts['assignment']:.2f} s; "
+              f"memory rise {median(r['rise'] for r in runs) / 1e9:.2f} GB, process peak {result['peak_rss'] / 1e9:.2f} GB "
+              f"({result['peak_rss'] / sizes:.2f}x both checkpoints); load average {min(loads):.1f}-{max(loads):.1f}",
+              flush=True)
+        save_results("detect", report)
+        remove(suspect)
+        if not args.keep_checkpoints:
+            remove(source)
+
+
+if __name__ == "__main__":
+    main()
