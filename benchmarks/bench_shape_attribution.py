@@ -102,9 +102,8 @@ def child_command(args: argparse.Namespace) -> None:
     from moeguard.cli import main
 
     out = Path(args.out)
-    command = ["attribute", "--model", args.source, "--task", args.task, "--samples", str(args.examples),
-               "--batch-size", str(args.batch_size), "--criteria", "frequency,reap", "--out", str(out), "--overwrite",
-               "--quiet"]
+    command = ["--quiet", "attribute", "--model", args.source, "--task", args.task, "--samples", str(args.examples),
+               "--batch-size", str(args.batch_size), "--criteria", "frequency,reap", "--out", str(out), "--overwrite"]
     if args.max_memory:
         command += ["--device-map", "auto", "--max-memory", args.max_memory]
     start = time.perf_counter()

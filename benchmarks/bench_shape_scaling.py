@@ -38,12 +38,12 @@ from pathlib import Path
 from shapes import RESULTS, drop_cached, emit, load_average, machine, remove, run_child, save_results
 
 BASE = {"layers": 1, "experts": 64, "tokens": 1024}
-# Three to four points per axis, one fresh process each: enough for a slope, sized to finish in well under an hour.
+# Two to three points per axis, one fresh process each: enough for a slope, sized to finish in well under an hour.
 AXES = {
     "attribution": {"tokens": [256, 1024, 4096], "experts": [16, 64, 256], "layers": [1, 2, 4]},
-    "sweep": {"experts": [16, 64, 256], "layers": [1, 2, 4]},
-    "detect": {"experts": [16, 64, 128, 256], "layers": [1, 2, 4]},
-    "realign": {"tokens": [256, 1024, 2048], "experts": [16, 64, 128], "layers": [1, 2, 4]},
+    "sweep": {"experts": [16, 64, 256], "layers": [1, 4]},
+    "detect": {"experts": [16, 64, 256], "layers": [1, 2, 4]},
+    "realign": {"tokens": [256, 1024], "experts": [16, 64], "layers": [1, 2]},
     "prune": {"experts": [32, 128], "layers": [1, 4]},
 }
 
