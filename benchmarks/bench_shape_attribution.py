@@ -31,7 +31,17 @@ import statistics
 import time
 from pathlib import Path
 
-from shapes import checkpoint, directory_bytes, emit, load_average, machine, remove, run_child, save_results
+from shapes import (
+    checkpoint,
+    directory_bytes,
+    emit,
+    load_average,
+    machine,
+    remove,
+    run_child,
+    save_results,
+    shape_parser,
+)
 
 # name -> (shape, MoE layers, config overrides); in-memory sizes below the ~12 GB budget (bf16).
 CASES = {
@@ -126,9 +136,7 @@ def summarise(timing: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
-    parser.add_argument("--shapes", default=",".join(CASES))
+    parser = shape_parser(__doc__.splitlines()[0], CASES)
     parser.add_argument("--task", default="reverse")
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -137,10 +145,7 @@ def main() -> None:
     parser.add_argument("--before-shapes", default="qwen3-30b-a3b-1l",
                         help="cases the code before is run on (its float32 default needs about 4x the checkpoint)")
     parser.add_argument("--offload", action="store_true", help="also a model beyond the memory budget, partly offloaded")
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--max-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

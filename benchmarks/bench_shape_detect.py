@@ -16,11 +16,12 @@ and the peak RSS of the whole process against the two checkpoints.
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 
 from shapes import (
+    PartTimer,
+    carve,
     checkpoint,
     current_rss,
     directory_bytes,
@@ -33,6 +34,7 @@ from shapes import (
     reset_peak_rss,
     run_child,
     save_results,
+    shape_parser,
 )
 
 CASES = {
@@ -43,37 +45,14 @@ CASES = {
 }
 
 
-class Timer:
-    """Wraps functions of a module and adds up the seconds spent in them."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, module, name: str, label: str) -> None:
-        original = getattr(module, name)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
-
-        setattr(module, name, timed)
-
-
 def child(args: argparse.Namespace) -> None:
-    detect_module = importlib.import_module("moeguard.forensics.detect")
-    from moeguard.forensics import matching
     from moeguard.forensics.detect import detect
     from moeguard.models import load_moe
 
     parent, suspect = load_moe(args.source), load_moe(args.suspect)
     parent.fingerprint(), suspect.fingerprint()  # cached: the comparisons below do not hash the weights again
-    timer = Timer()
-    timer.wrap(detect_module, "layer_signature", "signatures")
-    timer.wrap(detect_module, "compare_layers", "comparison")
-    timer.wrap(matching, "match_experts", "assignment")
+    timer = PartTimer()
+    timer.wrap_detect()
     runs = []
     for _ in range(args.repeats):
         timer.seconds.clear()
@@ -88,20 +67,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
-    parser.add_argument("--shapes", default=",".join(CASES))
+    parser = shape_parser(__doc__.splitlines()[0], CASES)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--suspect", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from moeguard.pruning.streaming import load_meta_moe, streaming_prune
-
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "settings": vars(args), "cases": {}}
@@ -109,12 +81,7 @@ def main() -> None:
         shape, layers, settings = CASES[name]
         source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
         suspect = workdir / f"{source.name}-half"
-        remove(suspect)
-        meta = load_meta_moe(source)
-        keep = meta.layers[0].num_experts // 2
-        stride = meta.layers[0].num_experts // keep
-        streaming_prune(source, {layer.index: [i * stride for i in range(keep)] for layer in meta.layers}, suspect,
-                        progress=False)
+        carve(source, suspect, 1 / 2)
         loads = [load_average()]
         result = run_child(Path(__file__).resolve(), ["--source", str(source), "--suspect", str(suspect),
                                                       "--repeats", str(args.repeats)])

@@ -41,6 +41,7 @@ from shapes import (
     save_results,
     sequential_read,
     sequential_write,
+    shape_parser,
 )
 
 # shape -> (MoE layers, vocabulary override, keep counts); sizes chosen to be several GB and fit ~40 GB of disk
@@ -81,17 +82,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
-    parser.add_argument("--shapes", default=",".join(PLANS))
+    parser = shape_parser(__doc__.splitlines()[0], PLANS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", default=None, help="source tree of the code before the change, measured beside it")
     parser.add_argument("--before-repeats", type=int, default=None, help="repeats of the code before (default: --repeats)")
     parser.add_argument("--moe-layers", type=int, default=None, help="override the MoE layers of every shape (a quick check)")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete the checkpoints at the end")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -24,7 +24,19 @@ import argparse
 import time
 from pathlib import Path
 
-from shapes import checkpoint, directory_bytes, emit, load_average, machine, median, remove, run_child, save_results
+from shapes import (
+    carve,
+    checkpoint,
+    directory_bytes,
+    emit,
+    load_average,
+    machine,
+    median,
+    remove,
+    run_child,
+    save_results,
+    shape_parser,
+)
 
 CASES = {
     "qwen3-30b-a3b": ("qwen3-30b-a3b", 2, {}),
@@ -81,23 +93,16 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
-    parser.add_argument("--shapes", default=",".join(CASES))
+    parser = shape_parser(__doc__.splitlines()[0], CASES)
     parser.add_argument("--task", default="reverse")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from moeguard.pruning.streaming import load_meta_moe, streaming_prune
-
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "settings": vars(args), "cases": {}}
@@ -105,12 +110,7 @@ def main() -> None:
         shape, layers, settings = CASES[name]
         source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
         pruned = workdir / f"{source.name}-eighth"
-        remove(pruned)
-        meta = load_meta_moe(source)
-        layer = meta.layers[0]
-        keep = max(layer.top_k, layer.num_experts // 8)
-        stride = layer.num_experts // keep
-        streaming_prune(source, {l.index: [i * stride for i in range(keep)] for l in meta.layers}, pruned, progress=False)
+        keep, experts = carve(source, pruned, 1 / 8)
         size = directory_bytes(pruned)
         runs: dict[str, list] = {variant: [] for variant in VARIANTS}
         loads = [load_average()]
@@ -131,7 +131,7 @@ def main() -> None:
                          "peak_rss": median(r["peak_rss"] for r in results)})
         report["cases"][name] = {"shape": shape, "moe_layers": layers, "settings": settings, "kept_experts": keep,
                                  "pruned_bytes": size, "rows": rows, "runs": runs, "load_average": loads}
-        print(f"{name}: carved to {keep} of {layer.num_experts} experts ({size / 1e9:.2f} GB); batches of "
+        print(f"{name}: carved to {keep} of {experts} experts ({size / 1e9:.2f} GB); batches of "
               f"{args.batch_size} x ~{runs['plain'][0]['tokens'] // (args.batch_size * args.steps)} tokens; load average "
               f"{min(loads):.1f}-{max(loads):.1f}")
         print(f"  {'scope':<10} {'tokens/s':>9} {'/ plain':>8} {'trained params':>15} {'peak GB':>8} {'/ model':>8}")

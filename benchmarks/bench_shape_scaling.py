@@ -28,14 +28,13 @@ of ``cost ~ x^b`` is the least-squares slope in log-log. Figures go to
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import statistics
 import time
 from pathlib import Path
 
-from shapes import RESULTS, drop_cached, emit, load_average, machine, remove, run_child, save_results
+from shapes import RESULTS, PartTimer, drop_cached, emit, load_average, machine, remove, run_child, save_results
 
 BASE = {"layers": 1, "experts": 64, "tokens": 1024}
 # Two to three points per axis, one fresh process each: enough for a slope, sized to finish in well under an hour.
@@ -143,37 +142,20 @@ def point_sweep(args) -> dict:
 
 
 def point_detect(args) -> dict:
-    detect_module = importlib.import_module("moeguard.forensics.detect")
-    from moeguard.forensics import matching
     from moeguard.forensics.detect import detect
 
     parent = build(args.layers, args.experts)
     suspect = parent.weight_sharing_copy()
     suspect.prune({layer.index: list(range(max(layer.top_k, layer.num_experts // 2))) for layer in suspect.layers})
     parent.fingerprint(), suspect.fingerprint()
-    parts: dict[str, float] = {}
-
-    def wrap(module, name: str, label: str) -> None:
-        original = getattr(module, name)
-
-        def timed_call(*a, **k):
-            start = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                parts[label] = parts.get(label, 0.0) + time.perf_counter() - start
-
-        setattr(module, name, timed_call)
-
-    wrap(detect_module, "layer_signature", "signatures")
-    wrap(detect_module, "compare_layers", "comparison")
-    wrap(matching, "match_experts", "assignment")
+    timer = PartTimer()
+    timer.wrap_detect()
     runs = []
     for _ in range(args.repeats):
-        parts.clear()
+        timer.seconds.clear()
         start = time.perf_counter()
         detect(parent, suspect, progress=False)
-        runs.append({"total": time.perf_counter() - start, **parts})
+        runs.append({"total": time.perf_counter() - start, **timer.seconds})
     result = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     result["similarity"] = result["comparison"] - result["assignment"]
     return result

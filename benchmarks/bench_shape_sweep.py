@@ -23,7 +23,18 @@ import argparse
 import time
 from pathlib import Path
 
-from shapes import checkpoint, directory_bytes, emit, load_average, machine, median, remove, run_child, save_results
+from shapes import (
+    checkpoint,
+    directory_bytes,
+    emit,
+    load_average,
+    machine,
+    median,
+    remove,
+    run_child,
+    save_results,
+    shape_parser,
+)
 
 CASES = {
     "qwen3-30b-a3b": ("qwen3-30b-a3b", 2, {}),
@@ -98,16 +109,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
-    parser.add_argument("--shapes", default=",".join(CASES))
+    parser = shape_parser(__doc__.splitlines()[0], CASES)
     parser.add_argument("--task", default="upper")
     parser.add_argument("--other", default="reverse")
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

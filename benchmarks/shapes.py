@@ -17,6 +17,7 @@ way this machine's disk was found to move bytes (buffered writes followed by fsy
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import mmap
@@ -180,6 +181,17 @@ def sequential_write(path: Path, size: int) -> tuple[int, float]:
 # ---------------------------------------------------------------------------- children
 
 
+def shape_parser(description: str, shapes: Iterable[str]) -> argparse.ArgumentParser:
+    """The arguments every real-shape benchmark takes: where checkpoints go, which shapes, and its child's."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", default="/tmp/moeguard-shapes")
+    parser.add_argument("--shapes", default=",".join(shapes))
+    parser.add_argument("--keep-checkpoints", action="store_true", help="do not delete the checkpoints at the end")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    return parser
+
+
 def run_child(script: Path, arguments: Sequence[str], *, src: Path | None = None, timeout: float = 7200,
               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``script --child ARGUMENTS`` in a fresh interpreter with ``src`` first on the path; its last stdout
@@ -238,3 +250,50 @@ def checkpoint(workdir: Path, shape: str, *, moe_layers: int, dense_layers: int 
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def carve(source: Path, out: Path, fraction: float) -> tuple[int, int]:
+    """Streaming-prune ``source`` to every ``1 / fraction``-th expert of each layer (at least top-k) into ``out``;
+    returns the experts kept per layer and the experts there were."""
+    from moeguard.pruning.streaming import load_meta_moe, streaming_prune
+
+    remove(out)
+    meta = load_meta_moe(source)
+    layer = meta.layers[0]
+    keep = max(layer.top_k, round(layer.num_experts * fraction))
+    stride = layer.num_experts // keep
+    streaming_prune(source, {each.index: [i * stride for i in range(keep)] for each in meta.layers}, out, progress=False)
+    return keep, layer.num_experts
+
+
+# ---------------------------------------------------------------------------- timing the parts of a call
+
+
+class PartTimer:
+    """Wraps functions of modules and adds up the seconds spent in each (by label)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, module, name: str, label: str) -> None:
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(module, name, timed)
+
+    def wrap_detect(self) -> None:
+        """The parts of ``moeguard.forensics.detect``: signatures, comparisons, and the assignments within them."""
+        import importlib
+
+        from moeguard.forensics import matching
+
+        detect_module = importlib.import_module("moeguard.forensics.detect")
+        self.wrap(detect_module, "layer_signature", "signatures")
+        self.wrap(detect_module, "compare_layers", "comparison")
+        self.wrap(matching, "match_experts", "assignment")
