@@ -122,7 +122,7 @@ def read_header(path: Path) -> StoredFile:
     data_start = 8 + length
     if data_start + position != size:
         raise ModelError(f"{path} holds {size - data_start} bytes of tensor data, but its header describes {position}; "
-                         "the file is truncated or damaged. Copy or download it again.")
+                         "the file is damaged or truncated. Copy or download it again.")
     return StoredFile(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start)
 
 
