@@ -1,15 +1,19 @@
-"""Forensics: is a suspect model a pruned (and re-aligned) derivative of a parent?"""
+"""Forensics: is a suspect model carved out of a parent, however it was disguised?"""
 
-from moeguard.forensics.detect import DEFAULT_ALPHA, DEFAULT_GROUP_SIZE, DEFAULT_PROBES, DEFAULT_WEIGHT_ROWS, detect
-from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, Verdict
+from moeguard.forensics.calibration import BUILTIN_NULL, NullCalibration
+from moeguard.forensics.detect import DEFAULT_ALPHA, DEFAULT_PROBES, Detector, detect, rank_parents
+from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, ParentRanking, Verdict
 
 __all__ = [
+    "BUILTIN_NULL",
     "DEFAULT_ALPHA",
-    "DEFAULT_GROUP_SIZE",
     "DEFAULT_PROBES",
-    "DEFAULT_WEIGHT_ROWS",
+    "Detector",
     "ExpertMatch",
     "LayerVerdict",
+    "NullCalibration",
+    "ParentRanking",
     "Verdict",
     "detect",
+    "rank_parents",
 ]

@@ -1,37 +1,36 @@
-"""``detect``: is a suspect MoE a pruned (and re-aligned) derivative of a parent?
+"""``detect``: is a suspect MoE carved out of a parent, however it was disguised?
 
-How it decides, per MoE layer pair (suspect layer, parent layer):
+How it decides:
 
-1. **Signatures.** Three per expert, each identifying it in a different way:
-   its responses ``Y_e = f_e(X)`` to shared Gaussian probe inputs (unchanged by
-   anything that leaves the function unchanged: neuron order and scale, weight
-   layout, dtype), its weight rows with the hidden axis last (fade only linearly
-   under fine-tuning, where responses fade like a product of three matrices), and
-   its router row.
-2. **Similarity.** For every (suspect expert ``i``, parent expert ``j``) the cosine
-   of each signature: ``C`` (responses), ``W`` (weights, when shapes agree), ``R``
-   (router rows).
-3. **Null by permutation.** An independently trained model is, among everything
-   else, a model whose hidden coordinates are labelled arbitrarily. The cosines
-   are also computed against ``m - 1`` conjugated copies of the suspect (its hidden
-   coordinates cyclically shifted, see :mod:`moeguard.forensics.probes`); each entry
-   is standardised against those copies and the signals are summed into pair
-   evidence ``Z[i, j]``, roughly ``N(0, 1)`` for unrelated experts.
-4. **Matching.** A linear assignment pairs suspect experts with parent experts to
-   maximise the total evidence; pairs above a Bonferroni threshold are the
-   recovered kept set, in the suspect's order (undoing any re-ordering). The
-   layer statistic is the mean evidence of the assignment, recomputed, matching
-   included, for every conjugated copy.
-5. **Score.** The model statistic ``T`` is the sum of the layer statistics (after
-   aligning layers: by position when both models have the same number of MoE
-   layers, otherwise by the best monotone alignment, redone for every null
-   sample). ``z = (T_0 - mean T_null) / std T_null``; the reported p-value is its
-   Gaussian tail and the suspect is called derived when ``p <= alpha`` (default
-   1e-6, ``z >= 4.75``). The exact randomisation p-value ``#{T_s >= T_0} / m`` is
-   reported beside it.
+1. **Align the residual spaces** (:mod:`moeguard.forensics.alignment`): the map ``Q``
+   with orthonormal columns that best carries the parent's residual stream into the
+   suspect's, fitted on token rows (matched by token string) and on residual states
+   of the same probe texts. Every function-preserving change of the residual stream
+   (permutation, rotation, scaling folded into norms, padding) is undone by it; the
+   verdict reports the fit.
+2. **Signatures in the parent's space** (:mod:`moeguard.forensics.similarity`): per
+   expert, its responses to shared Gaussian probe residuals (each model applies its
+   own norm), the Gram matrix of its unit weight vectors, and its router row, all
+   mapped by ``Q``. None changes under neuron permutation or rescaling, expert order,
+   vocabulary order, or the residual changes above.
+3. **Evidence per layer pair**: the cosine of every (suspect expert, parent expert)
+   pair for each signature, standardised against the matrix's own background
+   (:func:`~moeguard.forensics.similarity.standardise`) and summed; a linear assignment
+   matches experts; the matched mean is standardised against its simulated null
+   (:func:`~moeguard.forensics.matching.assignment_null`) into the layer's ``z``.
+4. **Model statistic** ``T = sum_l z_l / sqrt(L)`` over layers paired by position (equal
+   depth), or the best monotone layer alignment standardised against its own null
+   (a suspect with layers dropped). ``T`` is about ``N(0, 1)`` for unrelated experts.
+5. **Verdict** against a null (:mod:`moeguard.forensics.calibration`): the built-in one,
+   or one measured on independent reference models of the parent's shape. Derived
+   when ``p <= alpha``; then matched pairs above the Bonferroni pair threshold are the
+   kept set (in the suspect's order), each with the parent experts its response mixes
+   (non-negative least squares), and the relation: *carved subset* when some parent
+   experts are missing, *same lineage, not a carve* when all are there.
 
-Models with different hidden sizes cannot be compared (their experts live in
-different spaces) and get the status "not comparable".
+Nothing here is built from copies of the suspect: the background of every layer is the
+parent's other experts, which a disguise cannot make the kept ones resemble without
+changing what they compute.
 """
 
 from __future__ import annotations
@@ -40,271 +39,392 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from moeguard.errors import InputError
+from moeguard.forensics.alignment import ResidualMap, residual_map
+from moeguard.forensics.calibration import BUILTIN_NULL, NullCalibration
 from moeguard.forensics.matching import (
-    group_statistics,
-    group_test,
+    alignment_null,
+    assignment_null,
     match_experts,
+    matched_mean,
+    mixing_weights,
     monotone_alignment,
     pair_threshold,
-    z_threshold,
 )
-from moeguard.forensics.probes import cyclic_shifts, orbit_probes
-from moeguard.forensics.signatures import expert_responses, expert_weight_rows, layer_hidden_size, router_rows
-from moeguard.forensics.similarity import leave_one_out_z, pair_evidence, response_similarities, row_similarities
-from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, Verdict, format_p
-from moeguard.models import MoEModel, load_moe
+from moeguard.forensics.residual import block_norm, norm_gain
+from moeguard.forensics.signatures import expert_responses, expert_rows, layer_hidden_size, router_weight
+from moeguard.forensics.similarity import cosine_matrix, gram_signature, pair_evidence, sketch_directions, standardise, unit_rows
+from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, ParentRanking, Verdict, format_p
+from moeguard.forensics.views import ModelView, open_model
+from moeguard.models import MoEModel
 
 log = logging.getLogger("moeguard.forensics")
 
 DEFAULT_ALPHA = 1e-6
 DEFAULT_PROBES = 128
-DEFAULT_GROUP_SIZE = 64
-DEFAULT_WEIGHT_ROWS = 256
+# A parent expert counts as mixed into a suspect expert from this share of its non-negative weights.
+MIX_SHARE = 0.15
+# The parent's layer signatures are kept between comparisons up to this size.
+PARENT_CACHE_BYTES = 1 << 30
+
+ModelSource = MoEModel | str | os.PathLike
 
 
 @dataclass
 class LayerSignature:
-    """What one MoE layer is compared by (all float32, on the CPU)."""
+    """One MoE layer's experts in the parent's residual space (float32, CPU)."""
 
-    responses: torch.Tensor  # [E, B, m, H] expert answers to the orbit probes
-    weights: torch.Tensor  # [E, K, H] expert weight rows, hidden axis last
-    router: torch.Tensor  # [E, H] router rows
+    responses: torch.Tensor  # [E, B, H_P] answers to the probe residuals
+    gram: torch.Tensor  # [E, D] weight Gram signatures (read and write sides)
+    router: torch.Tensor  # [E, H_P] router rows, norm gain folded
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.responses, self.gram, self.router))
+
+
+@torch.no_grad()
+def layer_signature(view: ModelView, layer: int, probes: torch.Tensor, basis: torch.Tensor | None,
+                    sketch: torch.Tensor | None) -> LayerSignature:
+    """The signature of MoE layer ``layer`` of ``view``; ``probes [B, H_P]`` are residuals in the parent's
+    space and ``basis [H_own, H_P]`` maps them into this model's (None: this is the parent)."""
+    moe = view.moe
+    moe_layer = moe.layers[layer]
+    norm = block_norm(moe, moe_layer)
+    hidden = layer_hidden_size(moe_layer)
+    q = None if basis is None else basis.float()
+    inputs = probes if q is None else probes @ q.T
+    device = next(norm.parameters()).device
+    normed = norm(inputs.to(device=device, dtype=next(norm.parameters()).dtype))
+    gain = norm_gain(norm, hidden)
+    with view.experts(layer):
+        responses = expert_responses(moe, layer, normed)
+        reads, writes = expert_rows(moe_layer)
+    if q is not None:
+        responses = responses @ q
+    gram = torch.cat([gram_signature(reads * gain, q, sketch), gram_signature(writes, q, sketch)], dim=1) / math.sqrt(2)
+    router = router_weight(moe_layer).detach().float().cpu() * gain
+    return LayerSignature(responses, gram, router if q is None else router @ q)
 
 
 @dataclass
 class LayerComparison:
-    """A suspect layer against a parent layer, under every permutation."""
+    """A suspect layer against a parent layer."""
 
-    statistics: torch.Tensor  # [m]: layer statistic for the comparison (0) and each null sample
-    evidence: torch.Tensor  # [Es, Ep] pair evidence of the comparison itself
+    evidence: torch.Tensor  # [Es, Ep] pair evidence
     similarity: torch.Tensor  # [Es, Ep] response cosine
-    weight_similarity: torch.Tensor | None  # [Es, Ep] weight cosine (None: expert shapes differ)
+    weight_similarity: torch.Tensor  # [Es, Ep] weight Gram cosine
     router_similarity: torch.Tensor  # [Es, Ep] router-row cosine
+    statistic: float  # matched mean of the evidence
+    z: float  # the statistic against its simulated null
+    mixes: dict[int, tuple[torch.Tensor, float]]  # suspect expert -> (non-negative weights on parent experts, explained)
 
 
-def layer_signature(moe: MoEModel, layer: int, probes: torch.Tensor, *, max_rows: int | None, seed: int) -> LayerSignature:
-    moe_layer = moe.layers[layer]
-    return LayerSignature(
-        expert_responses(moe, layer, probes),
-        expert_weight_rows(moe_layer, max_rows=max_rows, seed=seed),
-        router_rows(moe_layer),
-    )
+def compare_layers(suspect: LayerSignature, parent: LayerSignature) -> LayerComparison:
+    """Similarities, evidence, the layer's z and every matched expert's mixing weights."""
+    signals = [
+        cosine_matrix(suspect.responses, parent.responses),
+        cosine_matrix(suspect.gram, parent.gram),
+        cosine_matrix(suspect.router, parent.router),
+    ]
+    evidence = pair_evidence(*(standardise(s) for s in signals))
+    statistic = matched_mean(evidence)
+    z = assignment_null(*evidence.shape, len(signals)).standardise(statistic)
+    rows, _ = match_experts(evidence)
+    components = unit_rows(parent.responses).flatten(1)
+    mixes = {row: mixing_weights(unit_rows(suspect.responses[row : row + 1]).flatten(), components) for row in rows}
+    return LayerComparison(evidence, *signals, statistic, z, mixes)
 
 
-def compare_layers(suspect: LayerSignature, parent: LayerSignature, perms: torch.Tensor) -> LayerComparison:
-    """Similarities, pair evidence and the layer statistic under every permutation.
+@dataclass
+class Comparison:
+    """A suspect compared with the parent, before calibration."""
 
-    The weight signal is used only when both layers' experts have the same shapes
-    (a suspect with narrower experts is compared by responses and router rows).
-    """
-    responses = response_similarities(suspect.responses, parent.responses, perms)
-    routers = row_similarities(suspect.router, parent.router, perms)
-    signals = [leave_one_out_z(responses), leave_one_out_z(routers)]
-    weights = None
-    if suspect.weights.shape[1:] == parent.weights.shape[1:]:
-        weights = row_similarities(suspect.weights, parent.weights, perms)
-        signals.append(leave_one_out_z(weights))
-    evidence = pair_evidence(*signals)
-    return LayerComparison(
-        group_statistics(evidence),
-        evidence[0],
-        responses[0],
-        weights[0] if weights is not None else None,
-        routers[0],
-    )
+    statistic: float | None  # the model statistic T (None: not comparable)
+    reason: str
+    alignment: ResidualMap | None
+    layer_alignment: str
+    pairs: list[tuple[int, int]]  # (suspect layer, parent layer) compared in the end
+    layers: dict[tuple[int, int], LayerComparison]
+    suspect_layers: int
+    parent_layers: int
+    parent: dict[str, Any]
+    suspect: dict[str, Any]
+    seconds: float
 
 
-def _as_moe(model: MoEModel | str | os.PathLike, role: str) -> MoEModel:
-    if isinstance(model, MoEModel):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return load_moe(model)
-    raise InputError(f"the {role} must be a MoEModel or a model directory / hub id, got {type(model).__name__}.")
-
-
-def _describe(moe: MoEModel) -> dict[str, Any]:
+def describe_model(view: ModelView) -> dict[str, Any]:
+    moe = view.moe
     return {
         "source": moe.source,
         "model_type": moe.model_type,
         "moe_layers": moe.num_layers,
         "experts": moe.num_experts,
         "hidden_size": sorted({layer_hidden_size(layer) for layer in moe.layers}),
-        "dtype": str(next(moe.model.parameters()).dtype).removeprefix("torch."),
-        "fingerprint": moe.fingerprint(),
+        "dtype": view.dtype(),
+        "fingerprint": view.fingerprint(),
     }
 
 
-def _expert_matches(comparison: LayerComparison, threshold: float) -> list[ExpertMatch]:
-    rows, cols = match_experts(comparison.evidence)
+@dataclass
+class Detector:
+    """Compares suspects with one parent (``parent`` a :class:`ModelView`); the parent's signatures are reused."""
+
+    parent: ModelView
+    probes: int = DEFAULT_PROBES
+    seed: int = 0
+    progress: bool = True
+    _cache: dict[int, LayerSignature] = field(default_factory=dict, repr=False)
+    _parent_info: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.probes < 8:
+            raise InputError(f"probes must be at least 8, got {self.probes}.")
+        hidden = {layer_hidden_size(layer) for layer in self.parent.moe.layers}
+        if len(hidden) != 1:
+            raise InputError(f"the parent's MoE layers read hidden states of different widths {sorted(hidden)}.")
+        self.hidden = hidden.pop()
+        generator = torch.Generator().manual_seed(self.seed)
+        self.probe_residuals = torch.randn(self.probes, self.hidden, generator=generator)
+        self.sketch = sketch_directions(self.hidden, seed=self.seed + 1)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"probes": self.probes, "seed": self.seed}
+
+    def parent_info(self) -> dict[str, Any]:
+        if self._parent_info is None:
+            self._parent_info = describe_model(self.parent)
+        return self._parent_info
+
+    def _parent_signature(self, layer: int) -> LayerSignature:
+        if layer in self._cache:
+            return self._cache[layer]
+        signature = layer_signature(self.parent, layer, self.probe_residuals, None, self.sketch)
+        if signature.nbytes() * self.parent.moe.num_layers <= PARENT_CACHE_BYTES:
+            self._cache[layer] = signature
+        return signature
+
+    def compare(self, suspect: ModelView) -> Comparison:
+        """Align, compare every layer pair that can correspond, and compute the model statistic."""
+        started = time.perf_counter()
+        parent_moe, suspect_moe = self.parent.moe, suspect.moe
+        suspect_info = describe_model(suspect)
+        alignment = residual_map(suspect_moe, parent_moe, seed=self.seed)
+        num_suspect, num_parent = suspect_moe.num_layers, parent_moe.num_layers
+
+        def result(statistic, reason, layer_alignment="position", pairs=(), layers=None) -> Comparison:
+            return Comparison(statistic, reason, alignment, layer_alignment, list(pairs), layers or {}, num_suspect,
+                              num_parent, self.parent_info(), suspect_info, time.perf_counter() - started)
+
+        if alignment is None:
+            return result(None, "the models share no tokens and their residual streams have different widths "
+                                "(suspect " + "/".join(map(str, suspect_info["hidden_size"])) + f", parent {self.hidden}), "
+                                "so nothing pairs their spaces; give both models their tokenizers")
+        basis = alignment.basis
+        equal_depth = num_suspect == num_parent
+        candidates = [(s, s) for s in range(num_suspect)] if equal_depth else [
+            (s, p) for s in range(num_suspect) for p in range(num_parent)]
+        suspect_cache: dict[int, LayerSignature] = {}
+        layers: dict[tuple[int, int], LayerComparison] = {}
+        show = self.progress and log.isEnabledFor(logging.INFO)
+        for s, p in tqdm(candidates, desc="comparing MoE layers", unit="pair", disable=not show):
+            if s not in suspect_cache:
+                suspect_cache[s] = layer_signature(suspect, s, self.probe_residuals, basis, self.sketch)
+            layers[s, p] = compare_layers(suspect_cache[s], self._parent_signature(p))
+            if equal_depth:
+                suspect_cache.clear()
+        if equal_depth:
+            pairs = candidates
+            statistic = sum(layers[pair].z for pair in pairs) / math.sqrt(len(pairs))
+            return result(statistic, "", "position", pairs, layers)
+        scores = torch.tensor([[layers[s, p].z for p in range(num_parent)] for s in range(num_suspect)])
+        if num_suspect <= num_parent:
+            pairs = list(enumerate(monotone_alignment(scores)))
+        else:
+            pairs = [(s, p) for p, s in enumerate(monotone_alignment(scores.T))]
+        total = sum(layers[pair].z for pair in pairs)
+        statistic = alignment_null(num_suspect, num_parent).standardise(total)
+        reason = (f"the suspect has {num_suspect} MoE layers and the parent {num_parent}; layers were paired by the best "
+                  "monotone alignment (scored against its own null)")
+        return result(statistic, reason, "matched", pairs, layers)
+
+    def calibrate(self, references: Sequence[ModelSource], *, dtype: torch.dtype | None = None) -> NullCalibration:
+        """The null measured on independent ``references`` (each opened, compared and released in turn)."""
+        statistics, names = [], []
+        for reference in references:
+            with open_model(reference, "reference", dtype=dtype) as view:
+                comparison = self.compare(view)
+            if comparison.statistic is None:
+                raise InputError(f"reference {view.moe.source} cannot be compared with the parent: {comparison.reason}.")
+            statistics.append(comparison.statistic)
+            names.append(str(view.moe.source))
+            log.info("calibration: reference %s gives T = %.2f", names[-1], statistics[-1])
+        return NullCalibration("reference", statistics, names, self.parent_info()["fingerprint"], self.settings)
+
+    def verdict(self, comparison: Comparison, *, alpha: float = DEFAULT_ALPHA,
+                calibration: NullCalibration = BUILTIN_NULL) -> Verdict:
+        """The calibrated verdict of a :class:`Comparison`."""
+        check_alpha(alpha)
+        if calibration.kind == "reference":
+            self._check_calibration(calibration)
+        info = {"kind": calibration.kind, "description": calibration.describe(), "count": calibration.count,
+                "mean": calibration.mean, "std": calibration.std}
+        alignment = comparison.alignment.to_dict() | {"description": comparison.alignment.describe()} if comparison.alignment else {}
+        common = dict(alpha=alpha, z_threshold=calibration.z_threshold(alpha), calibration=info, alignment=alignment,
+                      layer_alignment=comparison.layer_alignment, parent=comparison.parent, suspect=comparison.suspect,
+                      probes=self.probes, seconds=comparison.seconds)
+        if comparison.statistic is None:
+            layers = [LayerVerdict(s, None, "not comparable", comparison.reason) for s in range(comparison.suspect_layers)]
+            return Verdict("not comparable", "not comparable", comparison.reason, None, None, statistic=None,
+                           layers=layers, closeness=None, **common)
+        z, p = calibration.z(comparison.statistic), calibration.p_value(comparison.statistic)
+        derived = p <= alpha
+        aligned = dict(comparison.pairs)
+        layers = []
+        for s in range(comparison.suspect_layers):
+            if s not in aligned:
+                layers.append(LayerVerdict(s, None, "unaligned", f"the parent has fewer MoE layers "
+                                           f"({comparison.parent_layers}); this layer was left out of the alignment"))
+                continue
+            layer = comparison.layers[s, aligned[s]]
+            threshold = pair_threshold(alpha, layer.evidence.numel())
+            layers.append(LayerVerdict(
+                suspect_layer=s, parent_layer=aligned[s], status="compared", z=layer.z, pair_threshold=threshold,
+                parent_experts=layer.evidence.shape[1], matches=expert_matches(layer, threshold if derived else math.inf),
+                similarity=layer.similarity.float().tolist(),
+            ))
+        matched = [m for lv in layers for m in lv.matches if m.parent_expert is not None]
+        closeness = sum((m.similarity + m.weight_similarity) / 2 for m in matched) / len(matched) if matched else None
+        carved = comparison.parent_layers > len(comparison.pairs) or any(
+            lv.status == "compared" and len(lv.kept) < lv.parent_experts for lv in layers)
+        relation = ("carved subset" if carved else "same lineage, not a carve") if derived else "independent"
+        return Verdict("derived" if derived else "not derived", relation, comparison.reason, z, p, statistic=comparison.statistic,
+                       layers=layers, closeness=closeness, **common)
+
+    def _check_calibration(self, calibration: NullCalibration) -> None:
+        fingerprint = self.parent_info()["fingerprint"]
+        if calibration.parent_fingerprint not in (None, fingerprint):
+            raise InputError(f"the calibration was measured against another parent (fingerprint "
+                             f"{calibration.parent_fingerprint[:12]}, this parent {fingerprint[:12]}); calibrate again.")
+        if calibration.settings and calibration.settings != self.settings:
+            raise InputError(f"the calibration was measured with settings {calibration.settings}, this comparison uses "
+                             f"{self.settings}; use the same probes and seed or calibrate again.")
+
+
+def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch]:
+    """Every suspect expert's assigned parent expert; significant when its evidence reaches ``threshold``."""
+    rows, cols = match_experts(layer.evidence)
     candidate = dict(zip(rows, cols))
     matches = []
-    for i in range(comparison.evidence.shape[0]):
+    for i in range(layer.evidence.shape[0]):
         j = candidate.get(i)
         if j is None:
-            matches.append(ExpertMatch(i, None, None, math.nan, None, math.nan, math.nan))
+            matches.append(ExpertMatch(i, None, None, math.nan, math.nan, math.nan, math.nan))
             continue
-        evidence = float(comparison.evidence[i, j])
-        matches.append(
-            ExpertMatch(
-                suspect_expert=i,
-                candidate=j,
-                parent_expert=j if evidence >= threshold else None,
-                similarity=float(comparison.similarity[i, j]),
-                weight_similarity=None if comparison.weight_similarity is None else float(comparison.weight_similarity[i, j]),
-                router_similarity=float(comparison.router_similarity[i, j]),
-                evidence=evidence,
-            )
-        )
+        evidence = float(layer.evidence[i, j])
+        significant = evidence >= threshold
+        beta, explained = layer.mixes[i]
+        shares = beta / beta.sum().clamp_min(1e-30)
+        mixes = [[int(k), float(shares[k])] for k in shares.argsort(descending=True).tolist() if shares[k] >= MIX_SHARE]
+        matches.append(ExpertMatch(
+            suspect_expert=i,
+            candidate=j,
+            parent_expert=j if significant else None,
+            similarity=float(layer.similarity[i, j]),
+            weight_similarity=float(layer.weight_similarity[i, j]),
+            router_similarity=float(layer.router_similarity[i, j]),
+            evidence=evidence,
+            mixes=mixes if significant else [],
+            explained=explained if significant else None,
+        ))
     return matches
 
 
-def _align(statistics: torch.Tensor) -> tuple[list[list[tuple[int, int]]], torch.Tensor]:
-    """Layer pairs per permutation and the model statistic ``T[s]``, from ``statistics [Ls, Lp, m]``.
-
-    Equal layer counts pair layers by position; otherwise the shorter side is mapped
-    monotonically into the longer one, separately for every permutation ``s``.
-    """
-    num_suspect, num_parent, m = statistics.shape
-    pairs_per_shift, totals = [], []
-    for s in range(m):
-        score = statistics[:, :, s]
-        if num_suspect == num_parent:
-            pairs = [(layer, layer) for layer in range(num_suspect)]
-        elif num_suspect < num_parent:
-            pairs = list(enumerate(monotone_alignment(score)))
-        else:
-            pairs = [(suspect, parent) for parent, suspect in enumerate(monotone_alignment(score.T))]
-        pairs_per_shift.append(pairs)
-        totals.append(sum(float(score[a, b]) for a, b in pairs))
-    return pairs_per_shift, torch.tensor(totals, dtype=torch.float64)
+def check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must be a probability strictly between 0 and 1, got {alpha}.")
 
 
 def detect(
-    parent: MoEModel | str | os.PathLike,
-    suspect: MoEModel | str | os.PathLike,
+    parent: ModelSource,
+    suspect: ModelSource,
     *,
     alpha: float = DEFAULT_ALPHA,
     probes: int = DEFAULT_PROBES,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    weight_rows: int | None = DEFAULT_WEIGHT_ROWS,
+    references: Sequence[ModelSource] = (),
+    calibration: NullCalibration | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> Verdict:
-    """Compare ``suspect`` with ``parent`` and decide whether it was carved out of it.
+    """Compare ``suspect`` with ``parent`` and decide whether it was derived from it.
 
-    ``parent`` and ``suspect`` are loaded MoE models or model directories / hub ids.
-    ``alpha`` is the false-positive rate the verdict is calibrated to; ``probes``
-    the number of probe inputs per expert (rounded up to a multiple of the group
-    size); ``group_size`` the number of permutations ``m`` (the comparison itself
-    plus ``m - 1`` null samples); ``weight_rows`` how many weight rows per expert
-    the weight signal uses (None: all). ``seed`` fixes the probes and the rows.
-    See the module docstring for the method.
+    ``parent`` and ``suspect`` are loaded models or model directories (a local
+    safetensors checkpoint is read one MoE layer of experts at a time) / hub ids.
+    ``alpha`` is the false-positive rate the verdict is calibrated to; ``probes`` the
+    number of probe residuals per expert; ``seed`` fixes the probes. The null is the
+    built-in one unless ``references`` (independent models of the parent's shape,
+    compared one at a time) or a saved ``calibration`` are given. ``dtype`` casts
+    models read from disk. See the module docstring for the method.
     """
-    if not 0 < alpha < 1:
-        raise InputError(f"alpha must be a probability strictly between 0 and 1, got {alpha}.")
-    if probes < 1:
-        raise InputError(f"probes must be at least 1, got {probes}.")
-    if group_size < 3:
-        raise InputError(f"group_size must be at least 3 (the comparison plus two null samples), got {group_size}.")
-    started = time.perf_counter()
-    parent_moe, suspect_moe = _as_moe(parent, "parent"), _as_moe(suspect, "suspect")
-    parent_info, suspect_info = _describe(parent_moe), _describe(suspect_moe)
-    parent_hidden, suspect_hidden = parent_info["hidden_size"], suspect_info["hidden_size"]
-    equal_counts = parent_moe.num_layers == suspect_moe.num_layers
-
-    def verdict(status, reason, layers, test=None, m=0, alignment="position") -> Verdict:
-        return Verdict(
-            status=status,
-            reason=reason,
-            z=test.z if test else None,
-            p_value=test.p_value if test else None,
-            p_exact=test.p_exact if test else None,
-            alpha=alpha,
-            z_threshold=z_threshold(alpha),
-            layer_alignment=alignment,
-            layers=layers,
-            parent=parent_info,
-            suspect=suspect_info,
-            probes=probes if m == 0 else m * math.ceil(probes / m),
-            group_size=m,
-            seconds=time.perf_counter() - started,
-        )
-
-    if len(parent_hidden) != 1 or parent_hidden != suspect_hidden:
-        reason = (
-            f"hidden size {'/'.join(map(str, suspect_hidden))} (suspect) vs {'/'.join(map(str, parent_hidden))} (parent): "
-            "the experts act on spaces of different width, so no expert of one can be compared with an expert of the other"
-        )
-        layers = [LayerVerdict(layer.index, None, "not comparable", reason) for layer in suspect_moe.layers]
-        return verdict("not comparable", reason, layers)
-
-    hidden = parent_hidden[0]
-    m = min(group_size, hidden)
-    perms = cyclic_shifts(hidden, m)
-    probe_inputs = orbit_probes(hidden, m, math.ceil(probes / m), seed=seed)
-    if equal_counts:
-        candidates = [(layer, layer) for layer in range(suspect_moe.num_layers)]
-    else:
-        candidates = [(s, p) for s in range(suspect_moe.num_layers) for p in range(parent_moe.num_layers)]
-
-    parent_cache: dict[int, LayerSignature] = {}
-    suspect_cache: dict[int, LayerSignature] = {}
-
-    def signature(moe: MoEModel, cache: dict[int, LayerSignature], layer: int) -> LayerSignature:
-        if layer not in cache:
-            cache[layer] = layer_signature(moe, layer, probe_inputs, max_rows=weight_rows, seed=seed)
-        return cache[layer]
-
-    comparisons: dict[tuple[int, int], LayerComparison] = {}
-    statistics = torch.full((suspect_moe.num_layers, parent_moe.num_layers, m), -math.inf, dtype=torch.float64)
-    show = progress and log.isEnabledFor(logging.INFO)
-    for s, p in tqdm(candidates, desc="comparing MoE layers", unit="pair", disable=not show):
-        comparisons[s, p] = compare_layers(signature(suspect_moe, suspect_cache, s), signature(parent_moe, parent_cache, p), perms)
-        statistics[s, p] = comparisons[s, p].statistics
-        if equal_counts:  # each layer is used once: keep memory to one layer pair
-            parent_cache.clear()
-            suspect_cache.clear()
-
-    pairs_per_shift, totals = _align(statistics)
-    test = group_test(totals)
-    aligned = dict(pairs_per_shift[0])
-    layers = []
-    for s in range(suspect_moe.num_layers):
-        if s not in aligned:
-            layers.append(
-                LayerVerdict(s, None, "unaligned", f"the parent has fewer MoE layers ({parent_moe.num_layers}); "
-                             "this layer was left out of the best monotone alignment")
-            )
-            continue
-        p = aligned[s]
-        comparison = comparisons[s, p]
-        layer_test = group_test(comparison.statistics)
-        threshold = pair_threshold(alpha, comparison.evidence.numel())
-        layers.append(
-            LayerVerdict(
-                suspect_layer=s,
-                parent_layer=p,
-                status="compared",
-                z=layer_test.z,
-                p_value=layer_test.p_value,
-                pair_threshold=threshold,
-                matches=_expert_matches(comparison, threshold),
-                similarity=comparison.similarity.float().tolist(),
-            )
-        )
-    status = "derived" if test.p_value <= alpha else "not derived"
-    alignment = "position" if equal_counts else "matched"
-    reason = "" if equal_counts else (
-        f"the suspect has {suspect_moe.num_layers} MoE layers and the parent {parent_moe.num_layers}; "
-        "layers were aligned by the best monotone alignment (redone for every null sample)"
-    )
-    result = verdict(status, reason, layers, test, m, alignment)
-    log.info("detect: %s (z = %.1f, p = %s) in %.1f s", status, test.z, format_p(test.p_value), result.seconds)
+    check_alpha(alpha)
+    if calibration is not None and references:
+        raise InputError("give either reference models or a saved calibration, not both.")
+    with ExitStack() as stack:
+        parent_view = stack.enter_context(open_model(parent, "parent", dtype=dtype))
+        detector = Detector(parent_view, probes=probes, seed=seed, progress=progress)
+        if references:
+            calibration = detector.calibrate(references, dtype=dtype)
+        suspect_view = stack.enter_context(open_model(suspect, "suspect", dtype=dtype))
+        result = detector.verdict(detector.compare(suspect_view), alpha=alpha, calibration=calibration or BUILTIN_NULL)
+    log.info("detect: %s (z = %s, p = %s) in %.1f s", result.status, "n/a" if result.z is None else f"{result.z:.1f}",
+             format_p(result.p_value), result.seconds)
     return result
+
+
+def rank_parents(
+    parents: Sequence[ModelSource],
+    suspect: ModelSource,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    probes: int = DEFAULT_PROBES,
+    references: Sequence[ModelSource] = (),
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> ParentRanking:
+    """Compare ``suspect`` with each candidate parent (one in memory at a time) and rank them.
+
+    The most likely parent is the derived candidate whose experts the suspect's are
+    closest to; every other derived candidate is reported as *same lineage, not a
+    carve* (it shares the suspect's ancestry, but the suspect was not carved from it).
+    ``references`` calibrate every candidate's verdict.
+    """
+    if len(parents) < 1:
+        raise InputError("rank_parents needs at least one candidate parent.")
+    check_alpha(alpha)
+    verdicts, names = [], []
+    with open_model(suspect, "suspect", dtype=dtype) as suspect_view:
+        for parent in parents:
+            with open_model(parent, "parent", dtype=dtype) as parent_view:
+                detector = Detector(parent_view, probes=probes, seed=seed, progress=progress)
+                calibration = detector.calibrate(references, dtype=dtype) if references else BUILTIN_NULL
+                verdicts.append(detector.verdict(detector.compare(suspect_view), alpha=alpha, calibration=calibration))
+                names.append(str(parent_view.moe.source))
+    ranking = sorted(range(len(verdicts)), key=lambda i: (
+        not verdicts[i].derived, -(verdicts[i].closeness or 0.0), -(verdicts[i].z if verdicts[i].z is not None else -math.inf)))
+    for index in ranking[1:]:
+        if verdicts[index].derived:
+            verdicts[index].relation = "same lineage, not a carve"
+            best = verdicts[ranking[0]]
+            verdicts[index].reason = (f"candidate {names[ranking[0]]} is closer (closeness {best.closeness:.3f} vs "
+                                      f"{verdicts[index].closeness:.3f}): the suspect shares this parent's lineage but was carved from the other")
+    return ParentRanking(names, verdicts, ranking)

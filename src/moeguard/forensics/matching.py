@@ -1,14 +1,19 @@
-"""Expert matching, layer alignment and the randomisation test, as pure functions."""
+"""Expert matching, layer alignment, their null distributions and expert mixing, as pure functions."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import linear_sum_assignment, nnls
 from scipy.stats import norm
+
+from moeguard.forensics.similarity import standardise_batch
+
+NULL_SAMPLES = 2000
 
 
 def match_experts(evidence: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -22,19 +27,39 @@ def match_experts(evidence: torch.Tensor) -> tuple[list[int], list[int]]:
     return rows.tolist(), cols.tolist()
 
 
-def matched_mean(evidence: torch.Tensor) -> float:
-    """``T = (1 / min(Es, Ep)) max_sigma sum_i Z[i, sigma(i)]``: the layer statistic."""
-    rows, cols = match_experts(evidence)
-    return float(evidence[rows, cols].mean())
+def matched_mean(evidence: torch.Tensor | np.ndarray) -> float:
+    """``A = (1 / min(Es, Ep)) max_sigma sum_i Z[i, sigma(i)]``: the layer's raw statistic."""
+    values = evidence.detach().cpu().numpy() if isinstance(evidence, torch.Tensor) else evidence
+    rows, cols = linear_sum_assignment(values, maximize=True)
+    return float(values[rows, cols].mean())
 
 
-def group_statistics(evidence: torch.Tensor) -> torch.Tensor:
-    """``T[s]`` = :func:`matched_mean` of ``evidence[s]`` for every permutation ``s`` (``[m, Es, Ep] -> [m]``).
+@dataclass(frozen=True)
+class NullMoments:
+    """Mean and standard deviation of a statistic when nothing is related."""
 
-    The matching is solved again for every null sample, so the maximisation that
-    favours ``s = 0`` under the null is part of the null as well.
+    mean: float
+    std: float
+
+    def standardise(self, value: float) -> float:
+        return (value - self.mean) / max(self.std, 1e-12)
+
+
+@functools.lru_cache(maxsize=512)
+def assignment_null(rows: int, cols: int, signals: int, samples: int = NULL_SAMPLES) -> NullMoments:
+    """Moments of :func:`matched_mean` of the evidence of ``signals`` unrelated ``[rows, cols]`` similarity matrices.
+
+    Simulated: every signal is an i.i.d. Gaussian matrix, standardised as the real
+    ones are (:func:`moeguard.forensics.similarity.standardise`), the signals summed
+    and divided by ``sqrt(signals)``, the assignment solved. This accounts for the
+    matching's own optimism and for the standardisation's small-sample noise; it does
+    not know about experts that independent models learn alike, which is what
+    calibrating on independent reference models is for.
     """
-    return torch.tensor([matched_mean(z) for z in evidence], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1_000_003 * rows + 1009 * cols + signals)
+    total = sum(standardise_batch(torch.randn(samples, rows, cols, generator=generator, dtype=torch.float64)) for _ in range(signals))
+    evidence = (total / math.sqrt(signals)).numpy()
+    return _moments(np.array([matched_mean(z) for z in evidence]))
 
 
 def monotone_alignment(score: torch.Tensor) -> list[int]:
@@ -64,31 +89,24 @@ def monotone_alignment(score: torch.Tensor) -> list[int]:
     return columns[::-1]
 
 
-@dataclass(frozen=True)
-class GroupTest:
-    """The randomisation test of one statistic against its permutation samples.
-
-    ``z = (T_0 - mean_{s>=1} T_s) / std_{s>=1} T_s``; ``p_value = 1 - Phi(z)`` (the
-    Gaussian approximation of the null, able to state strong evidence);
-    ``p_exact = #{s : T_s >= T_0} / m`` (exact under exchangeability, never below ``1/m``).
-    """
-
-    statistic: float
-    null_mean: float
-    null_std: float
-    z: float
-    p_value: float
-    p_exact: float
+def monotone_totals(scores: np.ndarray) -> np.ndarray:
+    """``[n]``: the best monotone-alignment total of each ``scores[n, rows, cols]`` (rows <= cols), vectorised."""
+    best = scores[:, 0].copy()
+    for r in range(1, scores.shape[1]):
+        shifted = np.concatenate([np.full((len(best), 1), -np.inf), np.maximum.accumulate(best, axis=1)[:, :-1]], axis=1)
+        best = scores[:, r] + shifted
+    return best.max(axis=1)
 
 
-def group_test(statistics: torch.Tensor) -> GroupTest:
-    """:class:`GroupTest` of ``statistics[0]`` against ``statistics[1:]``."""
-    observed = float(statistics[0])
-    null = statistics[1:].double()
-    mean, std = float(null.mean()), float(null.std())
-    z = (observed - mean) / max(std, 1e-12)
-    p_exact = float((statistics >= observed).sum()) / len(statistics)
-    return GroupTest(observed, mean, std, z, float(norm.sf(z)), p_exact)
+@functools.lru_cache(maxsize=64)
+def alignment_null(rows: int, cols: int, samples: int = NULL_SAMPLES) -> NullMoments:
+    """Moments of the best monotone total of ``rows`` layer scores into ``cols`` layers when each is ``N(0, 1)``."""
+    generator = np.random.default_rng(7919 * rows + cols)
+    return _moments(monotone_totals(generator.standard_normal((samples, min(rows, cols), max(rows, cols)))))
+
+
+def _moments(values: np.ndarray) -> NullMoments:
+    return NullMoments(float(values.mean()), float(values.std(ddof=1)))
 
 
 def pair_threshold(alpha: float, num_pairs: int) -> float:
@@ -99,6 +117,26 @@ def pair_threshold(alpha: float, num_pairs: int) -> float:
     return float(norm.isf(alpha / max(num_pairs, 1)))
 
 
+def mixing_weights(target: torch.Tensor, components: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Non-negative ``beta`` minimising ``|sum_j beta_j c_j - t|`` and the share of ``|t|^2`` it explains.
+
+    ``target [D]``, ``components [J, D]``. Solved on the ``J x J`` normal equations
+    (``G = C C^T = L L^T``: ``min |L^T beta - L^-1 C t|`` has the same minimiser), so the
+    cost does not grow with ``D``.
+    """
+    c = components.double()
+    t = target.double()
+    gram = c @ c.T
+    gram = gram + 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    lower = torch.linalg.cholesky(gram)
+    rhs = torch.linalg.solve_triangular(lower, (c @ t).unsqueeze(1), upper=False).squeeze(1)
+    beta, _ = nnls(lower.T.numpy(), rhs.numpy())
+    beta = torch.from_numpy(beta)
+    fitted = beta @ c
+    explained = 1 - float((t - fitted).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30))
+    return beta, explained
+
+
 def z_threshold(alpha: float) -> float:
-    """The model-level ``z`` equivalent of the p-value threshold ``alpha``."""
+    """The standard-normal ``z`` equivalent of the p-value threshold ``alpha``."""
     return float(norm.isf(alpha)) if alpha > 0 else math.inf

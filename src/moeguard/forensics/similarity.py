@@ -1,8 +1,24 @@
-"""Similarity matrices between suspect and parent experts, under every null permutation.
+"""Expert signatures in the parent's residual space, their similarities, and their standardisation.
 
-Notation: suspect experts ``i``, parent experts ``j``, shifts ``s = 0 .. m-1`` of the
-hidden coordinates (``s = 0`` is the comparison itself, ``s >= 1`` are null samples;
-see :mod:`moeguard.forensics.probes`).
+Notation: suspect experts ``i``, parent experts ``j``; ``Q [H_S, H_P]`` maps the parent's
+residual space into the suspect's (:mod:`moeguard.forensics.alignment`), so a hidden
+vector ``v`` of the suspect is ``Q^T v`` in the parent's terms.
+
+Three signatures per expert, each unchanged by every function-preserving change of the
+expert and of the residual stream once mapped:
+
+- **responses** ``f_e(norm(x))`` to shared probe residuals ``x``: invariant to neuron
+  order and scale, weight layout and dtype (:func:`moeguard.forensics.signatures.expert_responses`);
+- **weight Gram**: the second moment of the expert's unit weight vectors in hidden
+  space, ``G_e = sum_rows r r^T / |r|^2`` (read rows folded with the norm gain; write
+  rows apart), with its isotropic part removed. A sum over neurons does not depend on
+  their order, and unit rows do not depend on a per-neuron scale (up times ``a``, down
+  divided by ``a``), so this is the weight signal that survives neuron permutation.
+  Large hidden sizes use a fixed random sketch ``G_e Z`` (``Z [H_P, k]``);
+- **router row** (folded with the norm gain).
+
+Similarities are cosines; :func:`standardise` turns a suspect x parent matrix into
+evidence in units of its own background spread.
 """
 
 from __future__ import annotations
@@ -11,7 +27,9 @@ import math
 
 import torch
 
-from moeguard.forensics.probes import conjugate_responses, conjugate_rows
+# Above this hidden size the Gram matrices are sketched with this many random directions.
+EXACT_GRAM_UP_TO = 256
+SKETCH_DIRECTIONS = 128
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -20,49 +38,66 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape(x.shape)
 
 
-def response_similarities(suspect: torch.Tensor, parent: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """``C [m, Es, Ep]`` with ``C[s, i, j] = cos(vec(g^s . Y^S_i), vec(Y^P_j))``.
+def cosine_matrix(suspect: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``C [Es, Ep]``: cosine of every suspect row with every parent row (trailing axes flattened)."""
+    return unit_rows(suspect).flatten(1) @ unit_rows(parent).flatten(1).T
 
-    ``suspect [Es, B, m, H]`` and ``parent [Ep, B, m, H]`` are expert responses on
-    the orbit probes; ``g^s . Y`` is the response of the conjugated expert.
-    Conjugation only moves entries, so rows are normalised once.
+
+def sketch_directions(hidden: int, *, seed: int) -> torch.Tensor | None:
+    """``Z [H, k]`` for the Gram sketch, or None when ``H`` is small enough for exact Gram matrices."""
+    if hidden <= EXACT_GRAM_UP_TO:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(hidden, SKETCH_DIRECTIONS, generator=generator) / math.sqrt(SKETCH_DIRECTIONS)
+
+
+def gram_signature(rows: torch.Tensor, basis: torch.Tensor | None, sketch: torch.Tensor | None) -> torch.Tensor:
+    """``[E, D]``: each expert's centred Gram matrix of unit rows, in the parent's space, flattened.
+
+    ``rows [E, K, H_own]``; ``basis [H_own, H_P]`` maps the parent's space into this
+    model's (None: this is the parent). With ``Q = basis`` and ``Z = sketch`` the
+    signature is ``Q^T R^T R Q Z`` for unit rows ``R`` (``Z = I`` without a sketch), minus
+    its projection on ``vec(Z)`` (the isotropic part ``(tr / H) Z``), normalised.
     """
-    suspect, parent = unit_rows(suspect), unit_rows(parent).flatten(1)
-    return torch.stack([conjugate_responses(suspect, perms, s).flatten(1) @ parent.T for s in range(len(perms))])
+    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    if basis is None:
+        parent_hidden = rows.shape[-1]
+        directions = sketch if sketch is not None else torch.eye(parent_hidden)
+        projected = unit @ directions  # [E, K, k]
+        gram = unit.transpose(1, 2) @ projected  # [E, H_P, k]
+    else:
+        basis = basis.float()
+        directions = sketch if sketch is not None else torch.eye(basis.shape[1])
+        projected = unit @ (basis @ directions)
+        gram = basis.T @ (unit.transpose(1, 2) @ projected)
+    flat = gram.flatten(1)
+    isotropic = directions.flatten() / directions.flatten().norm()
+    flat = flat - (flat @ isotropic).unsqueeze(1) * isotropic
+    return unit_rows(flat)
 
 
-def row_similarities(suspect: torch.Tensor, parent: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """``R [m, Es, Ep]`` with ``R[s, i, j] = cos(vec(g^s V^S_i), vec(V^P_j))``.
+def standardise(similarity: torch.Tensor) -> torch.Tensor:
+    """Evidence ``Z [Es, Ep]`` from a similarity matrix, in units of its own background.
 
-    ``V [E, ..., H]`` has the hidden axis last (router rows ``[E, H]``, expert weights
-    ``[E, K, H]``); ``g^s`` gathers that axis, as it does for a conjugated model.
+    Each expert of the smaller side is centred on the median of its similarities to
+    the larger side (a derived expert has one outstanding entry, which the median
+    ignores); the centred entries are divided by their pooled robust spread
+    ``1.4826 * median |.|``. Location and scale come from the matrix itself, so the
+    evidence does not depend on how similar unrelated experts happen to be in a given
+    model, only on how much one pair stands out from the rest.
     """
-    suspect, parent = unit_rows(suspect), unit_rows(parent).flatten(1)
-    return torch.stack([conjugate_rows(suspect, perms, s).flatten(1) @ parent.T for s in range(len(perms))])
+    return standardise_batch(similarity.unsqueeze(0))[0]
 
 
-def leave_one_out_z(samples: torch.Tensor) -> torch.Tensor:
-    """Standardise every sample against the others along axis 0.
-
-    ``Z_s = (C_s - mean_{t != s} C_t) / std_{t != s} C_t`` (sample std, ``m - 2`` degrees
-    of freedom). Treating every sample alike keeps ``s = 0`` exchangeable with the null
-    samples, so the randomisation test stays exact.
-    """
-    m = samples.shape[0]
-    if m < 3:
-        raise ValueError(f"leave-one-out standardisation needs at least 3 samples, got {m}.")
-    x = samples.double()
-    total, squares = x.sum(0), (x * x).sum(0)
-    n = m - 1
-    mean = (total - x) / n
-    variance = ((squares - x * x) - n * mean * mean) / (n - 1)
-    return (x - mean) / variance.clamp_min(0).sqrt().clamp_min(1e-12)
+def standardise_batch(similarity: torch.Tensor) -> torch.Tensor:
+    """:func:`standardise` of every matrix in ``similarity [n, Es, Ep]``."""
+    x = similarity.double()
+    axis = 2 if x.shape[2] >= x.shape[1] else 1
+    centred = x - x.median(dim=axis, keepdim=True).values
+    spread = 1.4826 * centred.abs().flatten(1).median(dim=1).values
+    return centred / spread.clamp_min(1e-12).reshape(-1, 1, 1)
 
 
 def pair_evidence(*signals: torch.Tensor) -> torch.Tensor:
-    """Evidence that suspect expert ``i`` is parent expert ``j``: ``Z = sum_k Z_k / sqrt(K)``.
-
-    Every signal is in units of its own null spread, so the strongest one counts
-    most by itself; under the null ``Z`` is close to ``N(0, 1)``.
-    """
+    """Evidence that suspect expert ``i`` is parent expert ``j``: ``Z = sum_k Z_k / sqrt(K)``."""
     return sum(signals) / math.sqrt(len(signals))

@@ -1,0 +1,191 @@
+"""Recovering the map between a suspect's and a parent's residual streams.
+
+A derivative's residual stream is ``x_S = c Q x_P`` for some ``Q`` with orthonormal
+columns (see :mod:`moeguard.forensics.residual`), so every vector the two models attach
+to the same token - the embedding row written for it, the head row that reads it, the
+residual state at the same position of the same text - is related by the same ``Q``.
+Given paired rows ``S [n, H_S]`` and ``P [n, H_P]`` the map is the orthogonal Procrustes
+solution
+
+    Q = argmin_{Q^T Q = I} |S - c P Q^T|_F = U V^T,   where  S^T P = U Sigma V^T,
+
+and its quality the relative residual ``min_c |S - c P Q^T|_F / |S|_F`` (0 for an exact
+map, close to 1 for unrelated models). Two sources are used, each normalised to unit
+Frobenius norm before their cross-products are summed:
+
+- **token rows**: embedding rows and (norm-folded) head rows of tokens both
+  vocabularies have, matched by token string (a re-ordered or extended vocabulary
+  pairs up correctly);
+- **residual states**: both models' residual streams entering decoder layer 0's
+  feed-forward norm on the same random token sequences (carving never changes them).
+
+Their agreement (``tr(Q_1^T Q_2) / min(H_S, H_P)``, 1 when each source alone gives the
+same map) is the consistency check. A narrower suspect (``H_S < H_P``) gets ``Q`` with
+orthonormal rows: a projection, which only approximates the parent's function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeguard.forensics.residual import probe_residuals, token_rows
+from moeguard.models import MoEModel
+
+
+def matched_token_ids(a: MoEModel, b: MoEModel) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Ids of the same tokens in ``a`` and in ``b``, and how they were matched.
+
+    By token string when both models have tokenizers, otherwise by id (the shared
+    range of both embedding tables). Only ids that have an embedding row are kept.
+    """
+    rows_a = a.model.get_input_embeddings().weight.shape[0]
+    rows_b = b.model.get_input_embeddings().weight.shape[0]
+    if a.tokenizer is not None and b.tokenizer is not None:
+        vocab_a, vocab_b = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
+        pairs = sorted((vocab_a[t], vocab_b[t]) for t in vocab_a.keys() & vocab_b.keys() if vocab_a[t] < rows_a and vocab_b[t] < rows_b)
+        ids_a = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        ids_b = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        return ids_a, ids_b, f"{len(pairs)} tokens matched by string"
+    shared = torch.arange(min(rows_a, rows_b))
+    return shared, shared.clone(), f"{len(shared)} token ids assumed to match (no tokenizer on {'both sides' if a.tokenizer is None and b.tokenizer is None else 'one side'})"
+
+
+def procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U V^T`` of ``cross [H_S, H_P] = U Sigma V^T`` (float64)."""
+    u, _, vt = torch.linalg.svd(cross.double(), full_matrices=False)
+    return u @ vt
+
+
+def cross_product(suspect_rows: torch.Tensor, parent_rows: torch.Tensor) -> torch.Tensor:
+    """``S^T P / (|S|_F |P|_F)``: one source's share of the Procrustes problem."""
+    s, p = suspect_rows.double(), parent_rows.double()
+    return s.T @ p / (s.norm() * p.norm()).clamp_min(1e-30)
+
+
+def fit_residual(suspect_rows: torch.Tensor, parent_rows: torch.Tensor, basis: torch.Tensor) -> float:
+    """``min_c |S - c P Q^T|_F / |S|_F``: 0 when the map explains the rows exactly, 1 when not at all."""
+    s, predicted = suspect_rows.double(), parent_rows.double() @ basis.T
+    scale = (s * predicted).sum() / (predicted * predicted).sum().clamp_min(1e-30)
+    return float((s - scale * predicted).norm() / s.norm().clamp_min(1e-30))
+
+
+def map_agreement(first: torch.Tensor, second: torch.Tensor) -> float:
+    """``tr(Q_1^T Q_2) / min(H_S, H_P)``: 1 for the same map, about 0 for unrelated ones."""
+    return float((first * second).sum() / min(first.shape))
+
+
+@dataclass
+class SourceFit:
+    """How well the chosen map explains one source of paired rows."""
+
+    name: str
+    rows: int
+    residual: float  # relative residual of the joint map on this source
+    own_residual: float  # relative residual of this source's own best map
+
+
+@dataclass
+class ResidualMap:
+    """``x_S ~ c basis @ x_P``: the suspect's residual space in terms of the parent's."""
+
+    basis: torch.Tensor = field(repr=False)  # [H_S, H_P], float64
+    suspect_hidden: int
+    parent_hidden: int
+    kind: str
+    tokens: str
+    sources: list[SourceFit]
+    agreement: float | None
+
+    @property
+    def residual(self) -> float | None:
+        """The joint map's worst relative residual over its sources (None when no source was available)."""
+        return max((s.residual for s in self.sources), default=None)
+
+    def describe(self) -> str:
+        if not self.sources:
+            return f"spaces assumed aligned ({self.tokens})"
+        fits = ", ".join(f"{s.name} {s.residual:.3g} ({s.rows} rows)" for s in self.sources)
+        agreement = f"; sources agree {self.agreement:.3f}" if self.agreement is not None else ""
+        return f"{self.kind} by orthogonal Procrustes, residual {fits}{agreement}; {self.tokens}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "orthogonal Procrustes" if self.sources else "identity (no shared tokens)",
+            "kind": self.kind,
+            "suspect_hidden": self.suspect_hidden,
+            "parent_hidden": self.parent_hidden,
+            "tokens": self.tokens,
+            "residual": self.residual,
+            "agreement": self.agreement,
+            "sources": [vars(s) for s in self.sources],
+        }
+
+
+def map_kind(basis: torch.Tensor) -> str:
+    """What a map looks like: identity, signed permutation, rotation, widening (padding) or projection."""
+    rows, cols = basis.shape
+    if rows > cols:
+        return f"wider suspect ({rows} vs {cols}: padding)"
+    if rows < cols:
+        return f"narrower suspect ({rows} vs {cols}: projection)"
+    if torch.allclose(basis, torch.eye(rows, dtype=basis.dtype), atol=1e-3):
+        return "identity"
+    if bool((basis.abs().amax(dim=1) > 0.999).all()):
+        return "signed permutation"
+    return "rotation"
+
+
+def fit_map(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: str) -> ResidualMap:
+    """The joint Procrustes map of paired ``(suspect_rows, parent_rows)`` sources, with its fit per source."""
+    crosses = {name: cross_product(s, p) for name, (s, p) in sources.items()}
+    basis = procrustes(sum(crosses.values()))
+    own = {name: procrustes(cross) for name, cross in crosses.items()}
+    fits = [
+        SourceFit(name, int(s.shape[0]), fit_residual(s, p, basis), fit_residual(s, p, own[name]))
+        for name, (s, p) in sources.items()
+    ]
+    maps = list(own.values())
+    agreement = map_agreement(maps[0], maps[1]) if len(maps) == 2 else None
+    suspect_hidden, parent_hidden = basis.shape
+    return ResidualMap(basis, suspect_hidden, parent_hidden, map_kind(basis), tokens, fits, agreement)
+
+
+def probe_token_sequences(count: int, length: int, *, seed: int) -> torch.Tensor:
+    """``[count, length]`` positions into the matched-token list (the same for both models)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, length, generator=generator)
+
+
+def residual_map(suspect: MoEModel, parent: MoEModel, *, seed: int = 0, sequence_length: int = 32) -> ResidualMap | None:
+    """The map from the parent's residual space to the suspect's (see the module docstring).
+
+    Returns None when nothing pairs the two spaces (no shared tokens and different
+    widths); with no shared tokens but equal widths the identity is assumed and said.
+    """
+    suspect_ids, parent_ids, tokens = matched_token_ids(suspect, parent)
+    suspect_hidden = suspect.model.get_input_embeddings().weight.shape[1]
+    parent_hidden = parent.model.get_input_embeddings().weight.shape[1]
+    if len(suspect_ids) == 0:
+        if suspect_hidden != parent_hidden:
+            return None
+        return ResidualMap(torch.eye(parent_hidden, dtype=torch.float64), suspect_hidden, parent_hidden, "identity", tokens, [], None)
+    suspect_rows, parent_rows = token_rows(suspect), token_rows(parent)
+    suspect_tokens = [suspect_rows.embedding[suspect_ids]]
+    parent_tokens = [parent_rows.embedding[parent_ids]]
+    if suspect_rows.head is not None or parent_rows.head is not None:
+        # A tied head is the embedding itself: pair it with the other side's head all the same.
+        suspect_head = suspect_rows.head if suspect_rows.head is not None else suspect_rows.embedding
+        parent_head = parent_rows.head if parent_rows.head is not None else parent_rows.embedding
+        suspect_tokens.append(suspect_head[suspect_ids] * (suspect_tokens[0].norm() / suspect_head[suspect_ids].norm().clamp_min(1e-30)))
+        parent_tokens.append(parent_head[parent_ids] * (parent_tokens[0].norm() / parent_head[parent_ids].norm().clamp_min(1e-30)))
+    sequences = max(4, math.ceil(4 * max(suspect_hidden, parent_hidden) / sequence_length))
+    positions = (probe_token_sequences(sequences, sequence_length, seed=seed) * len(suspect_ids)).long()
+    sources = {
+        "token rows": (torch.cat(suspect_tokens), torch.cat(parent_tokens)),
+        "residual states": (probe_residuals(suspect, suspect_ids[positions]), probe_residuals(parent, parent_ids[positions])),
+    }
+    return fit_map(sources, tokens)
