@@ -1,7 +1,7 @@
 """Forensics: is a suspect model carved out of a parent, however it was disguised?"""
 
 from moeguard.forensics.calibration import BUILTIN_NULL, NullCalibration
-from moeguard.forensics.detect import DEFAULT_ALPHA, DEFAULT_PROBES, Detector, detect, rank_parents
+from moeguard.forensics.detect import DEFAULT_ALPHA, DEFAULT_PROBES, Detector, calibrate, detect, rank_parents
 from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, ParentRanking, Verdict
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "NullCalibration",
     "ParentRanking",
     "Verdict",
+    "calibrate",
     "detect",
     "rank_parents",
 ]

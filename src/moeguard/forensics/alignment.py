@@ -36,22 +36,33 @@ from moeguard.forensics.residual import probe_residuals, token_rows
 from moeguard.models import MoEModel
 
 
+def usable_vocabulary(moe: MoEModel) -> dict[str, int] | None:
+    """The model's token -> id table, or None without a tokenizer or when it covers under half the embedding rows
+    (a placeholder tokenizer that transformers builds for a directory without tokenizer files, for one)."""
+    if moe.tokenizer is None:
+        return None
+    vocabulary = moe.tokenizer.get_vocab()
+    rows = moe.model.get_input_embeddings().weight.shape[0]
+    return vocabulary if len(vocabulary) >= rows / 2 else None
+
+
 def matched_token_ids(a: MoEModel, b: MoEModel) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Ids of the same tokens in ``a`` and in ``b``, and how they were matched.
 
-    By token string when both models have tokenizers, otherwise by id (the shared
-    range of both embedding tables). Only ids that have an embedding row are kept.
+    By token string when both models have usable tokenizers, otherwise by id (the
+    shared range of both embedding tables). Only ids that have an embedding row are kept.
     """
     rows_a = a.model.get_input_embeddings().weight.shape[0]
     rows_b = b.model.get_input_embeddings().weight.shape[0]
-    if a.tokenizer is not None and b.tokenizer is not None:
-        vocab_a, vocab_b = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
+    vocab_a, vocab_b = usable_vocabulary(a), usable_vocabulary(b)
+    if vocab_a is not None and vocab_b is not None:
         pairs = sorted((vocab_a[t], vocab_b[t]) for t in vocab_a.keys() & vocab_b.keys() if vocab_a[t] < rows_a and vocab_b[t] < rows_b)
         ids_a = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         ids_b = torch.tensor([p[1] for p in pairs], dtype=torch.long)
         return ids_a, ids_b, f"{len(pairs)} tokens matched by string"
     shared = torch.arange(min(rows_a, rows_b))
-    return shared, shared.clone(), f"{len(shared)} token ids assumed to match (no tokenizer on {'both sides' if a.tokenizer is None and b.tokenizer is None else 'one side'})"
+    missing = "both sides" if vocab_a is None and vocab_b is None else "one side"
+    return shared, shared.clone(), f"{len(shared)} token ids assumed to match (no usable tokenizer on {missing})"
 
 
 def procrustes(cross: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,20 @@
 """The null distribution of the model statistic: built in, or measured on independent reference models.
 
-The model statistic ``T`` of a comparison is built to be pivotal: every layer's matched
-evidence is standardised against its own simulated null, so that if every expert of
-the suspect were unrelated to every expert of the parent, ``T`` would be about
-``N(0, 1)`` whatever the models' sizes (the **built-in null**).
+The model statistic ``T`` of a comparison is the mean of its layers' scores ``z``, each
+the layer's matched evidence standardised against its simulated null (independent
+Gaussian similarities, the same standardisation, the same matching): were every
+similarity between the two models' experts unrelated noise, each ``z`` would be about
+``N(0, 1)``, and a mean of unit-variance scores has variance at most 1 whatever the
+correlation between layers. The **built-in null** takes ``T ~ N(0, 1)``.
 
-Independently trained models are not quite that: trained on the same data they can
-learn similar experts. The built-in null's false-positive rate is therefore measured on
-independent models (``benchmarks/bench_detect.py``), and a verdict can instead be
-**calibrated on reference models** - independent models of the parent's shape that the
-user supplies: ``T_1 .. T_n`` from comparing each with the parent the same way. With
+Independently trained models are not unrelated noise: trained on the same data they
+learn a few similar experts. The evidence floor of
+:func:`moeguard.forensics.similarity.standardise` keeps that small excess from counting
+as strong evidence, which makes their scores fall below the simulated null rather
+than above it; ``benchmarks/bench_detect.py`` measures the built-in null's
+false-positive rate on independently trained models. A verdict can instead be
+**calibrated on reference models** - independent models of the parent's shape that
+the user supplies: ``T_1 .. T_n`` from comparing each with the parent the same way. With
 their mean ``m`` and standard deviation ``s`` the calibrated score is
 
     z = (T - m) / (s sqrt(1 + 1/n)),
@@ -79,7 +84,7 @@ class NullCalibration:
 
     def describe(self) -> str:
         if self.kind == "built-in":
-            return "built-in null (unrelated experts: T ~ N(0, 1))"
+            return "built-in null (unrelated experts: T ~ N(0, 1) or below)"
         return (f"{self.count} reference models (their T: mean {self.mean:.2f}, sd {self.std:.2f}; "
                 f"Student-t with {self.count - 1} degrees of freedom)")
 

@@ -10,17 +10,19 @@ How it decides:
    verdict reports the fit.
 2. **Signatures in the parent's space** (:mod:`moeguard.forensics.similarity`): per
    expert, its responses to shared Gaussian probe residuals (each model applies its
-   own norm), the Gram matrix of its unit weight vectors, and its router row, all
-   mapped by ``Q``. None changes under neuron permutation or rescaling, expert order,
-   vocabulary order, or the residual changes above.
-3. **Evidence per layer pair**: the cosine of every (suspect expert, parent expert)
-   pair for each signature, standardised against the matrix's own background
-   (:func:`~moeguard.forensics.similarity.standardise`) and summed; a linear assignment
+   own norm) and its neurons (gate, up and down vectors), mapped by ``Q``. Neither
+   changes under neuron permutation or rescaling, expert order, vocabulary order, or
+   the residual changes above. Router rows are compared and reported, not scored.
+3. **Evidence per layer pair**: the response cosine and the neuron similarity of every
+   (suspect expert, parent expert) pair, each standardised against the matrix's own
+   background (:func:`~moeguard.forensics.similarity.standardise`) and summed; a linear assignment
    matches experts; the matched mean is standardised against its simulated null
    (:func:`~moeguard.forensics.matching.assignment_null`) into the layer's ``z``.
-4. **Model statistic** ``T = sum_l z_l / sqrt(L)`` over layers paired by position (equal
-   depth), or the best monotone layer alignment standardised against its own null
-   (a suspect with layers dropped). ``T`` is about ``N(0, 1)`` for unrelated experts.
+4. **Model statistic** ``T``: the mean of the layers' ``z`` over layers paired by
+   position (equal depth), or over the best monotone layer alignment less its
+   selection bias (a suspect with layers dropped). For unrelated experts each ``z`` is
+   about ``N(0, 1)`` or below (see :mod:`moeguard.forensics.calibration`), and a mean of
+   such scores has a variance of at most 1 however the layers are correlated.
 5. **Verdict** against a null (:mod:`moeguard.forensics.calibration`): the built-in one,
    or one measured on independent reference models of the parent's shape. Derived
    when ``p <= alpha``; then matched pairs above the Bonferroni pair threshold are the
@@ -60,8 +62,16 @@ from moeguard.forensics.matching import (
     pair_threshold,
 )
 from moeguard.forensics.residual import block_norm, norm_gain
-from moeguard.forensics.signatures import expert_responses, expert_rows, layer_hidden_size, router_weight
-from moeguard.forensics.similarity import cosine_matrix, gram_signature, pair_evidence, sketch_directions, standardise, unit_rows
+from moeguard.forensics.signatures import expert_neurons, expert_responses, layer_hidden_size, router_weight
+from moeguard.forensics.similarity import (
+    cosine_matrix,
+    neuron_directions,
+    neuron_sampling,
+    neuron_similarity,
+    pair_evidence,
+    standardise,
+    unit_rows,
+)
 from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, ParentRanking, Verdict, format_p
 from moeguard.forensics.views import ModelView, open_model
 from moeguard.models import MoEModel
@@ -83,35 +93,37 @@ class LayerSignature:
     """One MoE layer's experts in the parent's residual space (float32, CPU)."""
 
     responses: torch.Tensor  # [E, B, H_P] answers to the probe residuals
-    gram: torch.Tensor  # [E, D] weight Gram signatures (read and write sides)
+    neurons: torch.Tensor  # [E, n, P, d] unit neuron parts (see similarity.neuron_directions)
     router: torch.Tensor  # [E, H_P] router rows, norm gain folded
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.responses, self.gram, self.router))
+        return sum(t.numel() * t.element_size() for t in (self.responses, self.neurons, self.router))
 
 
 @torch.no_grad()
 def layer_signature(view: ModelView, layer: int, probes: torch.Tensor, basis: torch.Tensor | None,
-                    sketch: torch.Tensor | None) -> LayerSignature:
+                    projection: torch.Tensor | None, *, seed: int = 0) -> LayerSignature:
     """The signature of MoE layer ``layer`` of ``view``; ``probes [B, H_P]`` are residuals in the parent's
-    space and ``basis [H_own, H_P]`` maps them into this model's (None: this is the parent)."""
+    space and ``basis [H_own, H_P]`` maps them into this model's (None: this is the parent, whose neurons
+    are all kept; a suspect's are sampled when there are many, with ``seed``)."""
     moe = view.moe
     moe_layer = moe.layers[layer]
     norm = block_norm(moe, moe_layer)
     hidden = layer_hidden_size(moe_layer)
     q = None if basis is None else basis.float()
     inputs = probes if q is None else probes @ q.T
-    device = next(norm.parameters()).device
-    normed = norm(inputs.to(device=device, dtype=next(norm.parameters()).dtype))
+    weight = next(norm.parameters())
+    normed = norm(inputs.to(device=weight.device, dtype=weight.dtype))
     gain = norm_gain(norm, hidden)
     with view.experts(layer):
         responses = expert_responses(moe, layer, normed)
-        reads, writes = expert_rows(moe_layer)
-    if q is not None:
-        responses = responses @ q
-    gram = torch.cat([gram_signature(reads * gain, q, sketch), gram_signature(writes, q, sketch)], dim=1) / math.sqrt(2)
+        reads, writes = expert_neurons(moe_layer)
+    sample = None if q is None else neuron_sampling(writes[0].shape[1], hidden, seed=seed)[0]
+    neurons = neuron_directions([r * gain for r in reads] + writes, q, projection, sample)
     router = router_weight(moe_layer).detach().float().cpu() * gain
-    return LayerSignature(responses, gram, router if q is None else router @ q)
+    if q is not None:
+        responses, router = responses @ q, router @ q
+    return LayerSignature(responses, neurons, router)
 
 
 @dataclass
@@ -120,8 +132,8 @@ class LayerComparison:
 
     evidence: torch.Tensor  # [Es, Ep] pair evidence
     similarity: torch.Tensor  # [Es, Ep] response cosine
-    weight_similarity: torch.Tensor  # [Es, Ep] weight Gram cosine
-    router_similarity: torch.Tensor  # [Es, Ep] router-row cosine
+    weight_similarity: torch.Tensor  # [Es, Ep] neuron similarity
+    router_similarity: torch.Tensor  # [Es, Ep] router-row cosine (reported, not evidence)
     statistic: float  # matched mean of the evidence
     z: float  # the statistic against its simulated null
     mixes: dict[int, tuple[torch.Tensor, float]]  # suspect expert -> (non-negative weights on parent experts, explained)
@@ -129,18 +141,15 @@ class LayerComparison:
 
 def compare_layers(suspect: LayerSignature, parent: LayerSignature) -> LayerComparison:
     """Similarities, evidence, the layer's z and every matched expert's mixing weights."""
-    signals = [
-        cosine_matrix(suspect.responses, parent.responses),
-        cosine_matrix(suspect.gram, parent.gram),
-        cosine_matrix(suspect.router, parent.router),
-    ]
-    evidence = pair_evidence(*(standardise(s) for s in signals))
+    responses = cosine_matrix(suspect.responses, parent.responses)
+    neurons = neuron_similarity(suspect.neurons, parent.neurons)
+    evidence = pair_evidence(standardise(responses), standardise(neurons))
     statistic = matched_mean(evidence)
-    z = assignment_null(*evidence.shape, len(signals)).standardise(statistic)
+    z = assignment_null(*evidence.shape, 2).standardise(statistic)
     rows, _ = match_experts(evidence)
     components = unit_rows(parent.responses).flatten(1)
     mixes = {row: mixing_weights(unit_rows(suspect.responses[row : row + 1]).flatten(), components) for row in rows}
-    return LayerComparison(evidence, *signals, statistic, z, mixes)
+    return LayerComparison(evidence, responses, neurons, cosine_matrix(suspect.router, parent.router), statistic, z, mixes)
 
 
 @dataclass
@@ -193,7 +202,7 @@ class Detector:
         self.hidden = hidden.pop()
         generator = torch.Generator().manual_seed(self.seed)
         self.probe_residuals = torch.randn(self.probes, self.hidden, generator=generator)
-        self.sketch = sketch_directions(self.hidden, seed=self.seed + 1)
+        self.projection = neuron_sampling(0, self.hidden, seed=self.seed + 1)[1]
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -207,7 +216,7 @@ class Detector:
     def _parent_signature(self, layer: int) -> LayerSignature:
         if layer in self._cache:
             return self._cache[layer]
-        signature = layer_signature(self.parent, layer, self.probe_residuals, None, self.sketch)
+        signature = layer_signature(self.parent, layer, self.probe_residuals, None, self.projection)
         if signature.nbytes() * self.parent.moe.num_layers <= PARENT_CACHE_BYTES:
             self._cache[layer] = signature
         return signature
@@ -237,23 +246,23 @@ class Detector:
         show = self.progress and log.isEnabledFor(logging.INFO)
         for s, p in tqdm(candidates, desc="comparing MoE layers", unit="pair", disable=not show):
             if s not in suspect_cache:
-                suspect_cache[s] = layer_signature(suspect, s, self.probe_residuals, basis, self.sketch)
+                suspect_cache[s] = layer_signature(suspect, s, self.probe_residuals, basis, self.projection, seed=self.seed)
             layers[s, p] = compare_layers(suspect_cache[s], self._parent_signature(p))
             if equal_depth:
                 suspect_cache.clear()
         if equal_depth:
             pairs = candidates
-            statistic = sum(layers[pair].z for pair in pairs) / math.sqrt(len(pairs))
-            return result(statistic, "", "position", pairs, layers)
+            return result(sum(layers[pair].z for pair in pairs) / len(pairs), "", "position", pairs, layers)
         scores = torch.tensor([[layers[s, p].z for p in range(num_parent)] for s in range(num_suspect)])
         if num_suspect <= num_parent:
             pairs = list(enumerate(monotone_alignment(scores)))
         else:
             pairs = [(s, p) for p, s in enumerate(monotone_alignment(scores.T))]
+        # The best alignment's total, less what the best of unrelated layers would reach, per aligned layer.
         total = sum(layers[pair].z for pair in pairs)
-        statistic = alignment_null(num_suspect, num_parent).standardise(total)
+        statistic = (total - alignment_null(num_suspect, num_parent).mean) / len(pairs)
         reason = (f"the suspect has {num_suspect} MoE layers and the parent {num_parent}; layers were paired by the best "
-                  "monotone alignment (scored against its own null)")
+                  "monotone alignment (its selection bias removed)")
         return result(statistic, reason, "matched", pairs, layers)
 
     def calibrate(self, references: Sequence[ModelSource], *, dtype: torch.dtype | None = None) -> NullCalibration:
@@ -388,6 +397,22 @@ def detect(
     log.info("detect: %s (z = %s, p = %s) in %.1f s", result.status, "n/a" if result.z is None else f"{result.z:.1f}",
              format_p(result.p_value), result.seconds)
     return result
+
+
+def calibrate(
+    parent: ModelSource,
+    references: Sequence[ModelSource],
+    *,
+    probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> NullCalibration:
+    """The null of ``parent``'s comparisons measured on independent ``references`` (see
+    :mod:`moeguard.forensics.calibration`); save it with ``.save(path)`` and pass it to
+    :func:`detect` as ``calibration`` to reuse it."""
+    with open_model(parent, "parent", dtype=dtype) as view:
+        return Detector(view, probes=probes, seed=seed, progress=progress).calibrate(references, dtype=dtype)
 
 
 def rank_parents(

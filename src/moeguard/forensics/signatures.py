@@ -96,6 +96,28 @@ def expert_rows(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def expert_neurons(layer: MoELayer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(reads, writes)``: each a list of ``[E, I, H]`` tensors, one per part of a neuron, float32 on the CPU.
+
+    Neuron ``n`` of an expert reads the residual through its gate row and its up row
+    (two halves of the fused read weight, or interleaved when the experts module says
+    ``is_concatenated = False``) and writes through its down column. Experts with a
+    single read projection have one read part.
+    """
+    reads, writes = expert_rows(layer)
+    neurons = writes.shape[1]
+    if reads.shape[1] == neurons:
+        return [reads], [writes]
+    if reads.shape[1] != 2 * neurons:
+        raise UnsupportedModelError(
+            f"MoE layer {layer.index}: {reads.shape[1]} read rows for {neurons} neurons per expert; expected one or two per neuron."
+        )
+    if getattr(layer.experts, "is_concatenated", True):
+        return [reads[:, :neurons], reads[:, neurons:]], [writes]
+    return [reads[:, 0::2], reads[:, 1::2]], [writes]
+
+
+@torch.no_grad()
 def expert_responses(moe: MoEModel, layer: int, inputs: torch.Tensor, *, experts_per_call: int = 16) -> torch.Tensor:
     """``Y [E, N, H]``: every expert of ``layer`` applied to every row of ``inputs [N, H]`` (the block's input), float32.
 

@@ -4,18 +4,23 @@ Notation: suspect experts ``i``, parent experts ``j``; ``Q [H_S, H_P]`` maps the
 residual space into the suspect's (:mod:`moeguard.forensics.alignment`), so a hidden
 vector ``v`` of the suspect is ``Q^T v`` in the parent's terms.
 
-Three signatures per expert, each unchanged by every function-preserving change of the
+Two signatures per expert, each unchanged by every function-preserving change of the
 expert and of the residual stream once mapped:
 
 - **responses** ``f_e(norm(x))`` to shared probe residuals ``x``: invariant to neuron
   order and scale, weight layout and dtype (:func:`moeguard.forensics.signatures.expert_responses`);
-- **weight Gram**: the second moment of the expert's unit weight vectors in hidden
-  space, ``G_e = sum_rows r r^T / |r|^2`` (read rows folded with the norm gain; write
-  rows apart), with its isotropic part removed. A sum over neurons does not depend on
-  their order, and unit rows do not depend on a per-neuron scale (up times ``a``, down
-  divided by ``a``), so this is the weight signal that survives neuron permutation.
-  Large hidden sizes use a fixed random sketch ``G_e Z`` (``Z [H_P, k]``);
-- **router row** (folded with the norm gain).
+  they fade fastest under fine-tuning (a product of three matrices);
+- **neurons**: each neuron's gate row and up row (folded with the norm gain) and down
+  column, as unit vectors. :func:`neuron_similarity` looks every suspect neuron up
+  among a parent expert's neurons, so neuron order, a neuron's scale (up times ``a``,
+  down divided by ``a``) and its sign do not matter; weights fade only linearly
+  under fine-tuning, and independently trained experts share almost no neurons.
+  Large models use a sample of the suspect's neurons and a random projection of the
+  hidden space (cosines are preserved up to ``~1/sqrt(d)``).
+
+Router rows are compared too (:func:`cosine_matrix`), but only reported: routers of
+independent models trained on the same data read similar directions, and an attacker
+can re-initialise them.
 
 Similarities are cosines; :func:`standardise` turns a suspect x parent matrix into
 evidence in units of its own background spread.
@@ -27,9 +32,11 @@ import math
 
 import torch
 
-# Above this hidden size the Gram matrices are sketched with this many random directions.
-EXACT_GRAM_UP_TO = 256
-SKETCH_DIRECTIONS = 128
+# Above these sizes the neuron signature samples suspect neurons and projects the hidden space.
+NEURON_SAMPLE = 256
+# The least distance from the background to identity that one unit of evidence stands for (see standardise).
+EVIDENCE_FLOOR = 0.02
+PROJECTED_DIMENSIONS = 256
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -43,48 +50,70 @@ def cosine_matrix(suspect: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     return unit_rows(suspect).flatten(1) @ unit_rows(parent).flatten(1).T
 
 
-def sketch_directions(hidden: int, *, seed: int) -> torch.Tensor | None:
-    """``Z [H, k]`` for the Gram sketch, or None when ``H`` is small enough for exact Gram matrices."""
-    if hidden <= EXACT_GRAM_UP_TO:
-        return None
+def neuron_sampling(neurons: int, hidden: int, *, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(sample, projection)`` for the neuron signature: which suspect neurons (None: all) and a
+    ``[H_P, d]`` random projection (None: none), fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(hidden, SKETCH_DIRECTIONS, generator=generator) / math.sqrt(SKETCH_DIRECTIONS)
+    sample = torch.randperm(neurons, generator=generator)[:NEURON_SAMPLE].sort().values if neurons > NEURON_SAMPLE else None
+    projection = None
+    if hidden > PROJECTED_DIMENSIONS:
+        projection = torch.randn(hidden, PROJECTED_DIMENSIONS, generator=generator) / math.sqrt(PROJECTED_DIMENSIONS)
+    return sample, projection
 
 
-def gram_signature(rows: torch.Tensor, basis: torch.Tensor | None, sketch: torch.Tensor | None) -> torch.Tensor:
-    """``[E, D]``: each expert's centred Gram matrix of unit rows, in the parent's space, flattened.
+def neuron_directions(parts: list[torch.Tensor], basis: torch.Tensor | None, projection: torch.Tensor | None,
+                      sample: torch.Tensor | None = None) -> torch.Tensor:
+    """``[E, n, P, d]``: unit vectors of every (sampled) neuron's ``P`` parts in the parent's space.
 
-    ``rows [E, K, H_own]``; ``basis [H_own, H_P]`` maps the parent's space into this
-    model's (None: this is the parent). With ``Q = basis`` and ``Z = sketch`` the
-    signature is ``Q^T R^T R Q Z`` for unit rows ``R`` (``Z = I`` without a sketch), minus
-    its projection on ``vec(Z)`` (the isotropic part ``(tr / H) Z``), normalised.
+    ``parts`` are ``[E, I, H_own]`` (gate rows and up rows folded with the norm gain,
+    down columns); ``basis [H_own, H_P]`` maps them into the parent's space (None: this
+    is the parent), ``projection [H_P, d]`` shortens them (None: ``d = H_P``), and
+    ``sample`` picks neurons (None: all).
     """
-    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    if basis is None:
-        parent_hidden = rows.shape[-1]
-        directions = sketch if sketch is not None else torch.eye(parent_hidden)
-        projected = unit @ directions  # [E, K, k]
-        gram = unit.transpose(1, 2) @ projected  # [E, H_P, k]
-    else:
-        basis = basis.float()
-        directions = sketch if sketch is not None else torch.eye(basis.shape[1])
-        projected = unit @ (basis @ directions)
-        gram = basis.T @ (unit.transpose(1, 2) @ projected)
-    flat = gram.flatten(1)
-    isotropic = directions.flatten() / directions.flatten().norm()
-    flat = flat - (flat @ isotropic).unsqueeze(1) * isotropic
-    return unit_rows(flat)
+    vectors = torch.stack(parts, dim=2)  # [E, I, P, H_own]
+    if sample is not None:
+        vectors = vectors[:, sample]
+    if basis is not None:
+        vectors = vectors @ basis.float()
+    if projection is not None:
+        vectors = vectors @ projection
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_per_chunk: int = 8) -> torch.Tensor:
+    """``N [Es, Ep]``: how well suspect expert ``i``'s neurons are found among parent expert ``j``'s.
+
+    ``N[i, j] = mean_n max_m mean_p |<s_{i,n,p}, q_{j,m,p}>|`` over suspect neurons ``n``,
+    parent neurons ``m`` and parts ``p`` (``suspect [Es, n, P, d]``, ``parent [Ep, I, P, d]``,
+    unit vectors). The best partner of each neuron is looked up, so neuron order does not
+    matter; unit parts and absolute cosines make a neuron's scale and sign irrelevant
+    (up times ``a``, down divided by ``a``). A carved expert's neurons find themselves
+    (``N = 1``), an unrelated expert's only chance partners.
+    """
+    num_parent, neurons, parts, dim = parent.shape
+    flat_parent = parent.permute(2, 0, 1, 3).reshape(parts, num_parent * neurons, dim)  # [P, Ep*I, d]
+    rows = []
+    for start in range(0, suspect.shape[0], experts_per_chunk):
+        chunk = suspect[start : start + experts_per_chunk]  # [c, n, P, d]
+        flat = chunk.permute(2, 0, 1, 3).reshape(parts, -1, dim)  # [P, c*n, d]
+        cosines = (flat @ flat_parent.transpose(1, 2)).abs().mean(0)  # [c*n, Ep*I]
+        best = cosines.reshape(chunk.shape[0], chunk.shape[1], num_parent, neurons).amax(dim=3)
+        rows.append(best.mean(dim=1))
+    return torch.cat(rows)
 
 
 def standardise(similarity: torch.Tensor) -> torch.Tensor:
     """Evidence ``Z [Es, Ep]`` from a similarity matrix, in units of its own background.
 
-    Each expert of the smaller side is centred on the median of its similarities to
-    the larger side (a derived expert has one outstanding entry, which the median
-    ignores); the centred entries are divided by their pooled robust spread
-    ``1.4826 * median |.|``. Location and scale come from the matrix itself, so the
-    evidence does not depend on how similar unrelated experts happen to be in a given
-    model, only on how much one pair stands out from the rest.
+    Each expert of the smaller side is centred on the median ``m`` of its similarities
+    to the larger side (a derived expert has one outstanding entry, which the median
+    ignores); the centred entries are divided by the pooled robust spread
+    ``1.4826 * median |.|``, but by no less than ``EVIDENCE_FLOOR * (1 - m)``: one unit of
+    evidence is never less than that share of the way from the background to identity.
+    Location and scale come from the matrix itself, so the evidence does not depend on
+    how similar unrelated experts happen to be in a given model; the floor keeps the
+    small excess similarity of experts that independently trained models learn alike
+    (whose background spread can be tiny) from counting as strong evidence.
     """
     return standardise_batch(similarity.unsqueeze(0))[0]
 
@@ -93,9 +122,10 @@ def standardise_batch(similarity: torch.Tensor) -> torch.Tensor:
     """:func:`standardise` of every matrix in ``similarity [n, Es, Ep]``."""
     x = similarity.double()
     axis = 2 if x.shape[2] >= x.shape[1] else 1
-    centred = x - x.median(dim=axis, keepdim=True).values
-    spread = 1.4826 * centred.abs().flatten(1).median(dim=1).values
-    return centred / spread.clamp_min(1e-12).reshape(-1, 1, 1)
+    median = x.median(dim=axis, keepdim=True).values
+    centred = x - median
+    spread = 1.4826 * centred.abs().flatten(1).median(dim=1).values.reshape(-1, 1, 1)
+    return centred / torch.maximum(spread, EVIDENCE_FLOOR * (1 - median)).clamp_min(1e-12)
 
 
 def pair_evidence(*signals: torch.Tensor) -> torch.Tensor:
