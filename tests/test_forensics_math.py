@@ -1,117 +1,165 @@
-"""The pure functions of forensics: permutation group, standardisation, matching, alignment, test."""
+"""The pure functions of forensics: the residual map, the signatures' invariances, standardisation,
+matching, alignment and their nulls, the calibration."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_moe
 
-from moeguard.forensics.matching import group_test, match_experts, matched_mean, monotone_alignment, pair_threshold
-from moeguard.forensics.probes import conjugate_responses, conjugate_rows, cyclic_shifts, orbit_probes
-from moeguard.forensics.signatures import expert_responses, expert_weight_rows, router_rows
-from moeguard.forensics.similarity import leave_one_out_z, response_similarities, row_similarities
+from moeguard.forensics.alignment import fit_map, map_agreement, map_kind, procrustes
+from moeguard.forensics.calibration import BUILTIN_NULL, NullCalibration
+from moeguard.forensics.derivatives import random_basis
+from moeguard.forensics.matching import (
+    alignment_null,
+    assignment_null,
+    match_experts,
+    matched_mean,
+    monotone_alignment,
+    monotone_totals,
+    pair_threshold,
+)
+from moeguard.forensics.residual import norm_gain
+from moeguard.forensics.signatures import expert_neurons, expert_rows
+from moeguard.forensics.similarity import EVIDENCE_FLOOR, neuron_directions, neuron_similarity, standardise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_cyclic_shifts_form_a_group_of_the_requested_order():
-    perms = cyclic_shifts(70, 8)  # q = 8: coordinates 64..69 stay fixed
-    assert torch.equal(perms[0], torch.arange(70))
-    for s, t in itertools.product(range(8), repeat=2):
-        assert torch.equal(perms[s][perms[t]], perms[(s + t) % 8])
-    assert torch.equal(perms[3][64:], torch.arange(64, 70))
-    assert all(len(set(p.tolist())) == 70 for p in perms)
+def rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def test_orbit_probes_are_closed_under_the_shifts():
-    probes = orbit_probes(32, 8, 3, seed=1)
-    perms = cyclic_shifts(32, 8)
-    assert probes.shape == (3, 8, 32)
-    for k in range(8):
-        assert torch.equal(probes[:, k], probes[:, 0][:, perms[k]])
+@pytest.mark.parametrize("suspect_width", [16, 20, 12])
+def test_procrustes_recovers_a_rotation_a_padding_and_a_projection(suspect_width):
+    parent_rows = rows(200, 16, 0)
+    basis = random_basis(suspect_width, 16, seed=1)  # orthonormal columns (wider), rows (narrower) or both
+    suspect_rows = 3.0 * parent_rows @ basis.T
+    fitted = fit_map({"rows": (suspect_rows, parent_rows)}, "test")
+    torch.testing.assert_close(fitted.basis, basis)
+    assert fitted.residual < 1e-7
+    assert fitted.kind.startswith({16: "rotation", 20: "wider", 12: "narrower"}[suspect_width])
+    if suspect_width >= 16:  # an isometry: the polar factor of the cross-product is the least-squares map
+        torch.testing.assert_close(procrustes(suspect_rows.T @ parent_rows), basis)
 
 
-def _conjugate_model_in_place(moe, shift: int, perms: torch.Tensor) -> None:
-    """Move the hidden coordinates of every expert weight and router row by ``g^s`` (the real thing)."""
-    from moeguard.forensics.signatures import _hidden_axis
+def test_a_fitted_map_reports_each_source_and_their_agreement():
+    parent_rows = rows(300, 8, 2)
+    basis = random_basis(8, 8, seed=3)
+    noisy = parent_rows @ basis.T + 0.3 * rows(300, 8, 4)
+    exact = parent_rows[:100] @ basis.T
+    fitted = fit_map({"exact": (exact, parent_rows[:100]), "noisy": (noisy, parent_rows)}, "test")
+    torch.testing.assert_close(fitted.basis, basis, atol=0.05, rtol=0)
+    fits = {s.name: s for s in fitted.sources}
+    assert fits["exact"].own_residual < 1e-10 and 0.2 < fits["noisy"].residual < 0.5
+    assert fitted.agreement > 0.95
+    assert map_agreement(basis, random_basis(8, 8, seed=9)) < 0.6
+    assert map_kind(torch.eye(8, dtype=torch.float64)[torch.randperm(8)]) == "signed permutation"
 
-    index = perms[shift]
-    with torch.no_grad():
-        for layer in moe.layers:
-            hidden = router_rows(layer).shape[1]
-            for ref in layer.tensors("router") + layer.tensors("experts"):
-                tensor = ref.get()
-                if tensor.ndim == 2 and tensor.shape[-1] == hidden and ref.role == "router":
-                    tensor.copy_(tensor[:, index])
-                elif tensor.ndim == 3:
-                    axis = _hidden_axis(layer, ref.attr, tensor.shape, hidden)
-                    tensor.copy_(tensor.index_select(axis, index))
-                elif ref.attr == "down_proj_bias":
-                    tensor.copy_(tensor[:, index])
+
+def test_norm_gain_reads_rmsnorm_layernorm_and_one_plus_w_norms():
+    gain = torch.linspace(0.5, 2.0, 10)
+    rms = tiny_moe("qwen3_moe").model.model.norm.__class__(10, eps=1e-2)
+    rms.weight.data = gain.clone()
+    layer = torch.nn.LayerNorm(10)
+    layer.weight.data, layer.bias.data = gain.clone(), torch.randn(10)
+
+    class OnePlus(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(gain - 1)
+
+        def forward(self, x):
+            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    for norm in (rms, layer, OnePlus()):
+        torch.testing.assert_close(norm_gain(norm, 10), gain, atol=1e-5, rtol=1e-5)
+
+
+def test_neuron_similarity_ignores_neuron_order_scale_and_sign():
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(3, 16, 8, generator=generator) for _ in range(3)]  # [E, I, H]: gate, up, down
+    order = torch.randperm(16, generator=generator)
+    scale = torch.exp(torch.randn(3, 16, 1, generator=generator)) * torch.sign(torch.randn(3, 16, 1, generator=generator))
+    moved = [parts[0][:, order], (parts[1] * scale)[:, order], (parts[2] / scale)[:, order]]
+    similarity = neuron_similarity(neuron_directions(moved, None, None), neuron_directions(parts, None, None))
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(3))
+    assert float(similarity.fill_diagonal_(0).max()) < 0.8
+    basis = random_basis(8, 8, seed=5).float()  # a rotated suspect, mapped back by the basis
+    rotated = [p @ basis.T for p in moved]
+    mapped = neuron_similarity(neuron_directions(rotated, basis.double(), None), neuron_directions(parts, None, None))
+    torch.testing.assert_close(mapped.diagonal(), torch.ones(3))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_reindexed_responses_and_rows_equal_those_of_the_conjugated_model(family):
+def test_expert_neurons_split_gate_and_up_as_the_experts_module_stores_them(family):
     moe = tiny_moe(family)
-    perms = cyclic_shifts(64, 16)
-    probes = orbit_probes(64, 16, 2)
-    responses, weights, router = expert_responses(moe, 0, probes), expert_weight_rows(moe.layers[0]), router_rows(moe.layers[0])
-    _conjugate_model_in_place(moe, 5, perms)
-    torch.testing.assert_close(expert_responses(moe, 0, probes), conjugate_responses(responses, perms, 5), rtol=1e-4, atol=1e-6)
-    assert torch.equal(expert_weight_rows(moe.layers[0]), conjugate_rows(weights, perms, 5))
-    assert torch.equal(router_rows(moe.layers[0]), conjugate_rows(router, perms, 5))
+    layer = moe.layers[0]
+    (gate, up), (down,) = expert_neurons(layer)
+    reads, _ = expert_rows(layer)
+    assert gate.shape == up.shape == down.shape == (8, 32, 64)
+    x = torch.randn(5, 64)
+    gate_up = layer.experts.gate_up_proj[0]
+    out = x @ gate_up if layer.experts.is_transposed else x @ gate_up.T
+    torch.testing.assert_close(out[:, 0::2] if family == "gpt_oss" else out[:, :32], x @ gate[0].T)
+    assert reads.shape == (8, 64, 64)
 
 
-def test_similarities_are_cosines_under_each_shift():
-    perms = cyclic_shifts(12, 4)
-    a, b = torch.randn(3, 2, 4, 12), torch.randn(5, 2, 4, 12)
-    sims = response_similarities(a, b, perms)
-    moved = conjugate_responses(a, perms, 2)
-    expected = torch.nn.functional.cosine_similarity(moved.flatten(1)[:, None], b.flatten(1)[None], dim=-1)
-    torch.testing.assert_close(sims[2], expected, rtol=1e-5, atol=1e-6)
-    rows = row_similarities(a[:, 0, 0], b[:, 0, 0], perms)
-    expected = torch.nn.functional.cosine_similarity(a[:, 0, 0, perms[3]][:, None], b[:, 0, 0][None], dim=-1)
-    torch.testing.assert_close(rows[3], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_leave_one_out_z_standardises_each_sample_against_the_others():
-    samples = torch.randn(7, 3, 2, dtype=torch.float64)
-    z = leave_one_out_z(samples)
-    for s in range(7):
-        others = torch.cat([samples[:s], samples[s + 1 :]])
-        torch.testing.assert_close(z[s], (samples[s] - others.mean(0)) / others.std(0))
+def test_standardise_centres_each_expert_on_its_background_and_floors_the_spread():
+    generator = torch.Generator().manual_seed(1)
+    similarity = 0.2 + 0.1 * torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    similarity[[0, 1, 2, 3], [5, 1, 6, 2]] = 1.0
+    z = standardise(similarity)
+    assert z.median(dim=1).values.abs().max() < 1e-12
+    assert (z[[0, 1, 2, 3], [5, 1, 6, 2]] > 5).all()
+    tight = 0.2 + 1e-4 * torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    tight[0, 0] = 0.25  # a small excess over a tiny spread counts only by its share of the way to identity
+    background = float(tight[0].median())
+    assert float(standardise(tight)[0, 0]) == pytest.approx((0.25 - background) / (EVIDENCE_FLOOR * (1 - background)), rel=1e-6)
 
 
 def test_assignment_recovers_a_planted_matching_in_a_rectangular_matrix():
     generator = torch.Generator().manual_seed(0)
     evidence = torch.randn(3, 7, generator=generator)
     evidence[[0, 1, 2], [5, 1, 6]] += 10
-    rows, cols = match_experts(evidence)
-    assert (rows, cols) == ([0, 1, 2], [5, 1, 6])
+    assert match_experts(evidence) == ([0, 1, 2], [5, 1, 6])
     assert matched_mean(evidence) == pytest.approx(float(evidence[[0, 1, 2], [5, 1, 6]].mean()))
-    rows, cols = match_experts(evidence.T)  # more suspect experts than parent experts: 4 stay unmatched
-    assert len(rows) == 3 and sorted(cols) == [0, 1, 2]
+    rows_, cols = match_experts(evidence.T)  # more suspect experts than parent experts: 4 stay unmatched
+    assert len(rows_) == 3 and sorted(cols) == [0, 1, 2]
 
 
-def test_monotone_alignment_is_the_best_increasing_map():
+def test_the_simulated_assignment_null_matches_a_fresh_simulation():
+    null = assignment_null(4, 8, 2)
+    generator = torch.Generator().manual_seed(123)
+    fresh = [matched_mean((standardise(torch.randn(4, 8, generator=generator)) + standardise(torch.randn(4, 8, generator=generator)))
+                          / math.sqrt(2)) for _ in range(400)]
+    assert null.mean == pytest.approx(float(np.mean(fresh)), abs=0.1)
+    assert null.std == pytest.approx(float(np.std(fresh)), rel=0.2)
+
+
+def test_monotone_alignment_is_the_best_increasing_map_and_its_totals_agree():
     generator = torch.Generator().manual_seed(3)
-    for _ in range(20):
-        score = torch.randn(3, 6, generator=generator)
+    scores = torch.randn(20, 3, 6, generator=generator, dtype=torch.float64)
+    for score, total in zip(scores, monotone_totals(scores.numpy())):
         best = max(itertools.combinations(range(6), 3), key=lambda cols: sum(float(score[r, c]) for r, c in enumerate(cols)))
         assert monotone_alignment(score) == list(best)
-
-
-def test_group_test_ranks_the_observation_among_the_null():
-    statistics = torch.tensor([5.0, 1.0, 2.0, 3.0, 6.0])
-    test = group_test(statistics)
-    assert test.p_exact == pytest.approx(2 / 5)
-    null = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
-    assert test.z == pytest.approx((5 - null.mean().item()) / null.std().item())
-    assert 0 < test.p_value < 0.5
+        assert total == pytest.approx(sum(float(score[r, c]) for r, c in enumerate(best)))
+    null = alignment_null(3, 6)
+    assert null.mean > 0 and null.std > 0  # choosing the best alignment favours high totals
 
 
 def test_pair_threshold_grows_with_the_number_of_candidate_pairs():
     assert 4.75 < pair_threshold(1e-6, 1) < 4.76
     assert pair_threshold(1e-6, 64) < pair_threshold(1e-6, 128 * 128)
+
+
+def test_reference_calibration_is_a_student_t_prediction_and_the_built_in_null_a_normal():
+    calibration = NullCalibration("reference", [0.0, 1.0, 2.0, 3.0, 4.0])
+    assert calibration.z(2.0 + 10 * calibration.std * math.sqrt(1.2)) == pytest.approx(10)
+    assert calibration.p_value(calibration.mean) == pytest.approx(0.5)
+    assert calibration.z_threshold(1e-6) > BUILTIN_NULL.z_threshold(1e-6) > 4.75
+    assert BUILTIN_NULL.z(3.0) == 3.0 and BUILTIN_NULL.p_value(0.0) == pytest.approx(0.5)

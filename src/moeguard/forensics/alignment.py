@@ -36,6 +36,10 @@ from moeguard.forensics.residual import probe_residuals, token_rows
 from moeguard.models import MoEModel
 
 
+# Fewer shared tokens than this cannot pin down a map (and say the vocabularies are different ones).
+MIN_SHARED_TOKENS = 32
+
+
 def usable_vocabulary(moe: MoEModel) -> dict[str, int] | None:
     """The model's token -> id table, or None without a tokenizer or when it covers under half the embedding rows
     (a placeholder tokenizer that transformers builds for a directory without tokenizer files, for one)."""
@@ -69,6 +73,20 @@ def procrustes(cross: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``U V^T`` of ``cross [H_S, H_P] = U Sigma V^T`` (float64)."""
     u, _, vt = torch.linalg.svd(cross.double(), full_matrices=False)
     return u @ vt
+
+
+def least_squares_map(sources: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``[H_S, H_P]``: the polar factor of the least-squares map ``X = argmin sum |S - P X^T|^2`` (rows unit-scaled per source).
+
+    For a narrower suspect (``H_S < H_P``) the polar factor of the cross-product is not
+    the least-squares map (``|P Q^T|`` depends on ``Q`` when ``Q^T Q != I``); solving the
+    regression first and orthonormalising its rows is.
+    """
+    normalised = [(s.double() / s.double().norm(), p.double() / p.double().norm()) for s, p in sources]
+    gram = sum(p.T @ p for _, p in normalised)
+    cross = sum(p.T @ s for s, p in normalised)
+    ridge = 1e-8 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    return procrustes(torch.linalg.solve(gram + ridge, cross).T)
 
 
 def cross_product(suspect_rows: torch.Tensor, parent_rows: torch.Tensor) -> torch.Tensor:
@@ -151,10 +169,16 @@ def map_kind(basis: torch.Tensor) -> str:
 
 
 def fit_map(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: str) -> ResidualMap:
-    """The joint Procrustes map of paired ``(suspect_rows, parent_rows)`` sources, with its fit per source."""
-    crosses = {name: cross_product(s, p) for name, (s, p) in sources.items()}
-    basis = procrustes(sum(crosses.values()))
-    own = {name: procrustes(cross) for name, cross in crosses.items()}
+    """The joint map of paired ``(suspect_rows, parent_rows)`` sources, with its fit per source: orthogonal
+    Procrustes for a suspect at least as wide as the parent, least squares then orthonormal rows for a narrower one."""
+    def solve(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        suspect_hidden, parent_hidden = pairs[0][0].shape[1], pairs[0][1].shape[1]
+        if suspect_hidden < parent_hidden:
+            return least_squares_map(pairs)
+        return procrustes(sum(cross_product(s, p) for s, p in pairs))
+
+    basis = solve(list(sources.values()))
+    own = {name: solve([pair]) for name, pair in sources.items()}
     fits = [
         SourceFit(name, int(s.shape[0]), fit_residual(s, p, basis), fit_residual(s, p, own[name]))
         for name, (s, p) in sources.items()
@@ -174,13 +198,14 @@ def probe_token_sequences(count: int, length: int, *, seed: int) -> torch.Tensor
 def residual_map(suspect: MoEModel, parent: MoEModel, *, seed: int = 0, sequence_length: int = 32) -> ResidualMap | None:
     """The map from the parent's residual space to the suspect's (see the module docstring).
 
-    Returns None when nothing pairs the two spaces (no shared tokens and different
-    widths); with no shared tokens but equal widths the identity is assumed and said.
+    Returns None when nothing pairs the two spaces (fewer than ``MIN_SHARED_TOKENS``
+    shared tokens and different widths); with too few shared tokens but equal widths
+    the identity is assumed and said.
     """
     suspect_ids, parent_ids, tokens = matched_token_ids(suspect, parent)
     suspect_hidden = suspect.model.get_input_embeddings().weight.shape[1]
     parent_hidden = parent.model.get_input_embeddings().weight.shape[1]
-    if len(suspect_ids) == 0:
+    if len(suspect_ids) < MIN_SHARED_TOKENS:
         if suspect_hidden != parent_hidden:
             return None
         return ResidualMap(torch.eye(parent_hidden, dtype=torch.float64), suspect_hidden, parent_hidden, "identity", tokens, [], None)

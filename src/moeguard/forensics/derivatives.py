@@ -108,10 +108,13 @@ class Carve:
 
 @torch.no_grad()
 def carve(parent: MoEModel, orders: Sequence[Sequence[int]], *, merge_weight: float = 0.0, seed: int = 0) -> Carve:
-    """A copy of ``parent`` keeping ``orders[l]`` in MoE layer ``l``; with ``merge_weight`` ``w > 0`` every
-    removed expert is first assigned to a random kept one, whose weights become
-    ``(1 - w) W_kept + w mean(W_removed)`` (every expert tensor, biases included; the
-    router row stays the kept expert's)."""
+    """A copy of ``parent`` keeping ``orders[l]`` in MoE layer ``l``.
+
+    With ``merge_weight`` ``w > 0`` the removed experts (in a random order) are dealt
+    out to the kept ones in turn, and each kept expert's weights become
+    ``(1 - w) W_kept + w mean(W_removed)`` over the removed experts it was dealt (every
+    expert tensor, biases included; the router row stays the kept expert's).
+    """
     if not 0 <= merge_weight < 1:
         raise InputError(f"merge_weight must be in [0, 1), got {merge_weight}.")
     model = copy.deepcopy(parent)
@@ -120,13 +123,13 @@ def carve(parent: MoEModel, orders: Sequence[Sequence[int]], *, merge_weight: fl
     for layer, order in zip(model.layers, orders):
         partners: dict[int, list[int]] = {}
         if merge_weight > 0:
-            for removed in (e for e in range(layer.num_experts) if e not in order):
-                kept = order[int(torch.randint(len(order), (1,), generator=generator))]
-                partners.setdefault(kept, []).append(removed)
+            removed = [e for e in range(layer.num_experts) if e not in order]
+            for turn, index in enumerate(torch.randperm(len(removed), generator=generator).tolist()):
+                partners.setdefault(order[turn % len(order)], []).append(removed[index])
             for ref in layer.tensors("experts"):
                 tensor = ref.get()
-                for kept, removed in partners.items():
-                    mean = tensor.index_select(ref.dim, torch.tensor(removed, device=tensor.device)).mean(ref.dim)
+                for kept, others in partners.items():
+                    mean = tensor.index_select(ref.dim, torch.tensor(others, device=tensor.device)).mean(ref.dim)
                     target = tensor.select(ref.dim, kept)
                     target.copy_((1 - merge_weight) * target + merge_weight * mean)
         merged.append(partners)

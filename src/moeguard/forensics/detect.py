@@ -26,8 +26,8 @@ How it decides:
 5. **Verdict** against a null (:mod:`moeguard.forensics.calibration`): the built-in one,
    or one measured on independent reference models of the parent's shape. Derived
    when ``p <= alpha``; then matched pairs above the Bonferroni pair threshold are the
-   kept set (in the suspect's order), each with the parent experts its response mixes
-   (non-negative least squares), and the relation: *carved subset* when some parent
+   kept set (in the suspect's order), each with every parent expert it matches
+   significantly (several for a merged expert), and the relation: *carved subset* when some parent
    experts are missing, *same lineage, not a carve* when all are there.
 
 Nothing here is built from copies of the suspect: the background of every layer is the
@@ -51,13 +51,12 @@ from tqdm.auto import tqdm
 
 from moeguard.errors import InputError
 from moeguard.forensics.alignment import ResidualMap, residual_map
-from moeguard.forensics.calibration import BUILTIN_NULL, NullCalibration
+from moeguard.forensics.calibration import BUILTIN_NULL, MIN_REFERENCES, NullCalibration
 from moeguard.forensics.matching import (
     alignment_null,
     assignment_null,
     match_experts,
     matched_mean,
-    mixing_weights,
     monotone_alignment,
     pair_threshold,
 )
@@ -70,7 +69,6 @@ from moeguard.forensics.similarity import (
     neuron_similarity,
     pair_evidence,
     standardise,
-    unit_rows,
 )
 from moeguard.forensics.verdict import ExpertMatch, LayerVerdict, ParentRanking, Verdict, format_p
 from moeguard.forensics.views import ModelView, open_model
@@ -80,8 +78,6 @@ log = logging.getLogger("moeguard.forensics")
 
 DEFAULT_ALPHA = 1e-6
 DEFAULT_PROBES = 128
-# A parent expert counts as mixed into a suspect expert from this share of its non-negative weights.
-MIX_SHARE = 0.15
 # The parent's layer signatures are kept between comparisons up to this size.
 PARENT_CACHE_BYTES = 1 << 30
 
@@ -136,20 +132,16 @@ class LayerComparison:
     router_similarity: torch.Tensor  # [Es, Ep] router-row cosine (reported, not evidence)
     statistic: float  # matched mean of the evidence
     z: float  # the statistic against its simulated null
-    mixes: dict[int, tuple[torch.Tensor, float]]  # suspect expert -> (non-negative weights on parent experts, explained)
 
 
 def compare_layers(suspect: LayerSignature, parent: LayerSignature) -> LayerComparison:
-    """Similarities, evidence, the layer's z and every matched expert's mixing weights."""
+    """Similarities, evidence and the layer's z."""
     responses = cosine_matrix(suspect.responses, parent.responses)
     neurons = neuron_similarity(suspect.neurons, parent.neurons)
     evidence = pair_evidence(standardise(responses), standardise(neurons))
     statistic = matched_mean(evidence)
     z = assignment_null(*evidence.shape, 2).standardise(statistic)
-    rows, _ = match_experts(evidence)
-    components = unit_rows(parent.responses).flatten(1)
-    mixes = {row: mixing_weights(unit_rows(suspect.responses[row : row + 1]).flatten(), components) for row in rows}
-    return LayerComparison(evidence, responses, neurons, cosine_matrix(suspect.router, parent.router), statistic, z, mixes)
+    return LayerComparison(evidence, responses, neurons, cosine_matrix(suspect.router, parent.router), statistic, z)
 
 
 @dataclass
@@ -234,7 +226,7 @@ class Detector:
                               num_parent, self.parent_info(), suspect_info, time.perf_counter() - started)
 
         if alignment is None:
-            return result(None, "the models share no tokens and their residual streams have different widths "
+            return result(None, "the models share no tokens (or too few to pair their spaces) and their residual streams have different widths "
                                 "(suspect " + "/".join(map(str, suspect_info["hidden_size"])) + f", parent {self.hidden}), "
                                 "so nothing pairs their spaces; give both models their tokenizers")
         basis = alignment.basis
@@ -267,6 +259,9 @@ class Detector:
 
     def calibrate(self, references: Sequence[ModelSource], *, dtype: torch.dtype | None = None) -> NullCalibration:
         """The null measured on independent ``references`` (each opened, compared and released in turn)."""
+        if len(references) < MIN_REFERENCES:
+            raise InputError(f"calibration needs at least {MIN_REFERENCES} reference models, got {len(references)}; pass more "
+                             "independent models of the parent's shape (20-30 give thresholds close to the built-in one).")
         statistics, names = [], []
         for reference in references:
             with open_model(reference, "reference", dtype=dtype) as view:
@@ -329,9 +324,17 @@ class Detector:
 
 
 def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch]:
-    """Every suspect expert's assigned parent expert; significant when its evidence reaches ``threshold``."""
+    """Every suspect expert's assigned parent expert, significant when its evidence reaches ``threshold``.
+
+    A significant expert also lists every parent expert it matches significantly
+    (``mixes``): several when it was merged from several. A neuron of a weight average
+    ``sum_j w_j W_j`` has cosine about proportional to ``w_j`` with its counterpart in
+    each parent expert ``j``, so each one's share is its neuron similarity's excess over
+    the row's median, normalised over the experts listed.
+    """
     rows, cols = match_experts(layer.evidence)
     candidate = dict(zip(rows, cols))
+    background = layer.weight_similarity.median(dim=1).values
     matches = []
     for i in range(layer.evidence.shape[0]):
         j = candidate.get(i)
@@ -340,9 +343,12 @@ def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch
             continue
         evidence = float(layer.evidence[i, j])
         significant = evidence >= threshold
-        beta, explained = layer.mixes[i]
-        shares = beta / beta.sum().clamp_min(1e-30)
-        mixes = [[int(k), float(shares[k])] for k in shares.argsort(descending=True).tolist() if shares[k] >= MIX_SHARE]
+        mixes: list[list[float]] = []
+        if significant:
+            partners = [k for k in range(layer.evidence.shape[1]) if float(layer.evidence[i, k]) >= threshold]
+            excess = {k: max(float(layer.weight_similarity[i, k] - background[i]), 0.0) for k in partners}
+            total = sum(excess.values()) or 1.0
+            mixes = sorted(([k, excess[k] / total] for k in partners), key=lambda pair: -pair[1])
         matches.append(ExpertMatch(
             suspect_expert=i,
             candidate=j,
@@ -351,8 +357,7 @@ def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch
             weight_similarity=float(layer.weight_similarity[i, j]),
             router_similarity=float(layer.router_similarity[i, j]),
             evidence=evidence,
-            mixes=mixes if significant else [],
-            explained=explained if significant else None,
+            mixes=mixes,
         ))
     return matches
 

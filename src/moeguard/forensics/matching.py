@@ -1,4 +1,4 @@
-"""Expert matching, layer alignment, their null distributions and expert mixing, as pure functions."""
+"""Expert matching, layer alignment and their null distributions, as pure functions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment, nnls
+from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
 from moeguard.forensics.similarity import standardise_batch
@@ -115,26 +115,6 @@ def pair_threshold(alpha: float, num_pairs: int) -> float:
     Bonferroni over the ``Es * Ep`` candidate pairs of a layer: ``Phi^-1(1 - alpha / (Es Ep))``.
     """
     return float(norm.isf(alpha / max(num_pairs, 1)))
-
-
-def mixing_weights(target: torch.Tensor, components: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Non-negative ``beta`` minimising ``|sum_j beta_j c_j - t|`` and the share of ``|t|^2`` it explains.
-
-    ``target [D]``, ``components [J, D]``. Solved on the ``J x J`` normal equations
-    (``G = C C^T = L L^T``: ``min |L^T beta - L^-1 C t|`` has the same minimiser), so the
-    cost does not grow with ``D``.
-    """
-    c = components.double()
-    t = target.double()
-    gram = c @ c.T
-    gram = gram + 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    lower = torch.linalg.cholesky(gram)
-    rhs = torch.linalg.solve_triangular(lower, (c @ t).unsqueeze(1), upper=False).squeeze(1)
-    beta, _ = nnls(lower.T.numpy(), rhs.numpy())
-    beta = torch.from_numpy(beta)
-    fitted = beta @ c
-    explained = 1 - float((t - fitted).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30))
-    return beta, explained
 
 
 def z_threshold(alpha: float) -> float:

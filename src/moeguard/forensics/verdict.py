@@ -26,13 +26,13 @@ class ExpertMatch:
     layer has more experts than the parent's); ``parent_expert`` is the candidate
     when the match is significant (``evidence`` at or above the layer's pair
     threshold) and None otherwise. ``similarity`` is the cosine of the two experts'
-    responses, ``weight_similarity`` that of their weight Gram signatures,
+    responses, ``weight_similarity`` their neuron similarity (see
+    :func:`moeguard.forensics.similarity.neuron_similarity`),
     ``router_similarity`` that of their router rows, all in the parent's residual
     space; ``evidence`` the combined score of the pair in units of the layer's
-    background. ``mixes`` lists the parent experts whose responses, combined with
-    non-negative weights, best reproduce this expert's, as ``[parent expert, share]``
-    (one entry for a kept expert, several for one merged from several), and
-    ``explained`` the share of its response they explain.
+    background. ``mixes`` lists every parent expert this one matches significantly, as
+    ``[parent expert, share]`` by share (one entry for a kept expert, several for one
+    merged from several; shares from the neuron similarities).
     """
 
     suspect_expert: int
@@ -43,7 +43,6 @@ class ExpertMatch:
     router_similarity: float
     evidence: float
     mixes: list[list[float]] = field(default_factory=list)
-    explained: float | None = None
 
 
 @dataclass
