@@ -336,6 +336,8 @@ def rotate_residual(moe: MoEModel, seed: int) -> MoEModel:
 
 
 def _width_is_free(moe: MoEModel) -> str | None:
+    if len(set(moe.num_experts)) > 1:
+        return "it keeps different expert counts per layer, which a rebuilt config cannot hold"
     hidden = moe.model.config.hidden_size
     for path, param in decoder_layers(moe)[0].named_parameters():
         if "attn" in path.split(".")[0] and param.ndim == 1 and param.shape[0] == hidden and path.endswith("norm.weight"):
