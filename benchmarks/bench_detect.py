@@ -75,7 +75,7 @@ KEEPS = {"2": [2], "4": [4], "6": [6]}
 MERGE_WEIGHTS = (0.2, 0.35, 0.5)
 REALIGN_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 SIBLING_TASKS = ("addition", "count")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def per_layer(keep: list[int], num_layers: int) -> list[int]:
@@ -212,7 +212,7 @@ def default_only(parent: MoEModel, groups: Groups, args: argparse.Namespace) -> 
                     seed = stable_seed(f"merge|{keep}|{weight}|{index}")
                     merged = carve(parent, random_orders(parent, [keep] * parent.num_layers, seed=seed), merge_weight=weight, seed=seed)
                     suspect = disguise(merged.model, seed)
-                    row = score(detector, suspect, merged.orders, kind="merge", **{"class": f"merge w={weight:g}"}, keep=str(keep),
+                    row = score(detector, suspect, suspect.expert_ids, kind="merge", **{"class": f"merge w={weight:g}"}, keep=str(keep),
                                 partners=[{str(k): v for k, v in m.items()} for m in merged.merged])
                     out.append(row)
                 return out
@@ -229,7 +229,8 @@ def default_only(parent: MoEModel, groups: Groups, args: argparse.Namespace) -> 
                 routers = [p for layer in suspect.layers for p in layer.router_parameters()] if scope == "router" else None
                 loss = fine_tune(suspect, task, steps=args.router_steps, lr=3e-3 if scope == "router" else 1e-3, seed=seed,
                                  batch_size=args.batch_size, parameters=routers)
-                out.append(score(detector, disguise(suspect, seed), orders, kind="router", **{"class": f"router re-init + retrain ({scope})"},
+                disguised = disguise(suspect, seed)
+                out.append(score(detector, disguised, disguised.expert_ids, kind="router", **{"class": f"router re-init + retrain ({scope})"},
                                  keep=str(keep), steps=args.router_steps, final_loss=loss, target_accuracy=accuracy(suspect, task)))
             return out
 
@@ -244,7 +245,8 @@ def default_only(parent: MoEModel, groups: Groups, args: argparse.Namespace) -> 
             for checkpoint in [s for s in args.long_checkpoints if s <= args.long_steps]:
                 loss = fine_tune(suspect, task, steps=checkpoint - done, lr=lr, seed=seed + checkpoint, batch_size=args.batch_size)
                 done = checkpoint
-                out.append(score(detector, disguise(suspect, seed), orders, kind="long", **{"class": f"long fine-tune lr {lr:g}"},
+                disguised = disguise(suspect, seed)
+                out.append(score(detector, disguised, disguised.expert_ids, kind="long", **{"class": f"long fine-tune lr {lr:g}"},
                                  keep="2", steps=checkpoint, lr=lr, final_loss=loss, target_accuracy=accuracy(suspect, task)))
                 print(f"    lr {lr:g} step {checkpoint}: z {out[-1]['z']:.1f}, {out[-1]['status']}, "
                       f"accuracy {out[-1]['target_accuracy']:.3f}", flush=True)
@@ -268,7 +270,7 @@ def default_only(parent: MoEModel, groups: Groups, args: argparse.Namespace) -> 
             names = ["sibling A", "sibling B", "parent"] if len(candidates) == 3 else ["sibling A", "parent"]
             out.append(dict(kind="siblings", comparison=label, ranking=[names[i] for i in ranking.ranking],
                             verdicts=[dict(candidate=names[i], z=v.z, status=v.status, relation=v.relation, closeness=v.closeness,
-                                           order_exact=[lv.order == t for lv, t in zip(v.layers, orders)])
+                                           order_exact=[lv.order == t for lv, t in zip(v.layers, carved_b.expert_ids)])
                                       for i, v in enumerate(ranking.verdicts)]))
         return out
 
@@ -389,9 +391,9 @@ def figures(rows: list[dict], threshold: float, out: Path) -> None:
     groups: dict[str, list[float]] = {}
     for row in rows:
         if row["kind"] == "negative":
-            groups.setdefault(f"independent ({row['set']}): {row['variant']}", []).append(row["z"])
+            groups.setdefault(f"independent ({row['parent']} parent, {row['set']}): {row['variant']}", []).append(row["z"])
         elif "class" in row and "skipped" not in row and row["kind"] != "long":
-            groups.setdefault(f"{row['class']}", []).append(row["z"])
+            groups.setdefault(f"{row['class']} ({row['parent']})", []).append(row["z"])
     labels = sorted(groups, key=lambda label: (label.startswith("independent"), label))
     figure, axes = plt.subplots(figsize=(8.5, 0.28 * len(labels) + 1.6), layout="constrained")
     for y, label in enumerate(labels):

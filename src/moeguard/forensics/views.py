@@ -83,6 +83,7 @@ class CheckpointView(ModelView):
                                   source=str(self.model_dir))
         super().__init__(moe)
         self.target_dtype = dtype
+        self._fingerprint: str | None = None
         shards = read_checkpoint(self.model_dir)
         stored = [tensor for shard in shards for tensor in shard.tensors]
         self.file_of = {tensor.name: self.model_dir / shard.file for shard in shards for tensor in shard.tensors}
@@ -175,8 +176,10 @@ class CheckpointView(ModelView):
                 _set_tensor(self.moe.model, target, None)
 
     def fingerprint(self) -> str:
-        """The checkpoint's fingerprint (its stored tensors, read one at a time)."""
-        return checkpoint_fingerprint(self.model_dir)
+        """The checkpoint's fingerprint (its stored tensors, read one at a time; computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self.model_dir)
+        return self._fingerprint
 
     def dtype(self) -> str:
         dtypes = {str(t.dtype).removeprefix("torch.") for t in self.moe.model.parameters() if t.device.type != "meta"}
