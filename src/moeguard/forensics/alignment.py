@@ -128,6 +128,9 @@ class ResidualMap:
     tokens: str
     sources: list[SourceFit]
     agreement: float | None
+    # The token sources' summed normalised cross-products, to refine the map with (None: not a Procrustes fit).
+    cross: torch.Tensor | None = field(default=None, repr=False)
+    refined: str = ""
 
     @property
     def residual(self) -> float | None:
@@ -139,7 +142,8 @@ class ResidualMap:
             return f"spaces assumed aligned ({self.tokens})"
         fits = ", ".join(f"{s.name} {s.residual:.3g} ({s.rows} rows)" for s in self.sources)
         agreement = f"; sources agree {self.agreement:.3f}" if self.agreement is not None else ""
-        return f"{self.kind} by orthogonal Procrustes, residual {fits}{agreement}; {self.tokens}"
+        refined = f"; {self.refined}" if self.refined else ""
+        return f"{self.kind} by orthogonal Procrustes, residual {fits}{agreement}; {self.tokens}{refined}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +154,7 @@ class ResidualMap:
             "tokens": self.tokens,
             "residual": self.residual,
             "agreement": self.agreement,
+            "refined": self.refined,
             "sources": [vars(s) for s in self.sources],
         }
 
@@ -186,7 +191,35 @@ def fit_map(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: str) 
     maps = list(own.values())
     agreement = map_agreement(maps[0], maps[1]) if len(maps) == 2 else None
     suspect_hidden, parent_hidden = basis.shape
-    return ResidualMap(basis, suspect_hidden, parent_hidden, map_kind(basis), tokens, fits, agreement)
+    cross = sum(cross_product(s, p) for s, p in sources.values()) if suspect_hidden >= parent_hidden else None
+    return ResidualMap(basis, suspect_hidden, parent_hidden, map_kind(basis), tokens, fits, agreement, cross)
+
+
+@dataclass
+class CrossProduct:
+    """``S^T P`` of paired rows with their sums of squares, so that several sets combine into one source."""
+
+    product: torch.Tensor  # [H_S, H_P], float64
+    suspect_energy: float
+    parent_energy: float
+
+    @classmethod
+    def of(cls, suspect_rows: torch.Tensor, parent_rows: torch.Tensor) -> "CrossProduct":
+        s, p = suspect_rows.double(), parent_rows.double()
+        return cls(s.T @ p, float((s * s).sum()), float((p * p).sum()))
+
+    def __add__(self, other: "CrossProduct") -> "CrossProduct":
+        return CrossProduct(self.product + other.product, self.suspect_energy + other.suspect_energy,
+                            self.parent_energy + other.parent_energy)
+
+    def normalised(self) -> torch.Tensor:
+        """The combined rows' :func:`cross_product`."""
+        return self.product / max((self.suspect_energy * self.parent_energy) ** 0.5, 1e-30)
+
+
+def refined_basis(alignment: ResidualMap, extra: CrossProduct) -> torch.Tensor:
+    """The Procrustes map of the alignment's token sources plus one more source of paired rows."""
+    return procrustes(alignment.cross + extra.normalised())
 
 
 def probe_token_sequences(count: int, length: int, *, seed: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeguard.errors import InputError
-from moeguard.forensics.alignment import ResidualMap, residual_map
+from moeguard.forensics.alignment import CrossProduct, ResidualMap, map_agreement, refined_basis, residual_map
 from moeguard.forensics.calibration import BUILTIN_NULL, MIN_REFERENCES, NullCalibration
 from moeguard.forensics.matching import (
     alignment_null,
@@ -65,6 +65,7 @@ from moeguard.forensics.signatures import expert_neurons, expert_responses, laye
 from moeguard.forensics.similarity import (
     cosine_matrix,
     neuron_directions,
+    neuron_partners,
     neuron_sampling,
     neuron_similarity,
     pair_evidence,
@@ -80,6 +81,8 @@ DEFAULT_ALPHA = 1e-6
 DEFAULT_PROBES = 128
 # The parent's layer signatures are kept between comparisons up to this size.
 PARENT_CACHE_BYTES = 1 << 30
+# A layer's unmapped neuron parts are kept (to refine the residual map with) up to this size.
+RAW_NEURON_BYTES = 256 << 20
 
 ModelSource = MoEModel | str | os.PathLike
 
@@ -91,9 +94,10 @@ class LayerSignature:
     responses: torch.Tensor  # [E, B, H_P] answers to the probe residuals
     neurons: torch.Tensor  # [E, n, P, d] unit neuron parts (see similarity.neuron_directions)
     router: torch.Tensor  # [E, H_P] router rows, norm gain folded
+    raw: torch.Tensor | None = None  # [E, n, P, H_own] the same neuron parts unmapped (None: too large to keep)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.responses, self.neurons, self.router))
+        return sum(t.numel() * t.element_size() for t in (self.responses, self.neurons, self.router, self.raw) if t is not None)
 
 
 @torch.no_grad()
@@ -115,11 +119,31 @@ def layer_signature(view: ModelView, layer: int, probes: torch.Tensor, basis: to
         responses = expert_responses(moe, layer, normed)
         reads, writes = expert_neurons(moe_layer)
     sample = None if q is None else neuron_sampling(writes[0].shape[1], hidden, seed=seed)[0]
-    neurons = neuron_directions([r * gain for r in reads] + writes, q, projection, sample)
+    parts = [r * gain for r in reads] + writes
+    neurons = neuron_directions(parts, q, projection, sample)
+    raw = None
+    if sum(p.numel() for p in parts) * 4 <= RAW_NEURON_BYTES:
+        raw = neuron_directions(parts, None, None, sample)
     router = router_weight(moe_layer).detach().float().cpu() * gain
     if q is not None:
         responses, router = responses @ q, router @ q
-    return LayerSignature(responses, neurons, router)
+    return LayerSignature(responses, neurons, router, raw)
+
+
+def matched_neuron_rows(suspect: LayerSignature, parent: LayerSignature, evidence: torch.Tensor) -> CrossProduct | None:
+    """Paired neuron parts of the matched experts (each suspect neuron with its best parent neuron, signs
+    aligned), the suspect's in its own space and the parent's in the parent's, as a :class:`CrossProduct`."""
+    if suspect.raw is None or parent.raw is None:
+        return None
+    rows, cols = match_experts(evidence)
+    total = None
+    for i, j in zip(rows, cols):
+        best, signs = neuron_partners(suspect.neurons[i], parent.neurons[j])
+        own = suspect.raw[i].flatten(0, 1)
+        theirs = (parent.raw[j][best] * signs.unsqueeze(-1)).flatten(0, 1)
+        pairs = CrossProduct.of(own, theirs)
+        total = pairs if total is None else total + pairs
+    return total
 
 
 @dataclass
@@ -229,33 +253,68 @@ class Detector:
             return result(None, "the models share no tokens (or too few to pair their spaces) and their residual streams have different widths "
                                 "(suspect " + "/".join(map(str, suspect_info["hidden_size"])) + f", parent {self.hidden}), "
                                 "so nothing pairs their spaces; give both models their tokenizers")
-        basis = alignment.basis
         equal_depth = num_suspect == num_parent
         candidates = [(s, s) for s in range(num_suspect)] if equal_depth else [
             (s, p) for s in range(num_suspect) for p in range(num_parent)]
-        suspect_cache: dict[int, LayerSignature] = {}
-        layers: dict[tuple[int, int], LayerComparison] = {}
-        show = self.progress and log.isEnabledFor(logging.INFO)
-        for s, p in tqdm(candidates, desc="comparing MoE layers", unit="pair", disable=not show):
-            if s not in suspect_cache:
-                suspect_cache[s] = layer_signature(suspect, s, self.probe_residuals, basis, self.projection, seed=self.seed)
-            layers[s, p] = compare_layers(suspect_cache[s], self._parent_signature(p))
-            if equal_depth:
-                suspect_cache.clear()
+        layers, neuron_rows = self._compare_pairs(suspect, candidates, {s: alignment.basis for s, _ in candidates})
         if equal_depth:
-            pairs = candidates
-            return result(sum(layers[pair].z for pair in pairs) / len(pairs), "", "position", pairs, layers)
-        scores = torch.tensor([[layers[s, p].z for p in range(num_parent)] for s in range(num_suspect)])
-        if num_suspect <= num_parent:
-            pairs = list(enumerate(monotone_alignment(scores)))
+            pairs, layer_alignment, reason = candidates, "position", ""
         else:
-            pairs = [(s, p) for p, s in enumerate(monotone_alignment(scores.T))]
-        # The best alignment's total, less what the best of unrelated layers would reach, per aligned layer.
+            scores = torch.tensor([[layers[s, p].z for p in range(num_parent)] for s in range(num_suspect)])
+            if num_suspect <= num_parent:
+                pairs = list(enumerate(monotone_alignment(scores)))
+            else:
+                pairs = [(s, p) for p, s in enumerate(monotone_alignment(scores.T))]
+            layer_alignment = "matched"
+            reason = (f"the suspect has {num_suspect} MoE layers and the parent {num_parent}; layers were paired by the "
+                      "best monotone alignment (its selection bias removed)")
+        layers.update(self._refine(suspect, alignment, pairs, neuron_rows))
         total = sum(layers[pair].z for pair in pairs)
-        statistic = (total - alignment_null(num_suspect, num_parent).mean) / len(pairs)
-        reason = (f"the suspect has {num_suspect} MoE layers and the parent {num_parent}; layers were paired by the best "
-                  "monotone alignment (its selection bias removed)")
-        return result(statistic, reason, "matched", pairs, layers)
+        if not equal_depth:
+            # The best alignment's total, less what the best of unrelated layers would reach.
+            total -= alignment_null(num_suspect, num_parent).mean
+        return result(total / len(pairs), reason, layer_alignment, pairs, layers)
+
+    def _compare_pairs(self, suspect: ModelView, pairs: list[tuple[int, int]], bases: dict[int, torch.Tensor]
+                       ) -> tuple[dict[tuple[int, int], LayerComparison], dict[tuple[int, int], CrossProduct | None]]:
+        """Every (suspect layer, parent layer) pair compared with suspect layer ``s`` mapped by ``bases[s]``, and
+        the paired neuron rows of its matched experts. A suspect layer's signature is kept only while needed."""
+        remaining = {s: sum(1 for t, _ in pairs if t == s) for s, _ in pairs}
+        cache: dict[int, LayerSignature] = {}
+        layers, neuron_rows = {}, {}
+        show = self.progress and log.isEnabledFor(logging.INFO)
+        for s, p in tqdm(pairs, desc="comparing MoE layers", unit="pair", disable=not show):
+            if s not in cache:
+                cache[s] = layer_signature(suspect, s, self.probe_residuals, bases[s], self.projection, seed=self.seed)
+            parent = self._parent_signature(p)
+            layers[s, p] = compare_layers(cache[s], parent)
+            neuron_rows[s, p] = matched_neuron_rows(cache[s], parent, layers[s, p].evidence)
+            remaining[s] -= 1
+            if not remaining[s]:
+                del cache[s]
+        return layers, neuron_rows
+
+    def _refine(self, suspect: ModelView, alignment: ResidualMap, pairs: list[tuple[int, int]],
+                neuron_rows: dict[tuple[int, int], CrossProduct | None]) -> dict[tuple[int, int], LayerComparison]:
+        """The aligned layer pairs compared again, each suspect layer through a map refined with the matched
+        neurons of the *other* layers (cross-fitting: a layer's own chance matches never pull the map toward
+        themselves, so unrelated models gain nothing, while a derivative's layers share one true map).
+
+        Token rows drift when the attacker fine-tunes embeddings; thousands of neuron parts of the matched
+        experts pin the map down again. Needs a Procrustes fit, two aligned layers and neuron parts small
+        enough to keep (see ``RAW_NEURON_BYTES``); otherwise nothing is refined.
+        """
+        rows = [neuron_rows[pair] for pair in pairs]
+        if alignment.cross is None or len(pairs) < 2 or any(r is None for r in rows):
+            return {}
+        bases = {}
+        for s, _ in pairs:
+            others = [neuron_rows[pair] for pair in pairs if pair[0] != s]
+            bases[s] = refined_basis(alignment, sum(others[1:], others[0]))
+        agreement = sum(map_agreement(alignment.basis, basis) for basis in bases.values()) / len(bases)
+        alignment.refined = (f"refined per layer with the matched neurons of the other layers (cross-fitted; "
+                             f"agreement with the token map {agreement:.3f})")
+        return self._compare_pairs(suspect, pairs, bases)[0]
 
     def calibrate(self, references: Sequence[ModelSource], *, dtype: torch.dtype | None = None) -> NullCalibration:
         """The null measured on independent ``references`` (each opened, compared and released in turn)."""

@@ -102,6 +102,19 @@ def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_pe
     return torch.cat(rows)
 
 
+def neuron_partners(suspect: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each suspect neuron's best parent neuron and the sign of each of its parts there.
+
+    ``suspect [n, P, d]`` and ``parent [I, P, d]`` are one expert's unit neuron parts (as
+    in :func:`neuron_similarity`); returns ``best [n]`` (the parent neuron with the highest
+    ``mean_p |cos|``) and ``signs [n, P]`` (``+-1``: a neuron's part may have been negated).
+    """
+    cosines = torch.einsum("npd,mpd->nmp", suspect, parent)
+    best = cosines.abs().mean(dim=2).argmax(dim=1)
+    signs = torch.sign(cosines[torch.arange(len(best)), best])
+    return best, torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def standardise(similarity: torch.Tensor) -> torch.Tensor:
     """Evidence ``Z [Es, Ep]`` from a similarity matrix, in units of its own background.
 
