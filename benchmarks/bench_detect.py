@@ -434,7 +434,7 @@ def main() -> None:
     parser.add_argument("--carves", type=int, default=2, help="carves per keep count and class")
     parser.add_argument("--router-steps", type=int, default=400)
     parser.add_argument("--long-steps", type=int, default=12800, help="longest fine-tune (the earlier stress run had 1280)")
-    parser.add_argument("--long-checkpoints", default="160,400,1000,2500,6400,12800,25600")
+    parser.add_argument("--long-checkpoints", default="160,400,1000,1280,1600,2500,6400,12800,25600")
     parser.add_argument("--long-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--sibling-steps", type=int, default=1000)
     parser.add_argument("--baseline-commit", default="93265a0", help="the detector to time against (git commit)")

@@ -196,9 +196,9 @@ def test_a_parent_with_fewer_layers_leaves_the_extra_suspect_layer_unaligned():
 
 def test_detect_refuses_bad_settings_with_clear_messages():
     moe = tiny_moe("qwen3_moe")
-    with pytest.raises(InputError, match="alpha must be a probability"):
+    with pytest.raises(InputError, match="`alpha` must be a probability"):
         detect(moe, moe, alpha=2.0)
-    with pytest.raises(InputError, match="probes must be at least 8"):
+    with pytest.raises(InputError, match="`probes` must be at least 8"):
         detect(moe, moe, probes=2)
     with pytest.raises(InputError, match="MoEModel or a model directory"):
         detect(moe, 42)

@@ -211,7 +211,7 @@ class Detector:
 
     def __post_init__(self) -> None:
         if self.probes < 8:
-            raise InputError(f"probes must be at least 8, got {self.probes}.")
+            raise InputError(f"`probes` must be at least 8, got {self.probes}.", arguments=("probes",))
         hidden = {layer_hidden_size(layer) for layer in self.parent.moe.layers}
         if len(hidden) != 1:
             raise InputError(f"the parent's MoE layers read hidden states of different widths {sorted(hidden)}.")
@@ -379,7 +379,7 @@ class Detector:
                              f"{calibration.parent_fingerprint[:12]}, this parent {fingerprint[:12]}); calibrate again.")
         if calibration.settings and calibration.settings != self.settings:
             raise InputError(f"the calibration was measured with settings {calibration.settings}, this comparison uses "
-                             f"{self.settings}; use the same probes and seed or calibrate again.")
+                             f"{self.settings}; use the same `probes` and `seed` or calibrate again.", arguments=("probes", "seed"))
 
 
 def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch]:
@@ -423,7 +423,7 @@ def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch
 
 def check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
-        raise InputError(f"alpha must be a probability strictly between 0 and 1, got {alpha}.")
+        raise InputError(f"`alpha` must be a probability strictly between 0 and 1, got {alpha}.", arguments=("alpha",))
 
 
 def detect(
