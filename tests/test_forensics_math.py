@@ -25,7 +25,7 @@ from moeguard.forensics.matching import (
 )
 from moeguard.forensics.residual import norm_gain
 from moeguard.forensics.signatures import expert_neurons, expert_rows
-from moeguard.forensics.similarity import EVIDENCE_FLOOR, neuron_directions, neuron_similarity, standardise
+from moeguard.forensics.similarity import EVIDENCE_FLOOR, mix_components, neuron_directions, neuron_similarity, standardise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,6 +93,22 @@ def test_neuron_similarity_ignores_neuron_order_scale_and_sign():
     rotated = [p @ basis.T for p in moved]
     mapped = neuron_similarity(neuron_directions(rotated, basis.double(), None), neuron_directions(parts, None, None))
     torch.testing.assert_close(mapped.diagonal(), torch.ones(3))
+
+
+def test_mix_components_finds_what_a_merged_expert_averages_and_in_which_proportions():
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(5, 24, 32, generator=generator) for _ in range(3)]  # [E, I, H]: gate, up, down
+    parent = neuron_directions(parts, None, None)
+    order = torch.randperm(24, generator=generator)
+    merged = [(0.6 * p[1] + 0.4 * p[3])[order].unsqueeze(0) for p in parts]  # expert 1 averaged with expert 3
+    similarity, weight = mix_components(neuron_directions(merged, None, None)[0], parent, main=1)
+    others = [k for k in range(5) if k not in (1, 3)]
+    assert float(similarity[3]) > 0.9 and float(similarity[others].max()) < 0.6
+    assert float(weight[1]) > float(weight[3]) > 1.5 * float(weight[others].max())
+    assert 1.2 < float(weight[1] / weight[3]) < 1.8  # about 0.6 / 0.4
+    tuned = [(p[1] + 0.05 * torch.randn(24, 32, generator=generator))[order].unsqueeze(0) for p in parts]  # no partner
+    similarity, _ = mix_components(neuron_directions(tuned, None, None)[0], parent, main=1)
+    assert float(similarity.max()) < 0.6
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

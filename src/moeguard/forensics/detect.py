@@ -64,6 +64,7 @@ from moeguard.forensics.residual import block_norm, norm_gain
 from moeguard.forensics.signatures import expert_neurons, expert_responses, layer_hidden_size, router_weight
 from moeguard.forensics.similarity import (
     cosine_matrix,
+    mix_components,
     neuron_directions,
     neuron_partners,
     neuron_sampling,
@@ -83,6 +84,8 @@ DEFAULT_PROBES = 128
 PARENT_CACHE_BYTES = 1 << 30
 # A layer's unmapped neuron parts are kept (to refine the residual map with) up to this size.
 RAW_NEURON_BYTES = 256 << 20
+# A merged expert whose router row has at least this cosine with one of the experts it mixes fills that one's slot.
+ROUTER_KEPT = 0.9
 
 ModelSource = MoEModel | str | os.PathLike
 
@@ -156,16 +159,25 @@ class LayerComparison:
     router_similarity: torch.Tensor  # [Es, Ep] router-row cosine (reported, not evidence)
     statistic: float  # matched mean of the evidence
     z: float  # the statistic against its simulated null
+    mix_evidence: torch.Tensor  # [Es, Ep] evidence that suspect expert i also mixes in parent expert j (its match: 0)
+    mix_weight: torch.Tensor  # [Es, Ep] each parent expert's weight in suspect expert i (see similarity.mix_components)
 
 
 def compare_layers(suspect: LayerSignature, parent: LayerSignature) -> LayerComparison:
-    """Similarities, evidence and the layer's z."""
+    """Similarities, evidence, the layer's z, and what else each matched suspect expert mixes in."""
     responses = cosine_matrix(suspect.responses, parent.responses)
     neurons = neuron_similarity(suspect.neurons, parent.neurons)
     evidence = pair_evidence(standardise(responses), standardise(neurons))
     statistic = matched_mean(evidence)
     z = assignment_null(*evidence.shape, 2).standardise(statistic)
-    return LayerComparison(evidence, responses, neurons, cosine_matrix(suspect.router, parent.router), statistic, z)
+    rows, cols = match_experts(evidence)
+    mixes, weights = torch.zeros_like(neurons), torch.zeros_like(neurons)
+    for i, j in zip(rows, cols):
+        mixes[i], weights[i] = mix_components(suspect.neurons[i], parent.neurons, j)
+    unmatched = sorted(set(range(len(neurons))) - set(rows))
+    mixes[unmatched] = mixes[rows].median()  # no match, nothing mixed in: the background
+    return LayerComparison(evidence, responses, neurons, cosine_matrix(suspect.router, parent.router), statistic, z,
+                           standardise(mixes), weights)
 
 
 @dataclass
@@ -385,15 +397,17 @@ class Detector:
 def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch]:
     """Every suspect expert's assigned parent expert, significant when its evidence reaches ``threshold``.
 
-    A significant expert also lists every parent expert it matches significantly
-    (``mixes``): several when it was merged from several. A neuron of a weight average
-    ``sum_j w_j W_j`` has cosine about proportional to ``w_j`` with its counterpart in
-    each parent expert ``j``, so each one's share is its neuron similarity's excess over
-    the row's median, normalised over the experts listed.
+    A significant expert also lists every parent expert it mixes (``mixes``): its match,
+    and each other one whose mix evidence (see
+    :func:`~moeguard.forensics.similarity.mix_components`) reaches the threshold, with
+    their shares ``c_k / sum c`` - several for an expert merged from several. The slot
+    it fills (``parent_expert``) is its match, unless another of the experts it mixes
+    kept its router row (router cosine at least ``ROUTER_KEPT`` and the highest): when a
+    kept expert was averaged with removed ones at an equal or larger weight, the router
+    row still says whose slot it is. A re-initialised router leaves the match.
     """
     rows, cols = match_experts(layer.evidence)
     candidate = dict(zip(rows, cols))
-    background = layer.weight_similarity.median(dim=1).values
     matches = []
     for i in range(layer.evidence.shape[0]):
         j = candidate.get(i)
@@ -402,20 +416,23 @@ def expert_matches(layer: LayerComparison, threshold: float) -> list[ExpertMatch
             continue
         evidence = float(layer.evidence[i, j])
         significant = evidence >= threshold
-        mixes: list[list[float]] = []
+        slot, mixes = j, []
         if significant:
-            partners = [k for k in range(layer.evidence.shape[1]) if float(layer.evidence[i, k]) >= threshold]
-            excess = {k: max(float(layer.weight_similarity[i, k] - background[i]), 0.0) for k in partners}
-            total = sum(excess.values()) or 1.0
-            mixes = sorted(([k, excess[k] / total] for k in partners), key=lambda pair: -pair[1])
+            parts = [j] + [k for k in range(layer.evidence.shape[1]) if k != j and float(layer.mix_evidence[i, k]) >= threshold]
+            total = sum(float(layer.mix_weight[i, k]) for k in parts) or 1.0
+            mixes = sorted(([k, float(layer.mix_weight[i, k]) / total] for k in parts), key=lambda pair: -pair[1])
+            router_owner = max(parts, key=lambda k: float(layer.router_similarity[i, k]))
+            taken = set(cols) - {j}
+            if float(layer.router_similarity[i, router_owner]) >= ROUTER_KEPT and router_owner not in taken:
+                slot = router_owner
         matches.append(ExpertMatch(
             suspect_expert=i,
             candidate=j,
-            parent_expert=j if significant else None,
-            similarity=float(layer.similarity[i, j]),
-            weight_similarity=float(layer.weight_similarity[i, j]),
-            router_similarity=float(layer.router_similarity[i, j]),
-            evidence=evidence,
+            parent_expert=slot if significant else None,
+            similarity=float(layer.similarity[i, slot]),
+            weight_similarity=float(layer.weight_similarity[i, slot]),
+            router_similarity=float(layer.router_similarity[i, slot]),
+            evidence=float(layer.evidence[i, slot]),
             mixes=mixes,
         ))
     return matches

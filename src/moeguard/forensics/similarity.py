@@ -80,6 +80,15 @@ def neuron_directions(parts: list[torch.Tensor], basis: torch.Tensor | None, pro
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
+def _best_neurons(suspect: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(best [n, Ep], index [n, Ep])``: for every suspect neuron and parent expert, the highest
+    ``mean_p |cos|`` with one of the expert's neurons and which neuron (``suspect [n, P, d]``, ``parent [Ep, I, P, d]``)."""
+    num_parent, neurons, parts, dim = parent.shape
+    flat_parent = parent.permute(2, 0, 1, 3).reshape(parts, num_parent * neurons, dim)
+    cosines = (suspect.transpose(0, 1) @ flat_parent.transpose(1, 2)).abs().mean(0)  # [n, Ep*I]
+    return cosines.reshape(len(suspect), num_parent, neurons).max(dim=2)
+
+
 def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_per_chunk: int = 8) -> torch.Tensor:
     """``N [Es, Ep]``: how well suspect expert ``i``'s neurons are found among parent expert ``j``'s.
 
@@ -90,15 +99,11 @@ def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_pe
     (up times ``a``, down divided by ``a``). A carved expert's neurons find themselves
     (``N = 1``), an unrelated expert's only chance partners.
     """
-    num_parent, neurons, parts, dim = parent.shape
-    flat_parent = parent.permute(2, 0, 1, 3).reshape(parts, num_parent * neurons, dim)  # [P, Ep*I, d]
     rows = []
     for start in range(0, suspect.shape[0], experts_per_chunk):
         chunk = suspect[start : start + experts_per_chunk]  # [c, n, P, d]
-        flat = chunk.permute(2, 0, 1, 3).reshape(parts, -1, dim)  # [P, c*n, d]
-        cosines = (flat @ flat_parent.transpose(1, 2)).abs().mean(0)  # [c*n, Ep*I]
-        best = cosines.reshape(chunk.shape[0], chunk.shape[1], num_parent, neurons).amax(dim=3)
-        rows.append(best.mean(dim=1))
+        best = _best_neurons(chunk.flatten(0, 1), parent)[0]  # [c*n, Ep]
+        rows.append(best.reshape(chunk.shape[0], chunk.shape[1], -1).mean(dim=1))
     return torch.cat(rows)
 
 
@@ -113,6 +118,40 @@ def neuron_partners(suspect: torch.Tensor, parent: torch.Tensor) -> tuple[torch.
     best = cosines.abs().mean(dim=2).argmax(dim=1)
     signs = torch.sign(cosines[torch.arange(len(best)), best])
     return best, torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def mix_components(suspect: torch.Tensor, parent: torch.Tensor, main: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a suspect expert mixes besides parent expert ``main``, and in which proportions.
+
+    ``suspect [n, P, d]`` is one suspect expert's unit neuron parts, ``parent [Ep, I, P, d]``
+    the parent's (as in :func:`neuron_similarity`). Each suspect neuron part loses its
+    component along its partner ``b(n)`` in expert ``main`` (:func:`neuron_partners`):
+
+        r_{n,p} = unit(s_{n,p} - <s_{n,p}, q_{main,b(n),p}> q_{main,b(n),p}).
+
+    A neuron of a weight average ``sum_k w_k W_k`` keeps, once its main component is
+    gone, only the other components' neurons, which the remainder finds among each
+    parent expert's neurons whatever their order (``m_k(n)``, the best as in
+    :func:`neuron_similarity`); a kept expert that was only fine-tuned leaves its
+    update, which resembles no other parent expert. Returns ``(similarity [Ep], weight
+    [Ep])``: the remainder's neuron similarity ``mean_n max_m mean_p |<r_{n,p}, q_{k,m,p}>|``
+    with each parent expert (``main``'s entry: the median of the others, it has no
+    remainder of itself), and the suspect neurons' own cosine with the neurons found,
+    ``c_k = mean_{n,p} |<s_{n,p}, q_{k,m_k(n),p}>|`` (``m_main = b``), which for nearly
+    orthogonal components is proportional to ``w_k``.
+    """
+    best, signs = neuron_partners(suspect, parent[main])
+    along = parent[main][best] * signs.unsqueeze(-1)  # [n, P, d]
+    remainder = suspect - (suspect * along).sum(-1, keepdim=True) * along
+    remainder = remainder / remainder.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    found, index = _best_neurons(remainder, parent)  # [n, Ep]
+    similarity = found.mean(0)
+    others = torch.cat([similarity[:main], similarity[main + 1:]])
+    similarity[main] = others.median() if len(others) else 0.0
+    index[:, main] = best
+    chosen = parent[torch.arange(parent.shape[0]), index]  # [n, Ep, P, d]
+    weight = (chosen * suspect.unsqueeze(1)).sum(-1).abs().mean(dim=(0, 2))
+    return similarity, weight
 
 
 def standardise(similarity: torch.Tensor) -> torch.Tensor:
