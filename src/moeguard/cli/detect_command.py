@@ -18,9 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="decide whether a suspect MoE was carved out of a parent (pruned, disguised, fine-tuned, merged)",
         description=(
             "Maps the suspect's residual space onto the parent's (token rows and residual states, orthogonal Procrustes), "
-            "compares every suspect expert with every parent expert there (responses to shared probes, weight Gram "
-            "matrices, router rows) against the parent's other experts, matches them per layer and prints the verdict, "
-            "the relation (carved subset / same lineage / independent) and the recovered kept sets. Model directories "
+            "compares every suspect expert with every parent expert there (responses to shared probes and neurons, free "
+            "of neuron order, scale and sign) against the parent's other experts, matches them per layer and prints the "
+            "verdict, the relation (carved subset / same lineage / independent), the recovered kept sets and what each "
+            "merged expert mixes. Model directories "
             "are read one MoE layer of experts at a time, in their stored dtype unless --dtype says otherwise."
         ),
     )

@@ -26,9 +26,10 @@ How it decides:
 5. **Verdict** against a null (:mod:`moeguard.forensics.calibration`): the built-in one,
    or one measured on independent reference models of the parent's shape. Derived
    when ``p <= alpha``; then matched pairs above the Bonferroni pair threshold are the
-   kept set (in the suspect's order), each with every parent expert it matches
-   significantly (several for a merged expert), and the relation: *carved subset* when some parent
-   experts are missing, *same lineage, not a carve* when all are there.
+   kept set (in the suspect's order), each with the other parent experts it mixes
+   (a merged expert: what its neurons keep once its match is taken out,
+   :func:`~moeguard.forensics.similarity.mix_components`), and the relation: *carved
+   subset* when some parent experts are missing, *same lineage, not a carve* when all are there.
 
 Nothing here is built from copies of the suspect: the background of every layer is the
 parent's other experts, which a disguise cannot make the kept ones resemble without
