@@ -188,5 +188,5 @@ def test_small_shape_detects_its_streamed_prune(small, tmp_path):
     _, directory, moe, _ = small
     prune_model(directory / "model", directory / "attribution.json", tmp_path / "pruned", keep=keep_for(moe),
                 criterion="frequency", streaming=True, progress=False)
-    verdict = detect(moe, tmp_path / "pruned", probes=16, group_size=8, progress=False)
+    verdict = detect(moe, tmp_path / "pruned", probes=16, progress=False)
     assert verdict.status == "derived"
