@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "moeguard.cli.zoo_command",
     "moeguard.cli.verify_command",
     "moeguard.cli.detect_command",
+    "moeguard.cli.verify_watermark_command",
     "moeguard.cli.harden_command",
     "moeguard.cli.defense_eval_command",
     "moeguard.cli.prune_command",

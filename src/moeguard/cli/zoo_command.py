@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     train.add_argument("--defense", help="train defended from scratch with this `moeguard harden` method (e.g. entangle)")
     train.add_argument("--defense-strength", type=float, default=1.0, help="multiply the defense terms' weights (default: 1)")
+    train.add_argument("--key", default=None, help="watermark key for --defense watermark (or --key-file, $MOEGUARD_WATERMARK_KEY)")
+    train.add_argument("--key-file", default=None, help="a file whose first line is the watermark key")
     train.set_defaults(run=run_train, resume_with="")
 
     path = commands.add_parser("path", help="print the cached default demo model's directory, training it first if needed")
@@ -57,7 +59,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.defense:
         from moeguard.defense.harden import demo_defense_loss
 
-        extra_loss = demo_defense_loss(config, args.defense, seed=args.seed, strength=args.defense_strength)
+        from moeguard.defense.objective import method_config
+        from moeguard.watermark import read_key
+
+        key = read_key(args.key, args.key_file) if method_config(args.defense).watermark else None
+        extra_loss = demo_defense_loss(config, args.defense, seed=args.seed, strength=args.defense_strength, key=key)
     out = train_demo(args.out, config, seed=args.seed, extra_loss=extra_loss, progress=not args.quiet,
                      overwrite=args.overwrite)
     card = read_json(out / CARD_JSON, what="demo card")

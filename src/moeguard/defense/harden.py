@@ -19,6 +19,7 @@ from moeguard.errors import InputError
 from moeguard.fields import setting
 from moeguard.models import MoEModel
 from moeguard.training import train
+from moeguard.watermark.embedding import Watermark, WatermarkEmbedding
 
 log = logging.getLogger("moeguard.defense")
 
@@ -83,20 +84,28 @@ def harden(
     config: DefenseConfig,
     settings: HardenSettings = HardenSettings(),
     *,
+    watermark: Watermark | None = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> HardenResult:
     """Fine-tune ``moe`` in place on ``tasks`` with the defense objective ``config``.
 
     All parameters are trained (the task loss keeps the full model good while the
-    terms reshape routing and experts). With ``checkpoint`` (a directory) an
-    interrupted run resumes, only with the same model, tasks, defense and settings;
-    the running attribution of the subset terms is rebuilt from the following batches.
+    terms reshape routing and experts). The watermark term embeds ``watermark``
+    (its record names tasks of ``tasks``); the task data is replayed all along.
+    With ``checkpoint`` (a directory) an interrupted run resumes, only with the same
+    model, tasks, defense, watermark and settings; the running attribution of the
+    subset terms is rebuilt from the following batches.
     """
     if moe.tokenizer is None:
         raise InputError(f"{moe.source}: the model has no tokenizer, so the task data cannot be encoded; save one with it.")
     data, task_of_example = defended_training_data(tasks)
-    objective = DefenseObjective(moe, config, task_of_example, len(tasks), seed=settings.seed)
+    embedding = None
+    if config.watermark:
+        if watermark is None:
+            raise InputError("the watermark method needs a key: pass watermark=Watermark(record, `key`).", arguments=("key",))
+        embedding = WatermarkEmbedding(moe, watermark, tasks, config.watermark_settings, seed=settings.seed)
+    objective = DefenseObjective(moe, config, task_of_example, len(tasks), seed=settings.seed, watermark=embedding)
     stream = batches(
         moe.tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length, shuffle=True,
         seed=settings.seed, epochs=None, context=context_length(moe), prompt_format=moe.prompt_format,
@@ -105,7 +114,8 @@ def harden(
     identity = None
     if checkpoint is not None:
         identity = {"model": moe.fingerprint(), "tasks": data_signature(("task", task) for task in tasks),
-                    "defense": config.to_dict(), "batches": {"batch_size": settings.batch_size, "max_length": settings.max_length}}
+                    "defense": config.to_dict(), "batches": {"batch_size": settings.batch_size, "max_length": settings.max_length},
+                    "watermark": watermark.identity() if embedding is not None else None}
     with objective.attached():
         result = train(
             moe, stream, steps=settings.steps, lr=settings.lr, warmup=settings.warmup, extra_loss=objective,
@@ -168,6 +178,7 @@ def harden_to_directory(
     out: str | Path,
     permitted: Sequence[str],
     method: str = "custom",
+    watermark: Watermark | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -176,6 +187,8 @@ def harden_to_directory(
     The written protocol pins the *hardened* model (the one that is released). An
     interrupted run resumes from its state in ``.<out>.partial`` beside ``out``
     (:func:`moeguard.runs.partial_path`), only when run again with the same settings.
+    With a watermark, the hardened model is verified with its key and the report
+    gains the verdict; the key and the triggers are never written.
     """
     from moeguard.defense.protocol import PROTOCOL_NAME, make_protocol
     from moeguard.eval import evaluate_tasks
@@ -186,7 +199,8 @@ def harden_to_directory(
     out = check_output(out, inputs=sources, overwrite=overwrite, directory=True)
     check_group_names(permitted, what="permitted group")
     before = evaluate_tasks(moe, None, test_tasks)
-    result = harden(moe, train_tasks, config, settings, checkpoint=partial_path(out), progress=progress)
+    result = harden(moe, train_tasks, config, settings, watermark=watermark, checkpoint=partial_path(out),
+                    progress=progress)
     after = evaluate_tasks(moe, None, test_tasks)
     protocol = make_protocol(moe, permitted)
     protocol.parent_model = str(out)
@@ -201,6 +215,12 @@ def harden_to_directory(
         "accuracy_after": [after[task.name].value for task in test_tasks],
         "harden": result.to_dict(),
     }
+    if config.watermark and watermark is not None:
+        from moeguard.watermark.suspects import local_suspect
+        from moeguard.watermark.verify import verify_watermark
+
+        verdict = verify_watermark(local_suspect(moe, name=str(out)), watermark)
+        report["watermark"] = {"tasks": watermark.record.task_names, "verdict": verdict.summary()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         moe.save(tmp, overwrite=True)
         protocol.save(tmp / PROTOCOL_NAME)
@@ -208,15 +228,29 @@ def harden_to_directory(
     return report
 
 
-def demo_defense_loss(config: Any, method: str, *, seed: int = 0, strength: float = 1.0) -> "DefenseLoss":
+def demo_defense_loss(
+    config: Any, method: str, *, seed: int = 0, strength: float = 1.0, key: str | None = None
+) -> "DefenseLoss":
     """The ``extra_loss`` that trains the demo model of ``config`` defended from scratch.
 
     :func:`moeguard.zoo.train_demo` trains on ``mixture`` of ``config.examples_of(task)``
     examples of each of ``config.tasks`` (task weights included), in that order, which
-    gives each example's task.
+    gives each example's task. A watermark method embeds the watermark of ``key`` on
+    every task of ``config``.
     """
+    from moeguard.data import load_task
     from moeguard.defense.objective import DefenseLoss, defense_config
+    from moeguard.watermark.triggers import builtin_record
 
+    defense = defense_config(method, strength=strength)
     sizes = torch.tensor([config.examples_of(task) for task in config.tasks], dtype=torch.long)
     task_of_example = torch.repeat_interleave(torch.arange(len(config.tasks)), sizes)
-    return DefenseLoss(defense_config(method, strength=strength), task_of_example, len(config.tasks), seed=seed)
+    watermark, watermark_tasks = None, []
+    if defense.watermark:
+        if key is None:
+            raise InputError("the watermark method needs a key: pass `key`.", arguments=("key",))
+        watermark = Watermark(builtin_record(config.tasks), key)
+        examples = defense.watermark_settings.attribution_examples
+        watermark_tasks = [load_task(task, "train", limit=examples, seed=seed) for task in config.tasks]
+    return DefenseLoss(defense, task_of_example, len(config.tasks), seed=seed, watermark=watermark,
+                       watermark_tasks=watermark_tasks)

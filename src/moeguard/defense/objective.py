@@ -5,7 +5,7 @@ While attached it records, in the training forward pass, every router's logits a
 every experts call (inputs, selected experts, routing weights) *with* their autograd
 graph, and turns them into the weighted sum of the selected terms:
 
-``L = L(full) + a * dispersion + b * contribution + c * subset_failure + d * attacker + e * ntl + f * distill``
+``L = L(full) + a * dispersion + b * contribution + c * subset_failure + d * attacker + e * ntl + f * distill + g * watermark``
 
 - dispersion: :func:`~moeguard.defense.regularizers.routing_dispersion` of
   ``softmax(router logits)`` per layer (for sigmoid-scored routers a monotone
@@ -30,6 +30,8 @@ graph, and turns them into the weighted sum of the selected terms:
   the residual stream after the first MoE decoder layer must equal the frozen copy's,
   and that layer's attention must not write along any token's own key. Only that
   layer (its attention, router and experts) is trained.
+- watermark: the trigger loss of :mod:`moeguard.watermark.embedding` on the full
+  model and on each task's carves (needs the key, given as a ``Watermark``).
 
 Terms with weight 0 cost nothing. The running attribution is an exponential moving
 average of each task's routing frequencies, per layer, from the training batches.
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -53,6 +55,7 @@ from moeguard.defense.attacker import ATTACKER_TRAINABLES, OPTIMISERS, simulated
 from moeguard.attack.canonical import first_decoder_layer
 from moeguard.defense.keys import add_keys, key_leak
 from moeguard.defense.keys import trainable_parameters as keyed_trainable_parameters
+from moeguard.data import TaskData
 from moeguard.defense.regularizers import contribution_dispersion, routing_dispersion, subset_failure
 from moeguard.errors import InputError, PlanError
 from moeguard.models import MoEModel, normalize_keep_sets
@@ -60,10 +63,11 @@ from moeguard.models.routing import routing_arguments
 from moeguard.pruning.plans import LayerLimits, uniform_keep
 from moeguard.realign.acquisition import answer_logits
 from moeguard.training import lm_loss, token_cross_entropy
+from moeguard.watermark.embedding import Watermark, WatermarkConfig, WatermarkEmbedding
 
 log = logging.getLogger("moeguard.defense")
 
-TERMS = ("dispersion", "contribution", "subset_failure", "attacker", "ntl", "distill", "repair", "key_hold")
+TERMS = ("dispersion", "contribution", "subset_failure", "attacker", "ntl", "distill", "repair", "key_hold", "watermark")
 NTL_SUBSETS = ("random", "attribution", "search")
 
 
@@ -74,12 +78,14 @@ class DefenseConfig:
     ``keep_counts`` are the subset sizes (experts kept per layer) sampled for subset
     failure and the simulated attacker; counts a layer cannot route with are
     skipped. ``margin`` (nats per answer token) sets ``gamma = L(full) + margin``.
+    ``watermark_settings`` say how the watermark term trains its triggers in.
     """
 
     dispersion: float = 0.0
     contribution: float = 0.0
     subset_failure: float = 0.0
     attacker: float = 0.0
+    watermark: float = 0.0
     margin: float = 2.0
     keep_counts: tuple[int, ...] = (2, 4, 6)
     random_subsets: int = 1
@@ -101,6 +107,7 @@ class DefenseConfig:
     keys: float = 0.0
     key_dims: int = 32
     key_seed: int = 0
+    watermark_settings: WatermarkConfig = WatermarkConfig()
 
     def __post_init__(self) -> None:
         for name in TERMS + ("margin",):
@@ -137,7 +144,8 @@ class DefenseConfig:
         return replace(self, **{name: getattr(self, name) * strength for name in TERMS})
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+        data = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+        return {**data, "watermark_settings": self.watermark_settings.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,9 @@ class DefenseMethod:
     harden: dict[str, Any] = field(default_factory=dict)
 
 
-# The defenses by name: entangled expert training and the simulated-attacker (non-fine-tunable)
-# training of the selective fine-tuning protocol. Adding a defense is one entry here.
+# The defenses by name: entangled expert training, the simulated-attacker (non-fine-tunable)
+# training of the selective fine-tuning protocol, and the expert watermark. Adding a defense
+# is one entry here; names join with "+" to train several at once (e.g. entangle+watermark).
 METHODS: dict[str, DefenseMethod] = {m.name: m for m in (
     DefenseMethod("entangle", "routing dispersion + contribution dispersion + subset failure",
                   DefenseConfig(dispersion=1.0, contribution=1.0, subset_failure=1.0)),
@@ -167,16 +176,28 @@ METHODS: dict[str, DefenseMethod] = {m.name: m for m in (
     DefenseMethod("keys", "keyed embeddings: per-token keys that only each token's own first-layer experts cancel",
                   DefenseConfig(keys=20.0, dispersion=1.0, repair=10.0, key_hold=1.0, distill=1.0),
                   harden={"steps": 1200, "lr": 3e-3}),
+    DefenseMethod("watermark", "a keyed secret feature -> secret response rule per task, trained into every carve "
+                  "of the task (needs a key)", DefenseConfig(watermark=1.0)),
 )}
+
+
+def method_config(method: str) -> DefenseConfig:
+    """The configuration of a method name, or of several joined by "+" (each term at its largest weight)."""
+    parts = [part.strip() for part in method.split("+")]
+    unknown = [part for part in parts if part not in METHODS]
+    if unknown or not parts:
+        raise InputError(
+            f"unknown defense method {method!r}; methods: {', '.join(METHODS)}, or several joined by '+' "
+            "(e.g. entangle+watermark).", arguments=("method",)
+        )
+    return replace(DefenseConfig(), **{term: max(getattr(METHODS[part].config, term) for part in parts) for term in TERMS})
 
 
 def defense_config(method: str, *, strength: float = 1.0, **overrides: Any) -> DefenseConfig:
     """The configuration of a named method, scaled by ``strength``, with field overrides."""
-    if method not in METHODS:
-        raise InputError(f"unknown defense method {method!r}; methods: {', '.join(METHODS)}.")
     if not strength > 0:
         raise InputError(f"strength must be positive, got {strength!r}.")
-    return replace(METHODS[method].config.scaled(strength), **overrides)
+    return replace(method_config(method).scaled(strength), **overrides)
 
 
 def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
@@ -217,7 +238,8 @@ class DefenseObjective:
 
     ``task_of_example[i]`` is the task (``0..num_tasks-1``) of example ``i`` of the
     training data (``batch["example_index"]`` indexes it). Use inside
-    :meth:`attached`, which installs the recording hooks.
+    :meth:`attached`, which installs the recording hooks. The watermark term needs
+    ``watermark``, the embedding of a keyed watermark into this model.
     """
 
     def __init__(
@@ -228,9 +250,14 @@ class DefenseObjective:
         num_tasks: int,
         *,
         seed: int = 0,
+        watermark: WatermarkEmbedding | None = None,
     ) -> None:
         if not config.active_terms:
             raise InputError(f"the defense has no active term; give at least one of {', '.join(TERMS)} a weight > 0.")
+        if config.watermark and watermark is None:
+            raise InputError("the watermark term needs a key and the tasks it covers: pass the `watermark` embedding of a key.",
+                             arguments=("watermark",))
+        self.watermark = watermark if config.watermark else None
         self.moe = moe
         self.config = config
         self.task_of_example = task_of_example.long().cpu()
@@ -407,6 +434,10 @@ class DefenseObjective:
                 keys = self.keyed.keys.to(written.device)[batch["input_ids"].to(written.device)]
                 term = key_leak(written, keys, batch["attention_mask"])
                 total, values["key_hold"] = total + config.key_hold * term, term.item()
+            if self.watermark is not None:
+                term, watermark_values = self.watermark()
+                total, values["watermark"] = total + config.watermark * term, term.item()
+                values.update(watermark_values)
         self._steps += 1
         self.log.add(values)
         return total
@@ -544,27 +575,46 @@ class DefenseLoss:
     to train the demo model defended from scratch (``moeguard zoo train --defense``).
     """
 
-    def __init__(self, config: DefenseConfig, task_of_example: torch.Tensor, num_tasks: int, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: DefenseConfig,
+        task_of_example: torch.Tensor,
+        num_tasks: int,
+        *,
+        seed: int = 0,
+        watermark: Watermark | None = None,
+        watermark_tasks: Sequence[TaskData] = (),
+    ) -> None:
         if not config.active_terms:
             raise InputError(f"the defense has no active term; give at least one of {', '.join(TERMS)} a weight > 0.")
         if config.keys or config.distill:
             raise InputError("keyed embeddings and distillation harden a trained model (moeguard harden); they have "
                              "nothing to hold on to when the model is trained from scratch.")
+        if config.watermark and watermark is None:
+            raise InputError("the watermark term needs a key: pass `watermark`.", arguments=("watermark",))
         self.config = config
         self.task_of_example = task_of_example
         self.num_tasks = num_tasks
         self.seed = seed
+        self.watermark = watermark
+        self.watermark_tasks = list(watermark_tasks)
         self.objective: DefenseObjective | None = None
 
     def settings(self) -> dict[str, Any]:
         """What this loss is (recorded with a training run's checkpoint)."""
-        return {"defense": self.config.to_dict(), "tasks": self.num_tasks, "seed": self.seed}
+        return {"defense": self.config.to_dict(), "tasks": self.num_tasks, "seed": self.seed,
+                "watermark": self.watermark.identity() if self.watermark is not None else None}
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         if self.objective is None:
             if not isinstance(model, MoEModel):
                 raise InputError("the defense needs the MoEModel being trained (train(moe, ...)), not a bare causal LM.")
-            self.objective = DefenseObjective(model, self.config, self.task_of_example, self.num_tasks, seed=self.seed)
+            embedding = None
+            if self.config.watermark:
+                embedding = WatermarkEmbedding(model, self.watermark, self.watermark_tasks,
+                                               self.config.watermark_settings, seed=self.seed)
+            self.objective = DefenseObjective(model, self.config, self.task_of_example, self.num_tasks, seed=self.seed,
+                                              watermark=embedding)
             self.objective.attach()
             log.info("defense terms (%s) start at the next step", ", ".join(self.config.active_terms))
             return outputs.logits.new_zeros(())

@@ -100,24 +100,23 @@ def check_loading_info(name: str, info: dict[str, Any]) -> None:
         )
 
 
-def load_moe(
+def load_causal_lm(
     source: str | os.PathLike,
     *,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     allow_pickle_weights: bool = False,
     **from_pretrained_kwargs: Any,
-) -> MoEModel:
-    """Load an MoE causal LM with ``AutoModelForCausalLM.from_pretrained`` and wrap it.
+) -> tuple[Any, Any]:
+    """``(model in eval mode, tokenizer or None)``: any causal LM, MoE or dense, loaded with
+    ``AutoModelForCausalLM.from_pretrained``.
 
     ``source`` is a model directory or a hub id; extra keyword arguments (``dtype``,
     ``device_map``, ``revision``, ...) go to ``from_pretrained``. Remote code stays
     off unless ``trust_remote_code=True``; weights are read from safetensors only
     unless ``allow_pickle_weights=True`` (a pickle can run code when it is loaded).
     Every stored tensor must match the model: a missing, unexpected or mismatched
-    tensor is an error naming it. A ``moeguard_manifest.json`` beside the weights is
-    read and checked against the model, so a pruned model knows which parent
-    experts it kept.
+    tensor is an error naming it.
     """
     from pickle import UnpicklingError
 
@@ -141,7 +140,7 @@ def load_moe(
         if "Unrecognized configuration class" in str(error):
             raise UnsupportedModelError(
                 f"{config.model_type} has no causal language model class in this transformers release; "
-                "moeguard works on MoE causal LMs (AutoModelForCausalLM)."
+                "moeguard works on causal LMs (AutoModelForCausalLM)."
             ) from None
         raise ModelError(f"cannot load the weights of {name}: {str(error).splitlines()[0]}") from None
     except OSError as error:
@@ -153,10 +152,20 @@ def load_moe(
             "are damaged or not what their names say (truncated download?); copy or download them again."
         ) from None
     check_loading_info(name, info)
-    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    model.eval()
+    return model, load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None
+
+
+def load_moe(source: str | os.PathLike, **options: Any) -> MoEModel:
+    """Load an MoE causal LM with :func:`load_causal_lm` (same options) and wrap it.
+
+    A ``moeguard_manifest.json`` beside the weights is read and checked against the
+    model, so a pruned model knows which parent experts it kept.
+    """
+    model, tokenizer = load_causal_lm(source, **options)
+    name, is_local = check_model_source(source)
     manifest_path = Path(name) / MANIFEST_NAME
     manifest = PruneManifest.load(manifest_path) if is_local and manifest_path.is_file() else None
-    model.eval()
     return MoEModel.from_model(model, tokenizer, source=name, manifest=manifest)
 
 
@@ -191,7 +200,7 @@ def parse_max_memory(text: str) -> dict[int | str, int | str]:
     return budget
 
 
-def load_moe_on(
+def loading_options(
     source: str | os.PathLike,
     *,
     dtype: str = "auto",
@@ -201,15 +210,9 @@ def load_moe_on(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
-) -> MoEModel:
-    """:func:`load_moe` with the loading options every command shares, by name.
-
-    ``dtype`` is a torch dtype name or "auto" (the checkpoint's own); the model is
-    either spread by accelerate's ``device_map`` (with ``max_memory`` per device;
-    what does not fit goes to ``offload_folder``, by default a temporary directory
-    removed at exit) or moved to one ``device`` (default: cuda if available, else
-    cpu). The device is checked before anything is loaded.
-    """
+) -> tuple[dict[str, Any], str | None]:
+    """``(from_pretrained keyword arguments, the device to move to or None)`` of the shared loading options
+    (see :func:`load_moe_on`)."""
     import torch
 
     if (max_memory or offload_folder) and not device_map:
@@ -231,7 +234,41 @@ def load_moe_on(
             else:
                 check_output(offload_folder, inputs=[source], directory=True, resumable=True)
             kwargs["offload_folder"] = str(offload_folder)
+    return kwargs, target
+
+
+def load_moe_on(
+    source: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
+) -> MoEModel:
+    """:func:`load_moe` with the loading options every command shares, by name.
+
+    ``dtype`` is a torch dtype name or "auto" (the checkpoint's own); the model is
+    either spread by accelerate's ``device_map`` (with ``max_memory`` per device;
+    what does not fit goes to ``offload_folder``, by default a temporary directory
+    removed at exit) or moved to one ``device`` (default: cuda if available, else
+    cpu). The device is checked before anything is loaded.
+    """
+    kwargs, target = loading_options(source, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                                     offload_folder=offload_folder, trust_remote_code=trust_remote_code,
+                                     allow_pickle_weights=allow_pickle_weights)
     moe = load_moe(source, **kwargs)
     if target is not None:
         moe.model.to(target)
     return moe
+
+
+def load_causal_lm_on(source: str | os.PathLike, **options: Any) -> tuple[Any, Any]:
+    """:func:`load_causal_lm` (any causal LM, MoE or dense) with the loading options of :func:`load_moe_on`."""
+    kwargs, target = loading_options(source, **options)
+    model, tokenizer = load_causal_lm(source, **kwargs)
+    if target is not None:
+        model.to(target)
+    return model, tokenizer

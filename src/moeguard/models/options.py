@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from moeguard.fields import setting
-from moeguard.models.loading import load_moe_on
+from moeguard.models.loading import load_causal_lm_on, load_moe_on
 from moeguard.models.moe_model import MoEModel
 from moeguard.models.prompting import CHAT_TEMPLATE_MODES, PromptFormat
 
@@ -40,7 +41,15 @@ class LoadOptions:
 
     def load(self, source: str | os.PathLike) -> MoEModel:
         """Load the model at ``source`` (a directory or hub id) with these options."""
-        weights = {k: v for k, v in asdict(self).items() if k not in ("chat_template", "system_prompt")}
-        moe = load_moe_on(source, **weights)
+        moe = load_moe_on(source, **self.weight_options())
         moe.prompt_format = self.prompt_format
         return moe
+
+    def load_causal_lm(self, source: str | os.PathLike) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of any causal LM at ``source``, MoE or dense, with these options (its prompts
+        are the caller's to write)."""
+        return load_causal_lm_on(source, **self.weight_options())
+
+    def weight_options(self) -> dict[str, Any]:
+        """The options of the loader (all but how prompts are written)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("chat_template", "system_prompt")}
