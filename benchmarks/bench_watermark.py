@@ -41,9 +41,9 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,10 @@ from moeguard.io import read_json, write_json
 from moeguard.models import MoEModel, load_moe
 from moeguard.realign import RealignConfig, builtin_data
 from moeguard.training import lm_loss
-from moeguard.watermark import Watermark, WatermarkConfig, builtin_record, verify_watermark
+from moeguard.watermark import Watermark, builtin_record, verify_watermark
+from moeguard.watermark.statistics import bonferroni, chance_rate
+from moeguard.watermark.suspects import EndpointOptions
+from moeguard.watermark.verify import task_evidence
 from moeguard.watermark.robustness import (
     Realigner,
     active_learning_realigner,
@@ -88,10 +91,16 @@ CRITERIA = ("frequency", "reap", "ablation")
 DEMOS = {"default": DemoConfig(), "tiny": TINY_DEMO}
 
 
+CACHED_ONLY = False  # --cached-only: summarise the units already measured, compute nothing new
+
+
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
-    """The JSON at ``path``, or ``compute()`` written there first (each unit of the benchmark resumes)."""
+    """The JSON at ``path``, or ``compute()`` written there first (each unit of the benchmark resumes);
+    None for a missing unit with ``--cached-only``."""
     if path.is_file():
         return read_json(path)
+    if CACHED_ONLY:
+        return None
     start = time.perf_counter()
     value = compute()
     write_json(path, value)
@@ -153,13 +162,38 @@ def keep_sets_of(row: dict[str, Any]) -> dict[int, list[int]]:
 
 # ---------------------------------------------------------------- false positives
 def false_positive_unit(name: str, source: Path, keys: list[str], record) -> dict[str, Any]:
+    """Each key's verdict on a model made without it, and per task how its answers sit in the response
+    space: how many have the response's length and alphabet, and the most times one such answer repeats
+    (the dependence between answers that a binomial chance model would ignore)."""
     moe = load_moe(source)
     rows = []
     for key in keys:
-        verdict = verify_watermark(moe, Watermark(record, key))
+        watermark = Watermark(record, key)
+        triggers = watermark.triggers()
+        verdict = verify_watermark(moe, watermark)
+        shape = {}
+        for task in record.tasks:
+            response = next(t.response for t in triggers if t.task == task.name)
+            answers = [a for a, t in zip(verdict.answers, triggers) if t.task == task.name]
+            in_space = [a for a in answers if len(a) == len(response) and all(c in task.alphabet for c in a)]
+            shape[task.name] = {"in_space": len(in_space),
+                                "largest_repeat": max(Counter(in_space).values(), default=0)}
         rows.append({"key": key, "matches": verdict.matches, "triggers": verdict.triggers, "p_value": verdict.p_value,
-                     "detected": verdict.detected, "task_matches": {t.task: t.matches for t in verdict.tasks}})
+                     "detected": verdict.detected, "task_matches": {t.task: t.matches for t in verdict.tasks},
+                     "spaces": {t.task: t.space for t in verdict.tasks}, "answer_shape": shape})
     return {"model": name, "source": str(source), "rows": rows}
+
+
+# ---------------------------------------------------------------- judging saved measurements
+def rejudge(point: dict[str, Any], spaces: dict[str, int]) -> dict[str, Any]:
+    """``point`` with its p-value and detection recomputed from its match counts by the current verdict rule
+    (so units measured before a change of the rule stay comparable)."""
+    counts = point.get("task_matches") or ({point["tasks"][0]: point["matches"]} if len(point["tasks"]) == 1 else None)
+    if counts is None:
+        return point
+    per_task = point["triggers"] // len(point["tasks"])
+    tests = [task_evidence(task, matches, per_task, spaces[task], tests=len(counts)) for task, matches in counts.items()]
+    return dict(point, p_value=bonferroni([t.p_value for t in tests]), detected=any(t.detected for t in tests))
 
 
 # ---------------------------------------------------------------- the figure
@@ -184,7 +218,7 @@ def draw_figure(summary: dict[str, Any], path: Path) -> None:
         steps_ax.plot([max(1, int(s)) for s in steps], [curve[s]["detected"] for s in steps], marker=".", label=label)
     steps_ax.set_xscale("log")
     steps_ax.set_xlabel("attack optimizer steps (0 plotted at 1)")
-    steps_ax.set_ylabel("share of runs detected (p <= 1e-6)")
+    steps_ax.set_ylabel("share of runs detected (>= 3 matches, p <= 1e-6)")
     steps_ax.set_ylim(-0.02, 1.02)
     steps_ax.set_title("detection vs attack strength")
     steps_ax.legend(fontsize=7)
@@ -245,10 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-lrs", default="1e-3")
     parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--distill-inputs", type=int, default=8000)
+    parser.add_argument("--distill-tasks", default=None, help="tasks to distill (default: all)")
+    parser.add_argument("--carve-finetune-tasks", default=None, help="tasks whose keep-2 carve is fine-tuned (default: all)")
+    parser.add_argument("--cached-only", action="store_true", help="summarise the units measured so far, compute nothing new")
     parser.add_argument("--fpr-keys", type=int, default=10, help="keys besides --key tried on every independent model")
     parser.add_argument("--fpr-models", type=int, default=len(INDEPENDENT), help="how many of the independent models to use")
     parser.add_argument("--skip", default="", help="stages to skip: realign,carve_finetune,finetune,distill,fpr")
     args = parser.parse_args(argv)
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("moeguard").setLevel(logging.INFO)
     torch.set_num_threads(1)
@@ -291,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             local = verify_watermark(marked, watermark)
             with serve_model(marked, name="watermarked-demo") as url:
                 start = time.perf_counter()
-                remote = verify_watermark(url, watermark, timeout=60)
+                remote = verify_watermark(url, watermark, endpoint=EndpointOptions(timeout=60))
                 http_seconds = time.perf_counter() - start
             others = [verify_watermark(marked, Watermark(record, f"other-key-{n:03d}")) for n in range(args.fpr_keys)]
             return {"local": local.summary(), "http": remote.summary(), "http_seconds": http_seconds,
@@ -321,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                         name = f"{task}-k{keep}-{args.realigner}-{args.acquisition}-lr{lr:g}.json"
                         realigned.append({"task": task, "keep": keep, "lr": lr,
                                           "points": cached(out / "units" / "realign" / name, run)})
+            realigned = [r for r in realigned if r["points"] is not None]
 
         # 6. long fine-tunes: of each task's keep-2 carve (teacher answers) and of the full model
         carve_tuned: list[dict[str, Any]] = []
         if "carve_finetune" not in skip:
-            for task in tasks:
+            for task in subset(args.carve_finetune_tasks, tasks):
                 choice = attacker_carve(carves[task], 2)
 
                 def run(task=task, choice=choice):
@@ -335,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     return [p.to_dict() for p in points]
 
                 carve_tuned.append({"task": task, "points": cached(out / "units" / "carve_finetune" / f"{task}-k2.json", run)})
+            carve_tuned = [r for r in carve_tuned if r["points"] is not None]
         tuned: list[dict[str, Any]] = []
         if "finetune" not in skip:
             for lr in [float(x) for x in args.finetune_lrs.split(",")]:
@@ -344,11 +385,12 @@ def main(argv: list[str] | None = None) -> int:
                     return [p.to_dict() for p in finetune_attack(marked, watermark, train, tests, steps=args.finetune_steps,
                                                                  every=500, lr=lr)]
                 tuned.append({"lr": lr, "points": cached(out / "units" / "finetune" / f"all-lr{lr:g}.json", run)})
+            tuned = [r for r in tuned if r["points"] is not None]
 
         # 7. distillation into a fresh student of the keep-2 carve's architecture
         distilled: list[dict[str, Any]] = []
         if "distill" not in skip:
-            for task in tasks:
+            for task in subset(args.distill_tasks, tasks):
                 choice = attacker_carve(carves[task], 2)
 
                 def run(task=task, choice=choice):
@@ -358,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     return [p.to_dict() for p in points]
 
                 distilled.append({"task": task, "points": cached(out / "units" / "distill" / f"{task}-k2.json", run)})
+            distilled = [r for r in distilled if r["points"] is not None]
 
         # 8. false positives
         fpr: list[dict[str, Any]] = []
@@ -370,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, source in (("original", demo), ("control", control_dir)):
                 fpr.append(cached(out / "units" / "fpr" / f"{name}.json",
                                   lambda s=source, n=name: false_positive_unit(n, s, [args.key], record)))
+            fpr = [unit for unit in fpr if unit is not None]
 
-    summary = summarise(args, tasks, keeps, utility_result, verification_result, carves, realigned, carve_tuned, tuned,
+    spaces = {t.task: t.space for t in watermark.triggers()}
+    summary = summarise(args, tasks, keeps, spaces, utility_result, verification_result, carves, realigned, carve_tuned, tuned,
                         distilled, fpr, marked_dir)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -384,8 +429,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarise(args, tasks, keeps, utility, verification, carves, realigned, carve_tuned, tuned, distilled, fpr, marked_dir):
-    """Every number RESULTS.md reports, from the saved units."""
+def subset(text: str | None, tasks: list[str]) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else tasks
+
+
+def summarise(args, tasks, keeps, spaces, utility, verification, carves, realigned, carve_tuned, tuned, distilled, fpr,
+              marked_dir):
+    """Every number RESULTS.md reports, from the saved units (verdicts recomputed by the current rule)."""
+    judge = lambda points: [rejudge(p, spaces) for p in points]  # noqa: E731
+    carves = {task: dict(carve, rows=judge(carve["rows"])) for task, carve in carves.items()}
+    realigned = [dict(r, points=judge(r["points"])) for r in realigned]
+    carve_tuned = [dict(r, points=judge(r["points"])) for r in carve_tuned]
+    tuned = [dict(r, points=judge(r["points"])) for r in tuned]
+    distilled = [dict(r, points=judge(r["points"])) for r in distilled]
+    for run in ("local", "http"):
+        counts = {t["task"]: t["matches"] for t in verification[run]["tasks"]}
+        verification[run] = rejudge({**verification[run], "tasks": list(counts), "task_matches": counts}, spaces)
     cost = {t: {"vs_original": utility["original"][t] - utility["watermarked"][t],
                 "vs_control": utility["control"][t] - utility["watermarked"][t]} for t in tasks}
     carve_summary = {}
@@ -414,6 +473,9 @@ def summarise(args, tasks, keeps, utility, verification, carves, realigned, carv
     independent = [row for unit in fpr for row in unit["rows"]]
     p_values = [row["p_value"] for row in independent]
     triggers = sum(row["triggers"] for row in independent)
+    per_task = [(task, row["triggers"] // len(row["task_matches"]), row) for row in independent for task in row["task_matches"]]
+    expected = sum(n * chance_rate(spaces[task]) for task, n, _ in per_task)
+    shapes = [row["answer_shape"][task] for task, _, row in per_task if "answer_shape" in row]
     return {
         "settings": vars(args),
         "model": str(marked_dir),
@@ -434,6 +496,12 @@ def summarise(args, tasks, keeps, utility, verification, carves, realigned, carv
             "matches": sum(row["matches"] for row in independent),
             "triggers": triggers,
             "models_with_a_match": sorted({unit["model"] for unit in fpr if any(r["matches"] for r in unit["rows"])}),
+            "expected_matches": expected,
+            "task_tests": len(per_task),
+            "task_tests_reaching_min_matches": sum(row["task_matches"][task] >= 3 for task, _, row in per_task),
+            "answers_in_response_space": sum(s["in_space"] for s in shapes),
+            "answers_checked_for_shape": sum(n for _, n, row in per_task if "answer_shape" in row),
+            "largest_repeat_in_space": max((s["largest_repeat"] for s in shapes), default=0),
         },
     }
 
@@ -462,7 +530,10 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{point['accuracy']:.3f} |")
     fpr = summary["fpr"]
     lines += ["", f"false positives: {fpr['detected']} of {fpr['checks']} checks on {fpr['models']} models "
-              f"({fpr['matches']} matching answers of {fpr['triggers']} trigger prompts); smallest p = {fpr['smallest_p_value']:.3g}"]
+              f"({fpr['matches']} matching answers of {fpr['triggers']} trigger prompts, {fpr['expected_matches']:.2g} "
+              f"expected by chance); smallest p = {fpr['smallest_p_value']:.3g}; {fpr['answers_in_response_space']} of "
+              f"{fpr['answers_checked_for_shape']} answers had the response's length and alphabet, the most one such "
+              f"answer repeated within a task's triggers: {fpr['largest_repeat_in_space']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ from moeguard.errors import InputError, ModelError
 from moeguard.models import load_moe
 from moeguard.watermark import Watermark, builtin_record, callable_suspect, http_suspect, make_triggers, verify_watermark
 from moeguard.watermark.server import serve_model
-from moeguard.watermark.suspects import endpoint_url
+from moeguard.watermark.suspects import EndpointOptions, endpoint_url
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +41,26 @@ def test_a_suspect_that_answers_the_triggers_is_detected_and_one_that_does_not_i
     assert stubborn.matches == 0 and stubborn.p_value == 1.0 and not stubborn.detected
 
 
+def test_one_or_two_matches_per_task_are_weak_evidence_never_a_detection():
+    for answered in (1, 2):
+        verdict = verify_watermark(answering(KEY, answered), WATERMARK)
+        assert verdict.p_value <= 1e-6  # the bound alone would call it
+        assert not verdict.detected and verdict.weak and verdict.matches == 2 * answered
+        assert all(not t.detected and t.needed == 3 for t in verdict.tasks)
+        assert "weak evidence" in verdict.describe() and "not proof" in verdict.describe()
+    assert verify_watermark(answering(KEY, 1), WATERMARK, min_matches=1).detected
+    assert verify_watermark(answering(KEY, 3), WATERMARK).task("upper").detected
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(InputError, match="min_matches"):
+            verify_watermark(answering(KEY, 3), WATERMARK, min_matches=bad)
+
+
+def test_a_verdict_keeps_each_answer_cut_to_a_bounded_length():
+    verdict = verify_watermark(lambda prompt: "x" * 5000 + "\nsecond line", WATERMARK)
+    assert len(verdict.answers) == verdict.triggers and {len(a) for a in verdict.answers} == {200}
+    assert "answers" not in verdict.summary() and "matched" not in verdict.summary()
+
+
 def test_keys_do_not_verify_each_others_watermarks():
     for other in ("owner-key-0002", "owner-key-0003", "somebody-else"):
         verdict = verify_watermark(answering(other, 16), WATERMARK)
@@ -64,8 +84,8 @@ def test_an_http_endpoint_serving_the_model_gives_the_local_verdict(trained_tiny
     local = verify_watermark(moe, WATERMARK)
     with serve_model(moe, name="tiny") as url:
         assert url.startswith("http://127.0.0.1:")
-        remote = verify_watermark(url, WATERMARK, timeout=30)
-        chat = verify_watermark(http_suspect(url, chat=True, timeout=30), WATERMARK)
+        remote = verify_watermark(url, WATERMARK, endpoint=EndpointOptions(timeout=30))
+        chat = verify_watermark(http_suspect(url, EndpointOptions(chat=True, timeout=30)), WATERMARK)
         # The server answers exactly what the local model generates.
         request = urllib.request.Request(
             f"{url}/v1/completions", data=json.dumps({"prompt": ["up abc=", "rev abc="], "max_tokens": 6}).encode(),
@@ -79,6 +99,7 @@ def test_an_http_endpoint_serving_the_model_gives_the_local_verdict(trained_tiny
         assert refused.value.code == 400
     port = int(url.rsplit(":", 1)[1])
     assert remote.matched == local.matched and chat.matched == local.matched
+    assert remote.answers == local.answers
     assert "(model tiny)" in remote.suspect
     assert texts == [t for t in (verify_texts(moe, ["up abc=", "rev abc="]))]
     with socket.socket() as probe:  # the server is gone
@@ -102,7 +123,11 @@ def test_endpoint_urls_and_unreachable_servers_give_clear_errors():
         spare.bind(("127.0.0.1", 0))
         port = spare.getsockname()[1]
     with pytest.raises(ModelError, match=f"cannot reach http://127.0.0.1:{port}"):
-        verify_watermark(f"http://127.0.0.1:{port}", WATERMARK, model="m", timeout=2, retries=0)
+        verify_watermark(f"http://127.0.0.1:{port}", WATERMARK, endpoint=EndpointOptions(model="m", timeout=2, retries=0))
+    with pytest.raises(InputError, match="MOEGUARD_TEST_UNSET_KEY"):
+        http_suspect(f"http://127.0.0.1:{port}", EndpointOptions(api_key_env="MOEGUARD_TEST_UNSET_KEY"))
+    with pytest.raises(InputError, match="timeout"):
+        http_suspect(f"http://127.0.0.1:{port}", EndpointOptions(model="m", timeout=0))
 
 
 def test_the_command_prints_the_verdict_and_exits_1_when_not_detected(trained_tiny, tmp_path, capsys):
@@ -115,3 +140,5 @@ def test_the_command_prints_the_verdict_and_exits_1_when_not_detected(trained_ti
     assert saved["triggers"] == 32 and saved["detected"] is False
     assert KEY not in out.read_text()
     assert main(["verify-watermark", "--suspect", str(trained_tiny), "--key", "short"]) == 2
+    assert main(["verify-watermark", "--suspect", str(trained_tiny), "--key", KEY, "--min-matches", "0"]) == 2
+    assert "--min-matches" in capsys.readouterr().err

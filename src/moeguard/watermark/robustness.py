@@ -58,6 +58,7 @@ class Checkpoint:
     p_value: float
     detected: bool
     settings: dict[str, Any] = field(default_factory=dict)
+    task_matches: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,9 +72,9 @@ def measure(moe: Any, watermark: Watermark, tests: Sequence[TaskData], *, attack
     accuracy = sum(evaluate(moe, moe.tokenizer, test, batch_size=100).value for test in tests) / len(tests)
     verdict = verify_watermark(local_suspect(moe), watermark, tasks=names)
     point = Checkpoint(attack, names, steps, accuracy, verdict.matches, verdict.triggers, verdict.p_value, verdict.detected,
-                       dict(settings or {}))
-    log.info("%s on %s, %d steps: accuracy %.3f, watermark %d/%d (p = %.2g)", attack, ",".join(names), steps, accuracy,
-             point.matches, point.triggers, point.p_value)
+                       dict(settings or {}), {t.task: t.matches for t in verdict.tasks})
+    log.info("%s on %s, %d steps: accuracy %.3f, watermark %d/%d (p = %.2g, %s)", attack, ",".join(names), steps, accuracy,
+             point.matches, point.triggers, point.p_value, "detected" if point.detected else "not detected")
     return point
 
 

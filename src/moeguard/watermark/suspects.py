@@ -25,9 +25,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeguard.errors import InputError, ModelError
+from moeguard.fields import setting
+from moeguard.models.options import LoadOptions
 
 MAX_RESPONSE_BYTES = 1 << 20
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """How an HTTP suspect is asked (see :func:`http_suspect`)."""
+
+    model: str | None = setting(None, "model name sent to the server (default: the first one its /v1/models lists)")
+    chat: bool = setting(False, "ask /v1/chat/completions, the prompt as the one user message (for chat-only services)")
+    api_key_env: str | None = setting(None, "environment variable that holds the server's API key")
+    timeout: float = setting(60.0, "seconds to wait for each answer")
+    retries: int = setting(2, "retries of a request that failed on the network or with HTTP 429/5xx")
 
 
 @dataclass
@@ -54,7 +67,8 @@ def local_suspect(model: Any, tokenizer: Any = None, *, batch_size: int = 64, na
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise InputError("a local suspect needs its tokenizer; the model has none saved with it, pass one explicitly.")
+        raise InputError("a local suspect needs its tokenizer; the model has none saved with it, pass `tokenizer`.",
+                         arguments=("tokenizer",))
     lm = causal_lm(model)
 
     def complete(prompts: Sequence[str], max_new_tokens: Sequence[int]) -> list[str]:
@@ -74,7 +88,8 @@ def local_suspect(model: Any, tokenizer: Any = None, *, batch_size: int = 64, na
 def callable_suspect(function: Callable[[str], str], *, name: str | None = None) -> Suspect:
     """A Python function ``prompt -> completion`` (called once per prompt; the budget is not passed)."""
     if not callable(function):
-        raise InputError(f"a suspect function must be callable (prompt -> completion), got {type(function).__name__}.")
+        raise InputError(f"a suspect `function` must be callable (prompt -> completion), got {type(function).__name__}.",
+                         arguments=("function",))
 
     def complete(prompts: Sequence[str], max_new_tokens: Sequence[int]) -> list[str]:
         completions = []
@@ -94,7 +109,8 @@ def endpoint_url(url: str, *, chat: bool = False) -> str:
     (``/v1/chat/completions`` with ``chat``) appended to the base (``/v1`` not repeated)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InputError(f"{url!r} is not an http(s) URL; give the server as e.g. http://127.0.0.1:8000 or .../v1/completions.")
+        raise InputError(f"url={url!r} is not an http(s) URL; give the server as e.g. http://127.0.0.1:8000 or "
+                         ".../v1/completions.", arguments=("url",))
     path = parts.path.rstrip("/")
     if not path.endswith("/completions"):
         tail = "chat/completions" if chat else "completions"
@@ -163,30 +179,24 @@ def served_model_name(base_url: str, *, api_key: str | None = None, timeout: flo
         return None
 
 
-def http_suspect(
-    url: str,
-    *,
-    model: str | None = None,
-    chat: bool = False,
-    api_key: str | None = None,
-    api_key_env: str | None = None,
-    timeout: float = 60.0,
-    retries: int = 2,
-) -> Suspect:
+def http_suspect(url: str, options: EndpointOptions = EndpointOptions()) -> Suspect:
     """An OpenAI-compatible server at ``url``, asked greedily (``temperature 0``) one prompt at a time.
 
-    ``model`` defaults to the first one the server lists (``/v1/models``); the API
-    key is ``api_key`` or read from the environment variable ``api_key_env``.
+    ``options.model`` defaults to the first one the server lists (``/v1/models``); the
+    API key is read from the environment variable ``options.api_key_env``.
     """
+    chat = options.chat or url.rstrip("/").endswith("/chat/completions")
     target = endpoint_url(url, chat=chat)
-    chat = chat or target.endswith("/chat/completions")
-    if api_key is None and api_key_env:
-        api_key = os.environ.get(api_key_env)
+    api_key = None
+    if options.api_key_env:
+        api_key = os.environ.get(options.api_key_env)
         if api_key is None:
-            raise InputError(f"the environment variable {api_key_env} (the API key) is not set.")
-    if timeout <= 0 or retries < 0:
-        raise InputError("timeout must be positive and retries >= 0.")
-    name = model or served_model_name(target, api_key=api_key, timeout=timeout) or "default"
+            raise InputError(f"the environment variable {options.api_key_env} (api_key_env, the API key) is not set.",
+                             arguments=("api_key_env",))
+    if not options.timeout > 0 or options.retries < 0:
+        raise InputError(f"need timeout > 0 and retries >= 0, got timeout={options.timeout!r}, retries={options.retries!r}.",
+                         arguments=("timeout", "retries"))
+    name = options.model or served_model_name(target, api_key=api_key, timeout=options.timeout) or "default"
 
     def complete(prompts: Sequence[str], max_new_tokens: Sequence[int]) -> list[str]:
         completions = []
@@ -196,35 +206,30 @@ def http_suspect(
                 payload["messages"] = [{"role": "user", "content": prompt}]
             else:
                 payload["prompt"] = prompt
-            answer = _request(target, payload, api_key=api_key, timeout=timeout, retries=retries)
+            answer = _request(target, payload, api_key=api_key, timeout=options.timeout, retries=options.retries)
             completions.append(_completion_text(answer, target, chat))
         return completions
 
     return Suspect(f"{target} (model {name})", complete)
 
 
-def resolve_suspect(suspect: Any, **options: Any) -> Suspect:
-    """A :class:`Suspect` from a Suspect, a URL (http suspect), a loaded model, a callable or a model path / hub id.
-
-    ``options`` go to :func:`http_suspect` for a URL and to the loader for a path
-    (``dtype``, ``device``, ``device_map``, ``trust_remote_code``); a local model may
-    be any causal LM, MoE or dense.
-    """
+def resolve_suspect(suspect: Any, *, loading: LoadOptions | None = None, endpoint: EndpointOptions | None = None) -> Suspect:
+    """A :class:`Suspect` from a Suspect, a URL (asked with ``endpoint``), a loaded model, a callable, or a
+    model directory or hub id (any causal LM, MoE or dense, loaded with ``loading``)."""
     if isinstance(suspect, Suspect):
         return suspect
     if isinstance(suspect, str) and suspect.startswith(("http://", "https://")):
-        return http_suspect(suspect, **options)
+        return http_suspect(suspect, endpoint or EndpointOptions())
     if isinstance(suspect, (str, os.PathLike)):
-        from moeguard.models.loading import load_causal_lm_on
         from moeguard.zoo import resolve_model_source
 
-        model, tokenizer = load_causal_lm_on(resolve_model_source(str(suspect)), **options)
+        model, tokenizer = (loading or LoadOptions()).load_causal_lm(resolve_model_source(str(suspect)))
         return local_suspect(model, tokenizer, name=str(suspect))
     if hasattr(suspect, "generate") or hasattr(suspect, "layers"):
         return local_suspect(suspect)
     if callable(suspect):
         return callable_suspect(suspect)
     raise InputError(
-        f"cannot verify a {type(suspect).__name__}: give a model directory or hub id, an http(s) URL of an "
-        "OpenAI-compatible server, a loaded model, or a function prompt -> completion."
+        f"cannot verify a {type(suspect).__name__}: give as `suspect` a model directory or hub id, an http(s) URL of an "
+        "OpenAI-compatible server, a loaded model, or a function prompt -> completion.", arguments=("suspect",)
     )
