@@ -36,6 +36,7 @@ def test_watermark_is_one_defense_entry_that_composes_with_the_others():
     assert "watermark_settings" in method_config("watermark").to_dict()
 
 
+@pytest.mark.slow
 def test_the_watermark_term_reaches_experts_and_routers_alongside_entangling():
     moe = tiny_moe("qwen3_moe", vocab=len(TOKENIZER))
     moe.tokenizer = TOKENIZER
