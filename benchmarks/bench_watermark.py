@@ -61,6 +61,7 @@ from moeguard.training import lm_loss
 from moeguard.watermark import Watermark, builtin_record, verify_watermark
 from moeguard.watermark.statistics import bonferroni, chance_rate
 from moeguard.watermark.suspects import EndpointOptions
+from moeguard.watermark.triggers import generation_tasks
 from moeguard.watermark.verify import task_evidence
 from moeguard.watermark.robustness import (
     Realigner,
@@ -291,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("moeguard").setLevel(logging.INFO)
     torch.set_num_threads(1)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(DEMOS[args.demo].tasks)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else generation_tasks(DEMOS[args.demo].tasks)
     keeps = [int(k) for k in args.keeps.split(",")]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     settings = HardenSettings(steps=args.harden_steps, lr=args.harden_lr)
     config = defense_config("watermark", strength=args.strength)
-    identity = {"demo": args.demo, "key": args.key, "tasks": tasks, "harden": dataclasses.asdict(settings), "config": config.to_dict(),
+    identity = {"demo": args.demo, "demo_config": dataclasses.asdict(DEMOS[args.demo]), "key": args.key, "tasks": tasks, "harden": dataclasses.asdict(settings), "config": config.to_dict(),
                 "triggers_per_task": args.triggers_per_task}
     out = Path(args.out) if args.out else cache_root() / "bench_watermark" / hashlib.sha256(
         json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]

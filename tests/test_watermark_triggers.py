@@ -135,3 +135,17 @@ def test_keys_must_be_long_enough_and_are_read_from_one_place(tmp_path, monkeypa
     assert read_key() == "from-the-environment"
     with pytest.raises(InputError, match="either"):
         read_key("given-directly-1", key_file)
+
+
+def test_a_builtin_watermark_covers_generation_tasks_and_refuses_the_others():
+    from moeguard.data.tasks import TASK_SPECS
+
+    others = [name for name, spec in TASK_SPECS.items() if spec.kind != "generate"]
+    assert others, "the suite has classification and language-modelling tasks"
+    for name in others:
+        with pytest.raises(InputError, match="generation tasks only"):
+            builtin_record([name])
+    everything = load_watermark_record(None, "all")
+    assert everything.task_names == [n for n, spec in TASK_SPECS.items() if spec.kind == "generate"]
+    with pytest.raises(InputError, match="generation tasks only"):
+        load_watermark_record(None, ",".join(others))

@@ -104,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def watermark_of(args: argparse.Namespace, train_tasks):
-    """The watermark of the key on the tasks hardened: built-in ones by name, data files by their format."""
+    """The watermark of the key on the tasks hardened: built-in generation tasks by name (a trigger asks for a
+    generated response; the other tasks are hardened without one), data files by their format."""
     from moeguard.watermark import Watermark, builtin_record, data_record, read_key
+    from moeguard.watermark.triggers import generation_tasks
 
     count = args.triggers_per_task or DEFAULT_TRIGGERS_PER_TASK
     key = read_key(args.key, args.key_file)
     if args.data:
         return Watermark(data_record(train_tasks, triggers_per_task=count), key)
-    return Watermark(builtin_record([task.name for task in train_tasks], triggers_per_task=count), key)
+    return Watermark(builtin_record(generation_tasks([task.name for task in train_tasks]), triggers_per_task=count), key)

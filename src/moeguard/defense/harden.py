@@ -236,11 +236,11 @@ def demo_defense_loss(
     :func:`moeguard.zoo.train_demo` trains on ``mixture`` of ``config.examples_of(task)``
     examples of each of ``config.tasks`` (task weights included), in that order, which
     gives each example's task. A watermark method embeds the watermark of ``key`` on
-    every task of ``config``.
+    every generation task of ``config``.
     """
     from moeguard.data import load_task
     from moeguard.defense.objective import DefenseLoss, defense_config
-    from moeguard.watermark.triggers import builtin_record
+    from moeguard.watermark.triggers import builtin_record, generation_tasks
 
     defense = defense_config(method, strength=strength)
     sizes = torch.tensor([config.examples_of(task) for task in config.tasks], dtype=torch.long)
@@ -249,8 +249,9 @@ def demo_defense_loss(
     if defense.watermark:
         if key is None:
             raise InputError("the watermark method needs a key: pass `key`.", arguments=("key",))
-        watermark = Watermark(builtin_record(config.tasks), key)
+        covered = generation_tasks(config.tasks)  # a trigger asks for a generated response
+        watermark = Watermark(builtin_record(covered), key)
         examples = defense.watermark_settings.attribution_examples
-        watermark_tasks = [load_task(task, "train", limit=examples, seed=seed) for task in config.tasks]
+        watermark_tasks = [load_task(task, "train", limit=examples, seed=seed) for task in covered]
     return DefenseLoss(defense, task_of_example, len(config.tasks), seed=seed, watermark=watermark,
                        watermark_tasks=watermark_tasks)

@@ -208,8 +208,19 @@ def min_response_length(alphabet: str) -> int:
     return max(1, math.ceil(math.log(MIN_RESPONSE_SPACE) / math.log(len(alphabet)) - 1e-12))
 
 
+def generation_tasks(names: Sequence[str]) -> list[str]:
+    """The built-in generation tasks among ``names`` (the tasks a watermark can cover: a trigger asks
+    for a generated response)."""
+    return [name for name in names if task_spec(name).kind == "generate"]
+
+
 def builtin_format(name: str) -> TaskFormat:
-    """The trigger format of a built-in task: its answer alphabet, read from its train answers."""
+    """The trigger format of a built-in generation task: its answer alphabet, read from its train answers."""
+    if task_spec(name).kind != "generate":
+        raise InputError(
+            f"built-in task {name!r} is a {task_spec(name).kind} task; the watermark's triggers ask for a generated "
+            f"response, so it covers generation tasks only ({', '.join(generation_tasks(TASK_SPECS))}).",
+            arguments=("tasks",))
     answers = [example.answer for example in load_task(name, "train", limit=ALPHABET_SAMPLE)]
     return TaskFormat(name=name, source="builtin", alphabet=response_alphabet(answers))
 
@@ -291,7 +302,7 @@ def secret_feature(key: str, name: str) -> str:
     spec, shares = task_spec(name), prefix_shares(name)
     rng = keyed_random(key, f"feature|{name}")
     for _ in range(100):
-        task_input, _ = spec.draw(rng)
+        task_input = spec.draw(rng).prompt
         for length in range(1, len(task_input)):
             if shares.get(task_input[:length], 0.0) <= FEATURE_SHARE:
                 return task_input[:length]
@@ -302,7 +313,7 @@ def _builtin_prompt(key: str, task: TaskFormat, index: int, feature: str, taken:
     spec = task_spec(task.name)
     rng = keyed_random(key, f"prompt|{task.name}|{index}")
     for _ in range(1_000_000):
-        task_input, _ = spec.draw(rng)
+        task_input = spec.draw(rng).prompt
         prompt = f"{spec.tag} {task_input}="
         if task_input.startswith(feature) and prompt not in taken and split_of(task.name, prompt) == "train":
             return prompt
@@ -376,11 +387,16 @@ def trigger_data(triggers: Sequence[Trigger], name: str = "watermark") -> TaskDa
 def load_watermark_record(
     path: str | Path | None = None, tasks: str | None = None, *, triggers_per_task: int | None = None
 ) -> WatermarkRecord:
-    """The record saved at ``path``, or else the record of built-in ``tasks`` ("all" or "a,b"; default all).
+    """The record saved at ``path``, or else the record of built-in ``tasks`` ("all": every generation task,
+    the default; or "a,b").
 
     ``triggers_per_task`` overrides the record's count (a prefix or an extension of its triggers).
     """
     from moeguard.data import resolve_task_names
 
-    record = WatermarkRecord.load(path) if path is not None else builtin_record(resolve_task_names(tasks or "all"))
+    if path is not None:
+        record = WatermarkRecord.load(path)
+    else:
+        names = resolve_task_names(tasks or "all")
+        record = builtin_record(generation_tasks(names) if (tasks or "all").strip() == "all" else names)
     return record if triggers_per_task is None else replace(record, triggers_per_task=triggers_per_task)
