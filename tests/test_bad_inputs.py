@@ -195,6 +195,18 @@ CASES = [
          "is a directory", write("elsewhere/note.txt", "mine")),
     Case("detect onto its parent", f"detect --parent {{ws}}/model --suspect {{ws}}/pruned --out {{ws}}/model {P}",
          "is the input"),
+    Case("verify-watermark onto its suspect", "verify-watermark --suspect {ws}/model --key owner-key-0001 --tasks upper "
+         "--out {ws}/model/config.json", "lies inside the input"),
+    Case("verify-watermark over another file", "verify-watermark --suspect {ws}/model --key owner-key-0001 --tasks upper "
+         "--out {ws}/v.json", "already exists", write("v.json", "{}")),
+    Case("verify-watermark with a short key", "verify-watermark --suspect {ws}/model --key short --tasks upper",
+         "at least 8 characters"),
+    Case("verify-watermark --min-matches 0", "verify-watermark --suspect {ws}/model --key owner-key-0001 --tasks upper "
+         "--min-matches 0", "--min-matches"),
+    Case("verify-watermark on a classification task", "verify-watermark --suspect {ws}/model --key owner-key-0001 "
+         "--tasks topic", "generation tasks only"),
+    Case("verify-watermark with a data file as its record", "verify-watermark --suspect {ws}/model --key owner-key-0001 "
+         "--record {ws}/data.jsonl", "data.jsonl"),
     Case("detect over another file", f"detect --parent {{ws}}/model --suspect {{ws}}/pruned --out {{ws}}/v.json {P}",
          "already exists", write("v.json", "{}")),
     Case("detect figure into the suspect", f"detect --parent {{ws}}/model --suspect {{ws}}/pruned --figure {{ws}}/pruned/f.png {P}",

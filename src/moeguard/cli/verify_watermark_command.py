@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"fewest triggers of one task answered for a detection (default: {DEFAULT_MIN_MATCHES})")
     add_config_arguments(parser, EndpointOptions, flags={"model": "--served-model"})
     parser.add_argument("--out", default=None, help="write the verdict (JSON, no triggers) here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
     parser.set_defaults(run=run)
 
@@ -44,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from moeguard.watermark import Watermark, read_key, verify_watermark
     from moeguard.watermark.triggers import load_watermark_record
 
+    from moeguard.io import check_outputs
+    from moeguard.zoo import local_model_path
+
+    served = args.suspect.startswith(("http://", "https://"))
+    check_outputs([args.out], inputs=[None if served else local_model_path(args.suspect), args.record, args.key_file],
+                  overwrite=args.overwrite)
     key = read_key(args.key, args.key_file)
     record = load_watermark_record(args.record, args.tasks, triggers_per_task=args.triggers_per_task)
     only = parse_list(args.only, what="--only") if args.only else None
