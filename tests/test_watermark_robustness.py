@@ -57,7 +57,9 @@ def test_attacks_report_checkpoints_along_the_way_and_leave_the_model_alone():
     assert [p.steps for p in tuned] == [0, 2, 4] and {p.attack for p in tuned} == {"carve+finetune"}
     assert all(p.triggers == 4 and 0 <= p.accuracy <= 1 for p in tuned)
     distilled = distill_attack(moe, WATERMARK, train_data, test, keep, steps=4, every=4, batch_size=8)
-    assert [p.steps for p in distilled] == [4] and distilled[0].settings["experts"] == 2
+    assert [p.steps for p in distilled] == [0, 4] and distilled[0].settings["experts"] == 2
+    uneven = finetune_attack(moe, WATERMARK, train_data, [test], keep=keep, steps=3, every=2, lr=1e-3, batch_size=8)
+    assert [p.steps for p in uneven] == [0, 2, 3]  # the last step is measured too
 
     reported = []
 
