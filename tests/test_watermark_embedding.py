@@ -31,6 +31,9 @@ def test_watermark_is_one_defense_entry_that_composes_with_the_others():
     combined = method_config("entangle+watermark")
     assert combined.active_terms == ["dispersion", "contribution", "subset_failure", "watermark"]
     assert defense_config("attacker+watermark", strength=0.5).watermark == 0.5
+    keyed = method_config("keys+watermark")  # a method's own settings (not only its term weights) carry over
+    assert keyed.keys == method_config("keys").keys > 0 and keyed.repair == method_config("keys").repair
+    assert keyed.watermark == 1.0 and method_config("ntl+watermark").keep_counts == method_config("ntl").keep_counts
     with pytest.raises(InputError, match="unknown defense method"):
         method_config("entangle+nothing")
     assert "watermark_settings" in method_config("watermark").to_dict()

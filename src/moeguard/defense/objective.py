@@ -43,7 +43,7 @@ import copy
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -190,7 +190,19 @@ def method_config(method: str) -> DefenseConfig:
             f"unknown defense method {method!r}; methods: {', '.join(METHODS)}, or several joined by '+' "
             "(e.g. entangle+watermark).", arguments=("method",)
         )
-    return replace(DefenseConfig(), **{term: max(getattr(METHODS[part].config, term) for part in parts) for term in TERMS})
+    if len(parts) == 1:
+        return METHODS[parts[0]].config
+    # Combined: each term at its largest weight; any other setting as the first method that changes it has it.
+    default, changes = DefenseConfig(), {}
+    for part in parts:
+        config = METHODS[part].config
+        for f in fields(DefenseConfig):
+            value = getattr(config, f.name)
+            if f.name in TERMS:
+                changes[f.name] = max(changes.get(f.name, 0.0), value)
+            elif value != getattr(default, f.name):
+                changes.setdefault(f.name, value)
+    return replace(default, **changes)
 
 
 def defense_config(method: str, *, strength: float = 1.0, **overrides: Any) -> DefenseConfig:
