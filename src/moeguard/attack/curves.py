@@ -7,7 +7,9 @@ given by the seed; with ``loss="logits"`` the teacher's answer-token distributio
 matched as well, and with ``loss="hidden"`` also its every decoder layer's output
 (:class:`moeguard.attack.teacher.Distillation`). Every
 ``evaluate_every`` steps its exact-match accuracy on the test set is measured, and
-training stops at the first evaluation at or above the target (or at ``max_steps``).
+training stops at the first evaluation at or above the target (or at ``max_steps``, or
+at the first evaluation whose training compute reaches ``max_flops``: a run stopped
+there spent at least that much without reaching the target).
 
 Compute per training token is ``6 N_student`` (training) plus ``2 N_teacher`` for
 the teacher's label and, with logits, ``2 N_teacher`` more for its distribution,
@@ -83,10 +85,17 @@ class Curve:
     points: list[CurvePoint] = field(default_factory=list)
     seconds: float = 0.0
     diverged: bool = False  # the loss became non-finite: the curve ends at its last evaluation, not reached
+    max_flops: float | None = None  # training FLOPs after which the run stops (None: only max_steps stops it)
 
     @property
     def final_accuracy(self) -> float:
         return self.points[-1].accuracy
+
+    @property
+    def stopped_by_compute(self) -> bool:
+        """Whether the run ended at its compute cap without reaching the target."""
+        return (self.max_flops is not None and not self.cost().reached
+                and self.points[-1].tokens * self.flops_per_token >= self.max_flops)
 
     def cost(self, target: float | None = None) -> RunCost:
         """The cost to ``target`` (default: the target the run stopped at; a higher one it may not have reached)."""
@@ -139,10 +148,14 @@ def train_curve(
     arm: str = "carve",
     configuration: str = "",
     overhead_flops: float = 0.0,
+    max_flops: float | None = None,
     out: str | Path | None = None,
     progress: bool = False,
 ) -> Curve:
     """Train ``student`` in place on ``data`` until its accuracy on ``test`` reaches ``target`` (see the module docstring).
+
+    ``max_flops`` caps the training compute (``overhead_flops`` not included): the run
+    stops at the first evaluation at or beyond it.
 
     ``out`` (a directory) keeps the run's state: a finished curve is returned as saved,
     an interrupted one resumes. ``teacher`` must not share weights with the student.
@@ -151,10 +164,15 @@ def train_curve(
     schedule.check()
     if not isinstance(max_steps, int) or max_steps < 1:
         raise InputError(f"`max_steps` must be a positive integer, got {max_steps!r}.", arguments=("max_steps",))
-    curve = Curve(arm, configuration, seed, target, max_steps, flops_per_token(student, teacher, loss), overhead_flops)
+    if max_flops is not None and not max_flops > 0:
+        raise InputError(f"`max_flops` must be positive, got {max_flops!r}.", arguments=("max_flops",))
+    curve = Curve(arm, configuration, seed, target, max_steps, flops_per_token(student, teacher, loss), overhead_flops,
+                  max_flops=max_flops)
     run = None
     if out is not None:
-        identity = {"curve": {k: v for k, v in asdict(curve).items() if k not in ("points", "seconds")},
+        # An uncapped run keeps the identity it had before compute caps existed (its saved runs stay valid).
+        unsaved = ("points", "seconds") + (("max_flops",) if max_flops is None else ())
+        identity = {"curve": {k: v for k, v in asdict(curve).items() if k not in unsaved},
                     "lr": lr, "loss": loss, "scope": scope, "schedule": asdict(schedule),
                     "student": student.fingerprint(), "teacher": teacher.fingerprint(),
                     "data": data.source, "examples": len(data), "test": test.source}
@@ -173,7 +191,8 @@ def train_curve(
 
     def on_evaluate(step: int) -> bool:
         evaluated[step] = accuracy(step)
-        return evaluated[step] >= target
+        spent = cumulative[step] * curve.flops_per_token
+        return evaluated[step] >= target or (max_flops is not None and spent >= max_flops)
 
     steps_done = 0
     if evaluated[0] < target:
@@ -202,7 +221,8 @@ def train_curve(
     curve.seconds = time.perf_counter() - start
     cost = curve.cost()
     log.info("%s %s seed %d: %s (accuracy %.3f -> %.3f, target %.3f, %.0fs)", arm, configuration, seed,
-             f"target at step {cost.steps:.0f}" if cost.reached else f"target not reached in {steps_done} steps",
+             f"target at step {cost.steps:.0f}" if cost.reached else f"target not reached in {steps_done} steps"
+             + (" (compute cap)" if curve.stopped_by_compute else ""),
              curve.points[0].accuracy, curve.final_accuracy, target, curve.seconds)
     if run is not None:
         run.save_json(CURVE_FILE, curve.to_dict())

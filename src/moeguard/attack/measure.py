@@ -14,6 +14,13 @@ configuration is run on the fresh ``report_seeds``; the head start and its boots
 interval come from those runs only (:func:`moeguard.attack.headstart.head_start`).
 Every run is saved in its own directory under ``out`` and resumes.
 
+A bounded measurement (``scratch_compute_multiple`` M) runs the carve arm first and
+stops every run from scratch once its training compute reaches M times the carve's
+mean compute to the target: a scratch run stopped there shows ``H >= M`` (its cost
+counts at what it spent, at least M x C_carve), which is all a question like "does the
+carve save more than M x the compute?" needs, at a fraction of the scratch arm's cost.
+When some carve run did not reach the target the bound is not applied.
+
 The scratch arm does not depend on the model under attack except through its answers
 and its accuracy; to compare defenses at a fraction of the cost, the arm measured on
 one model (the undefended one) can be given for another (``scratch=``): its curves are
@@ -63,6 +70,9 @@ class HeadStartSettings:
     carve_scope: str = setting("all", "what the carver trains", choices=TRAIN_SCOPES)
     carve_steps: int = setting(1500, "step cap of a carve run (not reaching the target by then: censored)")
     scratch_steps: int = setting(3000, "step cap of a run from scratch (censored beyond)")
+    scratch_compute_multiple: float | None = setting(
+        None, "stop a run from scratch once its compute reaches this multiple of the carve's compute to the target "
+        "(the head start is then reported as at least that multiple); none: run to scratch_steps")
     student_batch: int = setting(32, "training batch of both arms")
     warmup_steps: int = setting(20, "linear warm-up steps, then a constant learning rate")
     evaluate_every: int = setting(25, "steps between two test evaluations of a curve")
@@ -122,13 +132,22 @@ class HeadStartSettings:
                              "it is not reported on.", arguments=("tuning_seeds", "report_seeds"))
         if self.tuning not in STRATEGIES:
             raise InputError(f"unknown tuning {self.tuning!r}; choose from {', '.join(STRATEGIES)}.", arguments=("tuning",))
+        multiple = self.scratch_compute_multiple
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, (int, float))
+                                     or not multiple >= 1):
+            raise InputError(f"`scratch_compute_multiple` must be 1 or more (or none), got {multiple!r}.",
+                             arguments=("scratch_compute_multiple",))
         if not 0 < self.target_share <= 1:
             raise InputError(f"`target_share` must be in (0, 1], got {self.target_share!r}.", arguments=("target_share",))
         if self.unit not in UNITS:
             raise InputError(f"unknown unit {self.unit!r}; choose from {', '.join(UNITS)}.", arguments=("unit",))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["scratch_compute_multiple"] is None:
+            # An unbounded measurement keeps the identity it had before the bound existed (its runs stay valid).
+            del data["scratch_compute_multiple"]
+        return data
 
 
 @dataclass
@@ -172,10 +191,27 @@ class HeadStartResult:
     head_start: dict[str, HeadStart]
     scratch_shared: bool = False  # the scratch arm was measured on another model and read at this target
     parameters: dict[str, int] = field(default_factory=dict)
+    # The scratch arm ran with a compute cap of this multiple of the carve's compute (None: to its step cap only).
+    scratch_compute_multiple: float | None = None
+
+    @property
+    def stopped_by_compute(self) -> bool:
+        """Whether some scratch run was stopped at the compute cap (H is then at least the multiple)."""
+        return any(curve.stopped_by_compute for curve in self.scratch.curves)
+
+    def bound_note(self) -> str:
+        """What stopped the scratch runs short of the target, for a ``>=`` head start."""
+        if self.stopped_by_compute:
+            return f"scratch stopped at {self.scratch_compute_multiple:g}x the carve's compute"
+        if not all(cost.reached for cost in self.scratch.costs(self.target)):
+            return f"scratch did not reach the target in {max(c.max_steps for c in self.scratch.curves)} steps"
+        return ""
 
     def describe(self) -> str:
         flops = self.head_start["flops"]
-        return (f"{self.task} keep {self.keep}: head start H = {flops.describe()} (FLOPs), "
+        note = self.bound_note()
+        return (f"{self.task} keep {self.keep}: head start H = {flops.describe()} (FLOPs"
+                f"{'; ' + note if note else ''}), "
                 f"{self.head_start['tokens'].describe()} (training tokens); carve "
                 f"{configuration_label(self.carve.chosen)}, scratch {configuration_label(self.scratch.chosen)}")
 
@@ -183,7 +219,8 @@ class HeadStartResult:
         return {
             "task": self.task, "keep": self.keep, "model_fingerprint": self.model_fingerprint,
             "full_accuracy": self.full_accuracy, "target": self.target, "scratch_shared": self.scratch_shared,
-            "parameters": self.parameters,
+            "parameters": self.parameters, "scratch_compute_multiple": self.scratch_compute_multiple,
+            "stopped_by_compute": self.stopped_by_compute,
             "head_start": {u: h.to_dict() for u, h in self.head_start.items()},
             "scratch": self.scratch.to_dict(), "carve": self.carve.to_dict(),
         }
@@ -198,6 +235,7 @@ class _Measurement:
         self.data, self.target, self.full, self.progress = data, target, full, progress
         self.schedule = settings.schedule()
         self.search_data = data.head(settings.selection_examples)
+        self.scratch_max_flops: float | None = None  # the bounded measurement's compute cap of the scratch runs
 
     def selection(self, method: str, seed: int) -> Selection:
         """The experts ``method`` keeps (random: drawn from the seed), computed once and saved."""
@@ -223,7 +261,8 @@ class _Measurement:
         return train_curve(
             student, self.moe, self.data, self.task.test.head(self.settings.curve_test_size), target=self.target,
             lr=configuration["lr"], loss=configuration["loss"], seed=seed, max_steps=self.settings.scratch_steps,
-            schedule=self.schedule, arm="scratch", configuration=configuration_label(configuration),
+            max_flops=self.scratch_max_flops, schedule=self.schedule, arm="scratch",
+            configuration=configuration_label(configuration),
             out=self.run.path / "scratch" / role / configuration_label(configuration).replace("/", ",") / f"seed{seed}",
             progress=self.progress,
         )
@@ -281,6 +320,14 @@ def tune_attacker(moe: MoEModel, task: AttackTask, keep: int, settings: HeadStar
     return _measurement(moe, task, keep, settings, out, "attacker tuning", {}, progress).tune("carve")
 
 
+def scratch_compute_cap(carve_costs: list[RunCost], multiple: float) -> float | None:
+    """``multiple x mean C_carve`` (FLOPs): the training compute a bounded scratch run stops at; None when some carve
+    run was censored (its cost is then only a lower bound, and so would the cap be)."""
+    if not carve_costs or not all(cost.reached for cost in carve_costs):
+        return None
+    return multiple * sum(cost.flops for cost in carve_costs) / len(carve_costs)
+
+
 def carve_keep_sets(moe: MoEModel, result: HeadStartResult, keep: int, seed: int) -> dict[int, list[int]]:
     """The experts the head start's chosen carve keeps for ``seed`` (random selections differ by seed)."""
     method = result.carve.chosen["selection"]
@@ -308,8 +355,18 @@ def measure_head_start(
     measurement = _measurement(moe, task, keep, settings, out, "head start", {"shared_scratch": scratch is not None},
                                progress)
     target, full = measurement.target, measurement.full
-    scratch_arm = scratch if scratch is not None else measurement.arm("scratch")
-    carve_arm = measurement.arm("carve")
+    multiple = settings.scratch_compute_multiple if scratch is None else None
+    if multiple is None:
+        scratch_arm = scratch if scratch is not None else measurement.arm("scratch")
+        carve_arm = measurement.arm("carve")
+    else:
+        carve_arm = measurement.arm("carve")
+        measurement.scratch_max_flops = scratch_compute_cap(carve_arm.costs(target), multiple)
+        if measurement.scratch_max_flops is None:
+            multiple = None
+            log.info("[%s keep %d] a carve run did not reach the target: the scratch arm runs to its step cap",
+                     task.name, keep)
+        scratch_arm = measurement.arm("scratch")
     scratch_costs, carve_costs = scratch_arm.costs(target), carve_arm.costs(target)
     result = HeadStartResult(
         task=task.name, keep=keep, model_fingerprint=moe.fingerprint(), full_accuracy=full, target=target,
@@ -318,6 +375,7 @@ def measure_head_start(
         scratch_shared=scratch is not None,
         parameters={"full_active": moe.parameter_counts().active_per_token,
                     "carved_total": carved_architecture(moe, keep).parameter_counts().total},
+        scratch_compute_multiple=multiple,
     )
     log.info("%s", result.describe())
     return result

@@ -23,10 +23,12 @@ QUICK_REALIGN = RealignConfig(budget=24, rounds=3, steps_per_round=12)
 QUICK = dict(quick=True, criteria=("frequency",), max_realign_keeps=1, forensics=False, test_size=40, other_size=12,
              pool_size=96, attribution_examples=48, headstart=False)
 # The audit's head start: one configuration per arm (no tuning), one seed, short caps; defense-eval measures it in full.
+# The scratch arm stops at twice the carve's compute: the audit asks whether the stolen weights save more than the
+# 2x a defense aims to hold the head start to (H <= 2), and a scratch run stopped there shows H >= 2.
 AUDIT_HEADSTART = HeadStartSettings(
     selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",), try_router_reinit=False,
-    try_canonicalise=False, carve_steps=200, scratch_steps=300, student_batch=16, evaluate_every=50, tuning_seeds=(),
-    report_seeds=(0,), curve_test_size=64, selection_examples=64,
+    try_canonicalise=False, carve_steps=200, scratch_steps=300, scratch_compute_multiple=2.0, student_batch=16,
+    evaluate_every=50, tuning_seeds=(), report_seeds=(0,), curve_test_size=64, selection_examples=64,
 )
 
 
@@ -82,7 +84,9 @@ class AuditConfig:
     headstart_attack: HeadStartSettings = field(default_factory=lambda: AUDIT_HEADSTART, metadata={
         "help": "the audit's head start (a reduced one: defense-eval tunes both arms)"})
     test_size: int = setting(100, "test examples per task")
-    other_size: int = setting(30, "test examples per other task (what re-alignment costs elsewhere)")
+    # Every sweep point and re-alignment round scores each other task: with the nine built-in tasks, 15 each give the
+    # other tasks' mean retention 120 examples, more than the task's own test set, at half the cost of 30 each.
+    other_size: int = setting(15, "test examples per other task (what pruning and re-alignment cost elsewhere)")
     pool_size: int = setting(256, "pool examples per built-in task (the attacker's data)")
     attribution_examples: int = setting(128, "pool examples the attribution runs on")
     test_fraction: float = setting(0.2, "share of a data file held out as its test set")

@@ -80,15 +80,17 @@ def headstart_figure(audit: ModelAudit, path: str | Path, defended: ModelAudit |
             axis.bar([x], [value], width, color=colour, label=label if position == 0 else None)
             axis.errorbar([x], [value], yerr=[[max(0.0, value - low)], [max(0.0, high - value)]], color="k", capsize=3)
             mark = BOUND_MARKS[h["bound"]].strip()
-            axis.annotate(f"{mark}{value:.1f}", (x, value), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+            cap = f"\ncap {task.headstart['scratch_compute_multiple']:g}x" if task.headstart.get("stopped_by_compute") else ""
+            axis.annotate(f"{mark}{value:.1f}{cap}", (x, value), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
                           textcoords="offset points")
     axis.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
     axis.axhline(2.0, color="tab:green", linewidth=0.8, linestyle="--", label="H = 2")
     axis.set_yscale("log")
     axis.set_xticks(range(len(names)), names)
     axis.set_ylabel("head start H (FLOPs)")
-    axis.set_title("Compute to train the carved architecture from scratch / to carve and re-align "
-                   "('>=': scratch did not reach the target within its cap)", fontsize=9)
+    axis.set_title("Compute to train the carved architecture from scratch / to carve and re-align\n('>=': a lower "
+                   "bound, scratch stopped short of the target at its step cap, or at its compute cap: 'cap Mx')",
+                   fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     return save_figure(figure, Path(path))

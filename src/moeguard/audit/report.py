@@ -88,7 +88,7 @@ class AuditReport:
         lines = [f"prunability audit of {self.model.source} (fingerprint {self.model.fingerprint[:12]}), target "
                  f"{target:.0%} of each task's score:"]
         header = (f"  {'task':<12}{'type':<10}{'metric':<17}{'full':>7}{'keep w/o':>10}{'keep with':>11}{'labels':>8}"
-                  f"{'steps':>7}{'params':>12}{'ratio':>7}{'head start':>24}")
+                  f"{'steps':>7}{'params':>12}{'ratio':>7}{'head start':>34}")
         if self.defense:
             header += f"{'cost x':>8}{'utility':>9}"
         lines.append(header)
@@ -104,7 +104,7 @@ class AuditReport:
                 continue
             line = (f"{start}{row['fraction_without']:>10.0%}{row['fraction_with']:>11.0%}"
                     f"{_num(row['labels']):>8}{_num(row['steps']):>7}{_num(row['parameters_total'], ','):>12}"
-                    f"{_num(row['compression_ratio'], '.2f'):>7}{_num(row['head_start']):>24}")
+                    f"{_num(row['compression_ratio'], '.2f'):>7}{_num(row['head_start']):>34}")
             if row["task"] in self.defense:
                 comparison = self.defense[row["task"]]
                 line += f"{comparison.describe_multiplier():>8}{comparison.utility_cost:>+9.3f}"
@@ -346,9 +346,11 @@ def render_html(report: AuditReport, out: Path) -> str:
             f"{target:.0%} of its accuracy. H = compute from scratch / compute to carve and re-align (FLOPs: 6 x active "
             "parameters x training tokens, 2 x for the teacher's labels and logits and the carve's attribution). This is "
             f"the audit's reduced measurement (one configuration, seeds {list(hs['report_seeds'])}, caps of "
-            f"{hs['scratch_steps']} scratch / {hs['carve_steps']} carve steps; '&ge;': scratch did not reach the target "
-            "within its cap); <code>moeguard defense-eval</code> tunes both arms on tuning seeds and reports fresh seeds "
-            "with intervals.</p>")
+            f"{hs['scratch_steps']} scratch / {hs['carve_steps']} carve steps"
+            + (f", and a scratch run stops once its compute reaches {hs['scratch_compute_multiple']:g}x the carve's, "
+               "marked 'cap'" if hs.get("scratch_compute_multiple") else "")
+            + "; '&ge;': a lower bound, scratch stopped before reaching the target); <code>moeguard defense-eval</code> "
+            "tunes both arms on tuning seeds and reports fresh seeds with intervals, without the compute cap.</p>")
         parts.append(_image(out, report.figures["headstart"], "Head start per task"))
     parts.append("<h2>Defense comparison</h2>")
     if report.compare is None:

@@ -399,7 +399,9 @@ def headstart_keep(audit: TaskAudit, runs: list[RealignRun], experts: int) -> in
 
 
 def headstart_summary(result: HeadStartResult) -> dict[str, Any]:
-    """What the audit keeps of a head start: H in both units, the steps of each arm, their curves for the figure."""
+    """What the audit keeps of a head start: H in both units, what bounds it, the steps of each arm, their curves for
+    the figure. ``describe`` marks a lower bound ``>=`` and, when the scratch arm stopped at its compute cap,
+    ``(cap Mx)``."""
     target = result.target
 
     def arm(results: Any) -> dict[str, Any]:
@@ -409,9 +411,14 @@ def headstart_summary(result: HeadStartResult) -> dict[str, Any]:
                 "curves": [{"flops": [curve.overhead_flops + p.tokens * curve.flops_per_token for p in curve.points],
                             "accuracy": [p.accuracy for p in curve.points]} for curve in results.curves]}
 
+    describe = result.head_start["flops"].describe()
+    if result.stopped_by_compute:
+        describe += f" (cap {result.scratch_compute_multiple:g}x)"
     return {"keep": result.keep, "full_accuracy": result.full_accuracy, "target": target,
             "head_start": {unit: h.to_dict() for unit, h in result.head_start.items()},
-            "describe": result.head_start["flops"].describe(), "scratch": arm(result.scratch), "carve": arm(result.carve)}
+            "describe": describe, "bound_note": result.bound_note(),
+            "scratch_compute_multiple": result.scratch_compute_multiple, "stopped_by_compute": result.stopped_by_compute,
+            "scratch": arm(result.scratch), "carve": arm(result.carve)}
 
 
 def al_vs_random(runs: list[RealignRun], config: AuditConfig) -> dict[str, Any] | None:
