@@ -89,3 +89,30 @@ def test_the_bootstrap_interval_covers_the_spread_of_the_seeds_and_shrinks_to_a_
 def test_a_free_carve_gives_an_infinite_head_start():
     assert math.isinf(ratio_of_means([10.0], [0.0]))
     assert math.isnan(ratio_of_means([0.0], [0.0]))
+
+
+def test_the_scratch_arm_is_capped_at_a_multiple_of_the_mean_carve_cost_and_not_when_a_carve_was_censored():
+    from moeguard.attack.measure import scratch_compute_cap
+
+    assert scratch_compute_cap([reached(40), reached(60)], 2.0) == pytest.approx(100.0)
+    assert scratch_compute_cap([reached(40), RunCost(False, 200, 1e4, 1e5)], 2.0) is None
+    assert scratch_compute_cap([], 2.0) is None
+
+
+def test_a_scratch_run_stopped_at_the_cap_gives_a_lower_bound_of_at_least_the_multiple():
+    # The scratch run stops at the first evaluation at or beyond 2 x the carve's cost: it spent at least that.
+    stopped = run_cost([0, 50, 100], [0, 800, 1600], [0.0, 110.0, 220.0], [0.0, 0.1, 0.3], target=0.9)
+    result = head_start([stopped], [reached(100)], resamples=10)
+    assert not stopped.reached and result.bound == "lower" and result.value >= 2.0
+    assert result.describe().startswith(">= 2.20")
+
+
+def test_the_compute_multiple_must_be_at_least_one_and_leaves_an_unbounded_identity_unchanged():
+    from moeguard.attack import HeadStartSettings
+    from moeguard.errors import InputError
+
+    with pytest.raises(InputError, match="scratch_compute_multiple"):
+        HeadStartSettings(scratch_compute_multiple=0.5).check()
+    HeadStartSettings(scratch_compute_multiple=2.0).check()
+    assert "scratch_compute_multiple" not in HeadStartSettings().to_dict()
+    assert HeadStartSettings(scratch_compute_multiple=2.0).to_dict()["scratch_compute_multiple"] == 2.0

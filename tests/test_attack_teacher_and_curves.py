@@ -112,6 +112,55 @@ def test_a_configuration_that_diverges_ends_its_curve_unreached(trained_tiny):
     assert curve.points[0].step == 0 and curve.points[-1].step < 30
 
 
+def test_a_compute_cap_stops_a_curve_after_the_step_that_reaches_it_and_evaluates_it_there(trained_tiny):
+    moe = load_moe(trained_tiny)
+    data = labelled_pool(moe, load_task("upper", "pool", limit=96), 96)
+    test = load_task("upper", "test", limit=8)
+    schedule = CurveSchedule(batch_size=8, warmup=0, evaluate_every=2, eval_batch_size=8)
+
+    def run(max_flops=None):
+        student = carve(moe, uniform_keep_sets(moe, 2))
+        return train_curve(student, moe, data, test, target=math.inf, lr=1e-3, loss="answers", seed=0, max_steps=10,
+                           schedule=schedule, max_flops=max_flops)
+
+    free = run()
+    assert [p.step for p in free.points] == [0, 2, 4, 6, 8, 10] and not free.stopped_by_compute
+    # A cap just above the compute after 4 steps: step 5 reaches it, and is evaluated.
+    cap = free.points[2].tokens * free.flops_per_token * 1.001
+    capped = run(cap)
+    assert [p.step for p in capped.points] == [0, 2, 4, 5]
+    assert capped.stopped_by_compute and not capped.cost().reached and capped.cost().flops >= cap
+    assert capped.points[2].tokens == free.points[2].tokens  # the same data order up to the stop
+    assert free.points[2].tokens < capped.points[-1].tokens < free.points[3].tokens
+
+
+@pytest.mark.slow
+def test_a_bounded_head_start_runs_the_carve_first_and_stops_scratch_at_the_multiple(trained_tiny, tmp_path):
+    from moeguard.attack import HeadStartSettings, measure_head_start
+
+    moe = load_moe(trained_tiny)
+    # Keeping every expert, the carve is at the target before any training: its cost is the selection's forward passes.
+    settings = HeadStartSettings(selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",),
+                                 try_router_reinit=False, try_canonicalise=False, carve_steps=10, scratch_steps=40,
+                                 scratch_compute_multiple=1.5, student_batch=8, evaluate_every=2, tuning_seeds=(),
+                                 report_seeds=(0,), curve_test_size=16, selection_examples=16, resamples=10)
+    task = AttackTask.builtin("upper", prompts=settings.prompts_needed(), test_size=16)
+    result = measure_head_start(moe, task, max(moe.num_experts), settings, out=tmp_path)
+    carve_cost = result.carve.costs()[0]
+    assert carve_cost.reached and carve_cost.steps == 0 and carve_cost.flops > 0
+    scratch = result.scratch.curves[0]
+    cap = 1.5 * carve_cost.flops
+    assert scratch.max_flops == pytest.approx(cap) and result.scratch_compute_multiple == 1.5
+    if not scratch.cost(result.target).reached:
+        flops = [p.tokens * scratch.flops_per_token for p in scratch.points]
+        assert scratch.stopped_by_compute and flops[-1] >= cap
+        # It stopped after the step that reached the cap: one batch less was below it.
+        assert flops[-1] - cap < 2 * flops[-1] / scratch.points[-1].step
+        h = result.head_start["flops"]
+        assert h.bound == "lower" and h.value >= 1.5 and "1.5x the carve's compute" in result.describe()
+    assert result.to_dict()["scratch_compute_multiple"] == 1.5
+
+
 @pytest.mark.slow
 def test_the_attacker_is_tuned_as_the_head_start_tunes_it_and_runs_on_tuning_seeds_only(trained_tiny, tmp_path):
     from moeguard.attack import HeadStartSettings, tune_attacker

@@ -8,8 +8,8 @@ matched as well, and with ``loss="hidden"`` also its every decoder layer's outpu
 (:class:`moeguard.attack.teacher.Distillation`). Every
 ``evaluate_every`` steps its exact-match accuracy on the test set is measured, and
 training stops at the first evaluation at or above the target (or at ``max_steps``, or
-at the first evaluation whose training compute reaches ``max_flops``: a run stopped
-there spent at least that much without reaching the target).
+after the step whose training compute reaches ``max_flops``, evaluated there: a run
+stopped so spent at least that much without reaching the target).
 
 Compute per training token is ``6 N_student`` (training) plus ``2 N_teacher`` for
 the teacher's label and, with logits, ``2 N_teacher`` more for its distribution,
@@ -21,6 +21,7 @@ from them, only with the settings it started with.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -125,9 +126,13 @@ def flops_per_token(student: MoEModel, teacher: MoEModel, loss: str) -> float:
     return 6.0 * student.parameter_counts().active_per_token + 2.0 * teacher_passes * teacher.parameter_counts().active_per_token
 
 
-def _counted(stream: Iterator[dict[str, torch.Tensor]], cumulative: list[int]) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of ``stream``, appending the running token count after each to ``cumulative``."""
+def _counted(stream: Iterator[dict[str, torch.Tensor]], cumulative: list[int],
+             max_tokens: float = math.inf) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of ``stream``, appending the running token count after each to ``cumulative``; none once
+    ``max_tokens`` were given (the batch that reaches it is the last)."""
     for batch in stream:
+        if cumulative[-1] >= max_tokens:
+            return
         cumulative.append(cumulative[-1] + int(batch["attention_mask"].sum()))
         yield batch
 
@@ -155,7 +160,7 @@ def train_curve(
     """Train ``student`` in place on ``data`` until its accuracy on ``test`` reaches ``target`` (see the module docstring).
 
     ``max_flops`` caps the training compute (``overhead_flops`` not included): the run
-    stops at the first evaluation at or beyond it.
+    stops after the step that reaches it.
 
     ``out`` (a directory) keeps the run's state: a finished curve is returned as saved,
     an interrupted one resumes. ``teacher`` must not share weights with the student.
@@ -191,16 +196,16 @@ def train_curve(
 
     def on_evaluate(step: int) -> bool:
         evaluated[step] = accuracy(step)
-        spent = cumulative[step] * curve.flops_per_token
-        return evaluated[step] >= target or (max_flops is not None and spent >= max_flops)
+        return evaluated[step] >= target
 
     steps_done = 0
+    max_tokens = math.inf if max_flops is None else max_flops / curve.flops_per_token
     if evaluated[0] < target:
         stream = batches(student.tokenizer, data, batch_size=schedule.batch_size, shuffle=True, seed=seed, epochs=None,
                          context=context_length(student))
         try:
             result = train(
-                student, _counted(stream, cumulative), steps=max_steps, lr=lr, warmup=schedule.warmup, min_lr_ratio=1.0,
+                student, _counted(stream, cumulative, max_tokens), steps=max_steps, lr=lr, warmup=schedule.warmup, min_lr_ratio=1.0,
                 parameters=list(scope_parameters(student, scope).values()),
                 extra_loss=Distillation(teacher, hidden=loss == "hidden") if loss != "answers" else None, seed=seed,
                 progress=progress, checkpoint=run.file("training") if run is not None else None,
