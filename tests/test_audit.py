@@ -187,8 +187,8 @@ def test_the_audit_measures_the_head_start_at_the_attackers_keep_count(trained_t
 
     small = HeadStartSettings(
         selections=("attribution",), carve_lrs=(3e-3,), scratch_lrs=(3e-3,), losses=("logits",), try_router_reinit=False,
-        try_canonicalise=False, carve_steps=20, scratch_steps=30, student_batch=16, evaluate_every=10, tuning_seeds=(),
-        report_seeds=(0,), curve_test_size=24, selection_examples=16, resamples=100,
+        try_canonicalise=False, carve_steps=20, scratch_steps=30, scratch_compute_multiple=1.0, student_batch=16,
+        evaluate_every=10, tuning_seeds=(), report_seeds=(0,), curve_test_size=24, selection_examples=16, resamples=100,
     )
     config = quick_config(trained_tiny, tmp_path, tasks=["upper"], keeps=[4, 2], headstart=True, headstart_attack=small)
     report = run_audit(config, progress=False)
@@ -200,6 +200,13 @@ def test_the_audit_measures_the_head_start_at_the_attackers_keep_count(trained_t
     row = report.headline()[0]
     assert row["head_start"] == task.headstart["describe"]
     assert {"flops", "tokens"} <= set(task.headstart["head_start"])
+    h = task.headstart["head_start"]["flops"]
+    if task.headstart["stopped_by_compute"]:  # the scratch arm stopped at the carve's compute: H >= 1, marked
+        assert h["bound"] == "lower" and float(h["value"]) >= 1.0
+        assert row["head_start"].startswith(">= ") and row["head_start"].endswith("(cap 1x)")
+        assert "1x the carve's compute" in task.headstart["bound_note"]
+    else:
+        assert "(cap" not in row["head_start"]
     assert (tmp_path / report.figures["headstart"]).stat().st_size > 0
     assert "Head start: what the stolen weights save" in (tmp_path / "report.html").read_text()
     again = run_audit(config, progress=False)
