@@ -20,8 +20,8 @@ from them, only with the settings it started with.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -126,15 +126,21 @@ def flops_per_token(student: MoEModel, teacher: MoEModel, loss: str) -> float:
     return 6.0 * student.parameter_counts().active_per_token + 2.0 * teacher_passes * teacher.parameter_counts().active_per_token
 
 
-def _counted(stream: Iterator[dict[str, torch.Tensor]], cumulative: list[int],
-             max_tokens: float = math.inf) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of ``stream``, appending the running token count after each to ``cumulative``; none once
-    ``max_tokens`` were given (the batch that reaches it is the last)."""
+def _counted(stream: Iterator[dict[str, torch.Tensor]], cumulative: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of ``stream``, appending the running token count after each to ``cumulative``."""
     for batch in stream:
-        if cumulative[-1] >= max_tokens:
-            return
         cumulative.append(cumulative[-1] + int(batch["attention_mask"].sum()))
         yield batch
+
+
+def steps_to_tokens(stream: Iterator[dict[str, torch.Tensor]], max_tokens: float, max_steps: int) -> int:
+    """How many batches of ``stream`` it takes for their tokens to reach ``max_tokens`` (at most ``max_steps``)."""
+    total = 0
+    for step, batch in enumerate(itertools.islice(stream, max_steps), 1):
+        total += int(batch["attention_mask"].sum())
+        if total >= max_tokens:
+            return step
+    return max_steps
 
 
 def train_curve(
@@ -199,13 +205,16 @@ def train_curve(
         return evaluated[step] >= target
 
     steps_done = 0
-    max_tokens = math.inf if max_flops is None else max_flops / curve.flops_per_token
     if evaluated[0] < target:
-        stream = batches(student.tokenizer, data, batch_size=schedule.batch_size, shuffle=True, seed=seed, epochs=None,
-                         context=context_length(student))
+        def stream() -> Iterator[dict[str, torch.Tensor]]:
+            return batches(student.tokenizer, data, batch_size=schedule.batch_size, shuffle=True, seed=seed, epochs=None,
+                           context=context_length(student))
+
+        # The compute cap is a step cap: the batches come in the seed's order, so their tokens can be counted first.
+        steps = max_steps if max_flops is None else steps_to_tokens(stream(), max_flops / curve.flops_per_token, max_steps)
         try:
             result = train(
-                student, _counted(stream, cumulative, max_tokens), steps=max_steps, lr=lr, warmup=schedule.warmup, min_lr_ratio=1.0,
+                student, _counted(stream(), cumulative), steps=steps, lr=lr, warmup=schedule.warmup, min_lr_ratio=1.0,
                 parameters=list(scope_parameters(student, scope).values()),
                 extra_loss=Distillation(teacher, hidden=loss == "hidden") if loss != "answers" else None, seed=seed,
                 progress=progress, checkpoint=run.file("training") if run is not None else None,
