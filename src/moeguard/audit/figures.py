@@ -86,6 +86,12 @@ def headstart_figure(audit: ModelAudit, path: str | Path, defended: ModelAudit |
     axis.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
     axis.axhline(2.0, color="tab:green", linewidth=0.8, linestyle="--", label="H = 2")
     axis.set_yscale("log")
+    low, high = axis.get_ylim()
+    axis.set_ylim(min(low, 0.8), high * 1.5)  # room above the bars for their labels
+    from matplotlib.ticker import FuncFormatter
+
+    for set_formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+        set_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_xticks(range(len(names)), names)
     axis.set_ylabel("head start H (FLOPs)")
     axis.set_title("Compute to train the carved architecture from scratch / to carve and re-align\n('>=': a lower "
