@@ -293,3 +293,16 @@ def test_several_candidate_parents_are_ranked_and_siblings_are_same_lineage(trai
 
     uncarved = detect(sibling, other, progress=False)  # two fine-tunes of one base
     assert uncarved.derived and uncarved.relation == "same lineage, not a carve"
+
+
+def test_a_large_vocabulary_aligns_the_residual_space_on_a_sample_of_its_token_rows(monkeypatch):
+    # A release's 150k-token vocabulary is sampled; a tiny one is made "large" by lowering the cap.
+    import moeguard.forensics.alignment as alignment
+
+    monkeypatch.setattr(alignment, "MAX_TOKEN_ROWS", 64)
+    sample = alignment.token_row_sample(128, seed=0)
+    assert len(sample) == 64 and bool((sample[1:] > sample[:-1]).all())
+    assert torch.equal(sample, alignment.token_row_sample(128, seed=0))
+    carve_of_parent, orders = carved("qwen3_moe", [4, 4])
+    suspect = evade(carve_of_parent, ["rotate residual", "permute residual"], seed=5)
+    assert_derived_with_order(detect(tiny_moe("qwen3_moe"), suspect, progress=False), orders)

@@ -38,6 +38,7 @@ from moeguard.models import MoEModel
 
 # Fewer shared tokens than this cannot pin down a map (and say the vocabularies are different ones).
 MIN_SHARED_TOKENS = 32
+MAX_TOKEN_ROWS = 32768
 
 
 def usable_vocabulary(moe: MoEModel) -> dict[str, int] | None:
@@ -228,6 +229,16 @@ def probe_token_sequences(count: int, length: int, *, seed: int) -> torch.Tensor
     return torch.rand(count, length, generator=generator)
 
 
+def token_row_sample(shared: int, *, seed: int) -> torch.Tensor:
+    """Which of ``shared`` matched tokens pair the token rows: all up to ``MAX_TOKEN_ROWS``, else a
+    sorted random sample of that many fixed by ``seed`` (many times the hidden size of any release,
+    and it keeps a 150k-token vocabulary's rows from costing gigabytes)."""
+    if shared <= MAX_TOKEN_ROWS:
+        return torch.arange(shared)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(shared, generator=generator)[:MAX_TOKEN_ROWS].sort().values
+
+
 def residual_map(suspect: MoEModel, parent: MoEModel, *, seed: int = 0, sequence_length: int = 32) -> ResidualMap | None:
     """The map from the parent's residual space to the suspect's (see the module docstring).
 
@@ -242,15 +253,16 @@ def residual_map(suspect: MoEModel, parent: MoEModel, *, seed: int = 0, sequence
         if suspect_hidden != parent_hidden:
             return None
         return ResidualMap(torch.eye(parent_hidden, dtype=torch.float64), suspect_hidden, parent_hidden, "identity", tokens, [], None)
-    suspect_rows, parent_rows = token_rows(suspect), token_rows(parent)
-    suspect_tokens = [suspect_rows.embedding[suspect_ids]]
-    parent_tokens = [parent_rows.embedding[parent_ids]]
+    rows = token_row_sample(len(suspect_ids), seed=seed)
+    suspect_rows, parent_rows = token_rows(suspect, suspect_ids[rows]), token_rows(parent, parent_ids[rows])
+    suspect_tokens = [suspect_rows.embedding]
+    parent_tokens = [parent_rows.embedding]
     if suspect_rows.head is not None or parent_rows.head is not None:
         # A tied head is the embedding itself: pair it with the other side's head all the same.
         suspect_head = suspect_rows.head if suspect_rows.head is not None else suspect_rows.embedding
         parent_head = parent_rows.head if parent_rows.head is not None else parent_rows.embedding
-        suspect_tokens.append(suspect_head[suspect_ids] * (suspect_tokens[0].norm() / suspect_head[suspect_ids].norm().clamp_min(1e-30)))
-        parent_tokens.append(parent_head[parent_ids] * (parent_tokens[0].norm() / parent_head[parent_ids].norm().clamp_min(1e-30)))
+        suspect_tokens.append(suspect_head * (suspect_tokens[0].norm() / suspect_head.norm().clamp_min(1e-30)))
+        parent_tokens.append(parent_head * (parent_tokens[0].norm() / parent_head.norm().clamp_min(1e-30)))
     sequences = max(4, math.ceil(4 * max(suspect_hidden, parent_hidden) / sequence_length))
     positions = (probe_token_sequences(sequences, sequence_length, seed=seed) * len(suspect_ids)).long()
     sources = {

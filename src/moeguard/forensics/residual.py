@@ -101,7 +101,7 @@ def norm_gain(norm: nn.Module, hidden: int) -> torch.Tensor:
 class TokenRows:
     """Vectors of the residual space, one per vocabulary entry (float32, CPU).
 
-    ``embedding [V, H]`` are written into the stream; ``head [V', H]`` are the output
+    ``embedding [V, H]`` are written into the stream; ``head [V, H]`` are the output
     head's rows with the final norm's gain folded in (they read the stream), or None
     when the head is the embedding itself (tied weights and a uniform final gain add
     nothing new).
@@ -112,14 +112,16 @@ class TokenRows:
 
 
 @torch.no_grad()
-def token_rows(moe: MoEModel) -> TokenRows:
+def token_rows(moe: MoEModel, ids: torch.Tensor) -> TokenRows:
+    """The rows of the tokens ``ids`` (gathered before the float copy: a large vocabulary's whole
+    matrices in float32 would be gigabytes per model)."""
     embedding_module = moe.model.get_input_embeddings()
     head_module = moe.model.get_output_embeddings()
-    embedding = embedding_module.weight.detach().float().cpu()
+    embedding = embedding_module.weight.detach()[ids.to(embedding_module.weight.device)].float().cpu()
     if head_module is None or getattr(head_module, "weight", None) is None:
         return TokenRows(embedding, None)
     gain = norm_gain(final_norm(moe), embedding.shape[1])
-    head = head_module.weight.detach().float().cpu() * gain
+    head = head_module.weight.detach()[ids.to(head_module.weight.device)].float().cpu() * gain
     tied = head_module.weight is embedding_module.weight and bool(torch.allclose(gain, gain[0].expand_as(gain)))
     return TokenRows(embedding, None if tied else head)
 

@@ -37,6 +37,9 @@ NEURON_SAMPLE = 256
 # The least distance from the background to identity that one unit of evidence stands for (see standardise).
 EVIDENCE_FLOOR = 0.02
 PROJECTED_DIMENSIONS = 256
+# Work sizes that bound detect's transient memory on large layers (results do not depend on them).
+EXPERTS_PER_CHUNK = 8
+COSINE_ELEMENTS = 1 << 25
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -70,26 +73,41 @@ def neuron_directions(parts: list[torch.Tensor], basis: torch.Tensor | None, pro
     is the parent), ``projection [H_P, d]`` shortens them (None: ``d = H_P``), and
     ``sample`` picks neurons (None: all).
     """
-    vectors = torch.stack(parts, dim=2)  # [E, I, P, H_own]
-    if sample is not None:
-        vectors = vectors[:, sample]
-    if basis is not None:
-        vectors = vectors @ basis.float()
-    if projection is not None:
-        vectors = vectors @ projection
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    chunks = []
+    # A few experts at a time: the stacked, mapped parts of a whole layer of a large model
+    # (128 experts x 768 neurons x 3 parts x 2048) would be gigabytes, the result is not.
+    for start in range(0, parts[0].shape[0], EXPERTS_PER_CHUNK):
+        vectors = torch.stack([part[start : start + EXPERTS_PER_CHUNK].float() for part in parts], dim=2)  # [c, I, P, H_own]
+        if sample is not None:
+            vectors = vectors[:, sample]
+        if basis is not None:
+            vectors = vectors @ basis.float()
+        if projection is not None:
+            vectors = vectors @ projection
+        chunks.append(vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    return torch.cat(chunks)
 
 
 def _best_neurons(suspect: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(best [n, Ep], index [n, Ep])``: for every suspect neuron and parent expert, the highest
     ``mean_p |cos|`` with one of the expert's neurons and which neuron (``suspect [n, P, d]``, ``parent [Ep, I, P, d]``)."""
     num_parent, neurons, parts, dim = parent.shape
-    flat_parent = parent.permute(2, 0, 1, 3).reshape(parts, num_parent * neurons, dim)
-    cosines = (suspect.transpose(0, 1) @ flat_parent.transpose(1, 2)).abs().mean(0)  # [n, Ep*I]
-    return cosines.reshape(len(suspect), num_parent, neurons).max(dim=2)
+    best, index = [], []
+    # Suspect neurons in blocks and parts summed in place, so that the cosines held at once
+    # stay near COSINE_ELEMENTS whatever the number of experts and neurons.
+    rows_per_block = max(1, COSINE_ELEMENTS // (num_parent * neurons))
+    for start in range(0, len(suspect), rows_per_block):
+        block = suspect[start : start + rows_per_block]
+        cosines = torch.zeros(len(block), num_parent * neurons)
+        for p in range(parts):
+            cosines += (block[:, p] @ parent[:, :, p].reshape(num_parent * neurons, dim).T).abs_()
+        value, where = (cosines / parts).reshape(len(block), num_parent, neurons).max(dim=2)
+        best.append(value)
+        index.append(where)
+    return torch.cat(best), torch.cat(index)
 
 
-def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_per_chunk: int = 8) -> torch.Tensor:
+def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """``N [Es, Ep]``: how well suspect expert ``i``'s neurons are found among parent expert ``j``'s.
 
     ``N[i, j] = mean_n max_m mean_p |<s_{i,n,p}, q_{j,m,p}>|`` over suspect neurons ``n``,
@@ -99,12 +117,8 @@ def neuron_similarity(suspect: torch.Tensor, parent: torch.Tensor, *, experts_pe
     (up times ``a``, down divided by ``a``). A carved expert's neurons find themselves
     (``N = 1``), an unrelated expert's only chance partners.
     """
-    rows = []
-    for start in range(0, suspect.shape[0], experts_per_chunk):
-        chunk = suspect[start : start + experts_per_chunk]  # [c, n, P, d]
-        best = _best_neurons(chunk.flatten(0, 1), parent)[0]  # [c*n, Ep]
-        rows.append(best.reshape(chunk.shape[0], chunk.shape[1], -1).mean(dim=1))
-    return torch.cat(rows)
+    best = _best_neurons(suspect.flatten(0, 1), parent)[0]  # [Es*n, Ep]
+    return best.reshape(suspect.shape[0], suspect.shape[1], -1).mean(dim=1)
 
 
 def neuron_partners(suspect: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
