@@ -22,13 +22,13 @@ from pathlib import Path
 from shapes import (
     PartTimer,
     carve,
-    checkpoint,
+    case_checkpoints,
     current_rss,
     directory_bytes,
     emit,
     load_average,
-    machine,
     median,
+    new_report,
     peak_rss,
     remove,
     reset_peak_rss,
@@ -74,13 +74,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "settings": vars(args), "cases": {}}
-    for name in args.shapes.split(","):
-        shape, layers, settings = CASES[name]
-        source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
-        suspect = workdir / f"{source.name}-half"
+    report = new_report(args)
+    for name, shape, layers, settings, source in case_checkpoints(args, CASES):
+        suspect = source.parent / f"{source.name}-half"
         carve(source, suspect, 1 / 2)
         loads = [load_average()]
         result = run_child(Path(__file__).resolve(), ["--source", str(source), "--suspect", str(suspect),

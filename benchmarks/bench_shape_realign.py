@@ -26,12 +26,12 @@ from pathlib import Path
 
 from shapes import (
     carve,
-    checkpoint,
+    case_checkpoints,
     directory_bytes,
     emit,
     load_average,
-    machine,
     median,
+    new_report,
     remove,
     run_child,
     save_results,
@@ -103,13 +103,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "settings": vars(args), "cases": {}}
-    for name in args.shapes.split(","):
-        shape, layers, settings = CASES[name]
-        source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
-        pruned = workdir / f"{source.name}-eighth"
+    report = new_report(args)
+    for name, shape, layers, settings, source in case_checkpoints(args, CASES):
+        pruned = source.parent / f"{source.name}-eighth"
         keep, experts = carve(source, pruned, 1 / 8)
         size = directory_bytes(pruned)
         runs: dict[str, list] = {variant: [] for variant in VARIANTS}

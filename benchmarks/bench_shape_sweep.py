@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from shapes import (
-    checkpoint,
+    case_checkpoints,
     directory_bytes,
     emit,
     load_average,
-    machine,
     median,
+    new_report,
     remove,
     run_child,
     save_results,
@@ -119,15 +119,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "settings": vars(args), "cases": {}}
-    for name in args.shapes.split(","):
-        shape, layers, settings = CASES[name]
-        source = checkpoint(workdir, shape, moe_layers=layers, settings=settings)
+    report = new_report(args)
+    for name, shape, layers, settings, source in case_checkpoints(args, CASES):
         size = directory_bytes(source)
         loads = [load_average()]
-        result = run_child(Path(__file__).resolve(), ["--source", str(source), "--out", str(workdir / "swept"),
+        result = run_child(Path(__file__).resolve(), ["--source", str(source), "--out", str(source.parent / "swept"),
                                                       "--task", args.task, "--other", args.other, "--limit",
                                                       str(args.limit), "--batch-size", str(args.batch_size)])
         loads.append(load_average())

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,22 @@ def checkpoint(workdir: Path, shape: str, *, moe_layers: int, dense_layers: int 
         subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(SOURCE)))
         print(f"  (wrote {path.name} in {time.perf_counter() - started:.0f} s)", flush=True)
     return path
+
+
+def new_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The frame of a benchmark's JSON: the machine, the settings, and one entry per case to come."""
+    return {"machine": machine(), "settings": vars(args), "cases": {}}
+
+
+def case_checkpoints(args: argparse.Namespace, cases: dict[str, tuple[str, int, dict[str, Any]]]
+                     ) -> Iterator[tuple[str, str, int, dict[str, Any], Path]]:
+    """``(name, shape, moe_layers, settings, checkpoint)`` of every case in ``args.shapes``, each
+    checkpoint written under ``args.workdir`` if missing (see :func:`checkpoint`)."""
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in args.shapes.split(","):
+        shape, layers, settings = cases[name]
+        yield name, shape, layers, settings, checkpoint(workdir, shape, moe_layers=layers, settings=settings)
 
 
 def remove(path: Path) -> None:
