@@ -282,17 +282,7 @@ def loading_options(
     return kwargs, target
 
 
-def load_moe_on(
-    source: str | os.PathLike,
-    *,
-    dtype: str = "auto",
-    device: str | None = None,
-    device_map: str | dict | None = None,
-    max_memory: str | None = None,
-    offload_folder: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle_weights: bool = False,
-) -> MoEModel:
+def load_moe_on(source: str | os.PathLike, **options: Any) -> MoEModel:
     """:func:`load_moe` with the loading options every command shares, by name.
 
     ``dtype`` is a torch dtype name or "auto" (the checkpoint's own); the model is
@@ -301,9 +291,7 @@ def load_moe_on(
     removed at exit) or moved to one ``device`` (default: cuda if available, else
     cpu). The device is checked before anything is loaded.
     """
-    kwargs, target = loading_options(source, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                                     offload_folder=offload_folder, trust_remote_code=trust_remote_code,
-                                     allow_pickle_weights=allow_pickle_weights)
+    kwargs, target = loading_options(source, **options)
     moe = load_moe(source, **kwargs)
     if target is not None:
         moe.model.to(target)
